@@ -1,0 +1,53 @@
+# Two commands do everything on a fresh machine: `make test` and `make demo`.
+# Each step leaves a stamp in .venv/ so a second run skips what is done.
+
+PYTHON_VERSION ?= 3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CSRC := $(wildcard dino_d2/layers/csrc/*.cpp dino_d2/layers/csrc/*.h dino_d2/layers/csrc/cuda/*.cu)
+
+TORCH := torch==2.14.1 torchvision==0.29.1
+DEPS := "setuptools<81" wheel ninja "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" pycocotools \
+	timm==1.0.31 scipy omegaconf hydra-core yacs termcolor tabulate cloudpickle tqdm tensorboard \
+	matplotlib pillow pydot black psutil scikit-learn pytest
+
+.PHONY: setup test demo benchmark clean-build
+
+setup: $(VENV)/.stamp-dino_d2
+
+# pip >= 25.3 builds the editable install through PEP 660 (older pip runs `setup.py develop`).
+$(VENV)/.stamp-python:
+	python$(PYTHON_VERSION) -m venv $(VENV)
+	$(PIP) install --upgrade "pip>=25.3"
+	touch $@
+
+$(VENV)/.stamp-torch: $(VENV)/.stamp-python
+	$(PIP) install $(TORCH)
+	touch $@
+
+$(VENV)/.stamp-deps: $(VENV)/.stamp-torch Makefile
+	$(PIP) install $(DEPS)
+	touch $@
+
+$(VENV)/.stamp-detectron2: $(VENV)/.stamp-deps tools/install_detectron2.py
+	$(PY) tools/install_detectron2.py
+	touch $@
+
+# Compiles dino_d2._C (C++ always, CUDA when a matching toolkit is found) and installs the
+# package in editable mode; only re-run when the sources or setup.py change.
+$(VENV)/.stamp-dino_d2: $(VENV)/.stamp-detectron2 setup.py $(CSRC)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests -q
+
+demo: setup
+	$(PY) tools/benchmark_msda.py
+
+benchmark: setup
+	$(PY) tools/benchmark_msda.py
+
+clean-build:
+	rm -rf build dino_d2/_C*.so $(VENV)/.stamp-dino_d2

@@ -1,0 +1,1 @@
+"""DINO (DETR with Improved deNoising anchOr boxes) as a Detectron2 project."""

@@ -1,0 +1,138 @@
+"""Build and install dino_d2 and its one extension, ``dino_d2._C``.
+
+The C++ CPU kernels are always compiled. The CUDA kernels are compiled as well whenever a CUDA
+toolkit whose version matches torch's CUDA build is found, whether or not a GPU is present
+(``FORCE_CUDA=1`` compiles them regardless of the version check, ``FORCE_CUDA=0`` never).
+``TORCH_CUDA_ARCH_LIST`` is respected; by default every architecture from Volta to Hopper that
+the toolkit supports is compiled, plus PTX for the newest one.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import torch
+from setuptools import find_packages, setup
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CSRC = os.path.join("dino_d2", "layers", "csrc")
+# Volta .. Hopper, as nvcc spells them in --list-gpu-arch.
+_DEFAULT_ARCHS = ["70", "72", "75", "80", "86", "87", "89", "90"]
+
+
+def _toolkit_root():
+    """The real folder of the CUDA toolkit, or None.
+
+    torch guesses ``dirname(dirname(which nvcc))``, which is wrong when the ``nvcc`` on PATH is a
+    wrapper script or a symlink; a folder is only accepted when it holds ``bin/nvcc`` and
+    ``include/cuda.h``.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:
+            with open(nvcc, "rb") as f:
+                head = f.read(4096).decode("utf-8", "replace")
+        except OSError:
+            head = ""
+        # A wrapper script such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"` names the real one.
+        for path in re.findall(r"(/\S+)/bin/nvcc\b", head):
+            candidates.append(path)
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            if os.path.isfile(os.path.join(root, "include", "cuda.h")):
+                return os.path.realpath(root)
+    return None
+
+
+def _nvcc_output(root, *args):
+    return subprocess.check_output([os.path.join(root, "bin", "nvcc"), *args], text=True)
+
+
+def _cuda_plan():
+    """Returns the toolkit folder to compile the CUDA kernels with, or None for a CPU-only build."""
+    force = os.environ.get("FORCE_CUDA")
+    if force == "0" or torch.version.hip is not None:
+        return None
+    root = _toolkit_root()
+    if root is None:
+        if force == "1":
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit (bin/nvcc, include/cuda.h) found")
+        return None
+    release = re.search(r"release (\d+\.\d+)", _nvcc_output(root, "--version"))
+    found = release.group(1) if release else "unknown"
+    if force != "1" and found != torch.version.cuda:
+        print(
+            f"dino_d2: CUDA toolkit {found} at {root} does not match torch's CUDA "
+            f"{torch.version.cuda}; building the CPU kernels only (FORCE_CUDA=1 overrides)."
+        )
+        return None
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        supported = set(re.findall(r"compute_(\d+)", _nvcc_output(root, "--list-gpu-arch")))
+        archs = [a for a in _DEFAULT_ARCHS if a in supported]
+        if not archs:
+            raise RuntimeError(f"the CUDA toolkit at {root} supports none of {_DEFAULT_ARCHS}")
+        names = [f"{a[:-1]}.{a[-1]}" for a in archs]
+        names[-1] += "+PTX"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(names)
+    return root
+
+
+def _extensions():
+    cuda_root = _cuda_plan()
+    if cuda_root is not None:
+        # torch.utils.cpp_extension reads CUDA_HOME once, when it is imported.
+        os.environ["CUDA_HOME"] = cuda_root
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join(_CSRC, "*.cpp")))
+    define_macros = []
+    extra_compile_args = {"cxx": ["-O3", "-std=c++20", "-fopenmp"]}
+    extension = CppExtension
+    if cuda_root is not None:
+        print(
+            f"dino_d2: compiling the CUDA kernels with {cuda_root} for "
+            f"{os.environ['TORCH_CUDA_ARCH_LIST']}"
+        )
+        extension = CUDAExtension
+        sources += sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cu")))
+        define_macros.append(("WITH_CUDA", None))
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++20"]
+    module = extension(
+        "dino_d2._C",
+        sources,
+        include_dirs=[os.path.join(_HERE, _CSRC)],
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+        extra_link_args=["-fopenmp"],
+    )
+    return [module], {"build_ext": BuildExtension}
+
+
+def _config_packages():
+    return [
+        "dino_d2.configs" + root[len("configs") :].replace(os.sep, ".")
+        for root, _, files in os.walk("configs")
+        if any(f.endswith(".py") for f in files) and "__pycache__" not in root
+    ]
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="dino_d2",
+    version="0.1.0",
+    description="DINO (DETR with Improved DeNoising Anchor Boxes) as a Detectron2 plugin",
+    python_requires=">=3.9",
+    # The LazyConfigs ship inside the package as dino_d2/configs (see dino_d2.model_zoo).
+    packages=find_packages(include=["dino_d2", "dino_d2.*"]) + _config_packages(),
+    package_dir={"dino_d2.configs": "configs"},
+    install_requires=["torch", "fvcore", "pycocotools", "timm>=1.0.20,<1.1", "scipy"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
