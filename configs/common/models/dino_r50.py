@@ -1,0 +1,91 @@
+from detectron2.config import LazyCall as L
+from detectron2.modeling.backbone import BasicStem, ResNet
+
+from dino_d2.layers.position_encoding import PositionEmbeddingSine
+from dino_d2.modeling import (
+    DINO,
+    ChannelMapper,
+    ContrastiveDenoising,
+    DeformableDecoder,
+    DeformableEncoder,
+    DINOCriterion,
+    DINOTransformer,
+    HungarianMatcher,
+    MixedQuerySelection,
+)
+
+# DINO-4scale with a ResNet-50: the authors' R50 recipe (IDEA-Research/DINO, DINO_4scale.py).
+model = L(DINO)(
+    backbone=L(ChannelMapper)(
+        bottom_up=L(ResNet)(
+            stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
+            stages=L(ResNet.make_default_stages)(depth=50, stride_in_1x1=False, norm="FrozenBN"),
+            out_features=["res3", "res4", "res5"],
+            # The authors train res3..res5 and freeze the stem and res2.
+            freeze_at=2,
+        ),
+        in_features="${.bottom_up.out_features}",
+        out_channels="${..transformer.embed_dim}",
+        num_extra_levels=1,
+    ),
+    transformer=L(DINOTransformer)(
+        encoder=L(DeformableEncoder)(
+            num_layers=6,
+            embed_dim="${..embed_dim}",
+            num_heads=8,
+            ffn_dim=2048,
+            num_levels="${..num_levels}",
+            num_points=4,
+            dropout=0.0,
+            use_checkpoint=False,
+        ),
+        decoder=L(DeformableDecoder)(
+            num_classes="${...num_classes}",
+            num_layers=6,
+            embed_dim="${..embed_dim}",
+            num_heads=8,
+            ffn_dim=2048,
+            num_levels="${..num_levels}",
+            num_points=4,
+            dropout=0.0,
+            share_heads=True,
+            scale_query_pos_by_valid_ratio=False,
+            use_checkpoint=False,
+        ),
+        query_selection=L(MixedQuerySelection)(
+            embed_dim="${..embed_dim}",
+            num_classes="${...num_classes}",
+            num_queries=900,
+        ),
+        position_embedding=L(PositionEmbeddingSine)(
+            # Half of embed_dim: the sine embedding of y then x fills the channels.
+            num_pos_feats=128,
+            # The authors' 20 / 0.0; detrex uses 10000 / -0.5.
+            temperature=20,
+            normalize=True,
+            offset=0.0,
+        ),
+        num_levels=4,
+        embed_dim=256,
+    ),
+    denoising=L(ContrastiveDenoising)(
+        num_classes="${..num_classes}",
+        embed_dim="${..transformer.embed_dim}",
+        dn_number=100,
+        label_noise_ratio=0.5,
+        box_noise_scale=1.0,
+    ),
+    criterion=L(DINOCriterion)(
+        num_classes="${..num_classes}",
+        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
+        num_decoder_layers="${..transformer.decoder.num_layers}",
+        class_weight=1.0,
+        bbox_weight=5.0,
+        giou_weight=2.0,
+    ),
+    num_classes=80,
+    pixel_mean=[123.675, 116.280, 103.530],
+    pixel_std=[58.395, 57.120, 57.375],
+    input_format="RGB",
+    num_select=300,
+)

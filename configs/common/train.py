@@ -1,0 +1,18 @@
+# What tools/lazyconfig_train_net.py reads, with DINO's defaults.
+train = dict(
+    output_dir="./output/dino",
+    init_checkpoint="",
+    max_iter=90000,
+    amp=dict(enabled=False),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
+    # Full-model gradient clipping; with AMP the gradients are unscaled first.
+    clip_grad=dict(enabled=True, max_norm=0.1, norm_type=2.0),
+    # Exponential moving average of the weights, checkpointed with the model.
+    model_ema=dict(enabled=False, decay=0.9997, use_for_eval=False),
+    checkpointer=dict(period=5000, max_to_keep=100),
+    eval_period=5000,
+    log_period=20,
+    seed=-1,
+    # None: CUDA when available, else the CPU.
+    device=None,
+)

@@ -1,0 +1,5 @@
+from .common.schedule import lr_multiplier_36ep as lr_multiplier
+from .dino_r50_5scale_12ep import dataloader, model, optimizer, train
+
+train.max_iter = 270000
+train.output_dir = "./output/dino_r50_5scale_36ep"

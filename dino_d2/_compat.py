@@ -1,0 +1,286 @@
+"""The one place that knows how Detectron2 v0.6 (PyPI) and Detectron2 main differ.
+
+Every difference is detected by looking for the feature, never by comparing version strings
+(main still reports ``0.6``). What differs, and what this module does about it:
+
+* ``engine.launch``: v0.6's worker asserts CUDA and always uses NCCL; main uses Gloo without a
+  GPU. :func:`launch` here runs one process per GPU with NCCL, or that many CPU processes with
+  Gloo, on both. v0.6 keeps the per-machine process group in ``comm._LOCAL_PROCESS_GROUP``,
+  which its launcher fills in; main creates it with ``comm.create_local_process_group``.
+* ``detectron2._C``: the PyPI v0.6 wheel ships an empty extension, so the fast COCO evaluation
+  (``COCOeval_opt``) fails when it runs and ``collect_env_info`` raises. Main falls back to the
+  slow evaluation by itself but has the same ``collect_env_info`` problem with an empty ``_C``.
+  See :func:`fast_coco_eval_available` and :func:`collect_env_info`.
+* ``SimpleTrainer``: main calls ``after_backward`` on its hooks between the backward pass and the
+  optimizer step; v0.6 has no such hook stage. See :func:`run_after_backward_hooks`.
+* ``AMPTrainer``: v0.6 takes ``(model, data_loader, optimizer, grad_scaler=None)``, main adds
+  ``precision``, ``log_grad_scaler``, ``gather_metric_period``, ... but both assert CUDA in
+  ``run_step``, so dino_d2's trainer implements mixed precision itself and uses neither.
+* ``ImageList.from_tensors``: only main takes ``padding_constraints`` (``size_divisibility``,
+  ``square_size``). See :func:`image_list_from_tensors`.
+* ``comm.all_gather``/``gather``: v0.6 serializes through ``torch.ByteStorage`` (works with
+  current PyTorch, with a TypedStorage deprecation warning); main uses ``all_gather_object``.
+"""
+
+import functools
+import importlib
+import logging
+import os
+import socket
+import sys
+from datetime import timedelta
+from importlib import metadata
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from detectron2.structures import ImageList
+from detectron2.utils import comm
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "launch",
+    "create_local_process_group",
+    "fast_coco_eval_available",
+    "collect_env_info",
+    "run_after_backward_hooks",
+    "image_list_from_tensors",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def launch(
+    main_func: Callable,
+    num_gpus_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: Optional[str] = None,
+    args: Sequence = (),
+    timeout: timedelta = DEFAULT_TIMEOUT,
+) -> None:
+    """Runs ``main_func(*args)`` in one process, or in ``num_gpus_per_machine`` spawned ones.
+
+    Same arguments as Detectron2's ``launch``. With more than one process in total, each is
+    started with ``torch.multiprocessing`` (spawn) and joins a process group: NCCL with one GPU
+    per process when CUDA is available, otherwise Gloo, so ``num_gpus_per_machine`` is then
+    the number of CPU processes (they share the CPU threads equally). Detectron2's per-machine
+    process group (``comm.get_local_rank`` and friends) is set up as the installed Detectron2
+    expects.
+
+    Args:
+        main_func: the function to run; it must be picklable (defined at a module's top level).
+        num_gpus_per_machine: processes per machine (GPUs when CUDA is available).
+        num_machines: number of machines.
+        machine_rank: rank of this machine, ``0..num_machines-1``.
+        dist_url: the rendezvous URL, e.g. ``"tcp://127.0.0.1:50152"``; ``"auto"`` (or None on
+            one machine) picks a free local port.
+        args: arguments of ``main_func``.
+        timeout: timeout of the collective operations.
+    """
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1:
+        main_func(*args)
+        return
+    if dist_url is None or dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url must be given explicitly for a multi-machine job")
+        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    if num_machines > 1 and dist_url.startswith("file://"):
+        logger.warning("file:// is not a reliable init_method in multi-machine jobs; prefer tcp://")
+    mp.start_processes(
+        _distributed_worker,
+        nprocs=num_gpus_per_machine,
+        args=(
+            main_func,
+            world_size,
+            num_gpus_per_machine,
+            machine_rank,
+            dist_url,
+            tuple(args),
+            timeout,
+        ),
+        daemon=False,
+        start_method="spawn",
+    )
+
+
+def _distributed_worker(
+    local_rank: int,
+    main_func: Callable,
+    world_size: int,
+    num_gpus_per_machine: int,
+    machine_rank: int,
+    dist_url: str,
+    args: tuple,
+    timeout: timedelta,
+) -> None:
+    use_cuda = torch.cuda.is_available()
+    if use_cuda and num_gpus_per_machine > torch.cuda.device_count():
+        raise RuntimeError(
+            f"{num_gpus_per_machine} processes per machine requested but only "
+            f"{torch.cuda.device_count()} GPUs are visible"
+        )
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        # The processes share the machine's cores.
+        torch.set_num_threads(max(1, torch.get_num_threads() // num_gpus_per_machine))
+    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    try:
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method=dist_url,
+            world_size=world_size,
+            rank=global_rank,
+            timeout=timeout,
+        )
+    except Exception:
+        logger.error(f"Process group URL: {dist_url}")
+        raise
+    create_local_process_group(num_gpus_per_machine)
+    # One barrier before the work starts: a late process could otherwise time out a collective.
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def create_local_process_group(num_workers_per_machine: int) -> None:
+    """Creates Detectron2's process group of the ranks on this machine (a collective call).
+
+    Must be called by every process after ``torch.distributed.init_process_group``.
+    """
+    if hasattr(comm, "create_local_process_group"):
+        comm.create_local_process_group(num_workers_per_machine)
+        return
+    # v0.6: its launcher fills in the module attribute itself; do the same.
+    if comm._LOCAL_PROCESS_GROUP is not None:
+        raise RuntimeError("Detectron2's local process group exists already")
+    world_size = dist.get_world_size()
+    if world_size % num_workers_per_machine:
+        raise ValueError(f"world size {world_size} is not a multiple of {num_workers_per_machine}")
+    machine_rank = dist.get_rank() // num_workers_per_machine
+    for i in range(world_size // num_workers_per_machine):
+        ranks = list(range(i * num_workers_per_machine, (i + 1) * num_workers_per_machine))
+        group = dist.new_group(ranks)
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+
+
+@functools.lru_cache(maxsize=None)
+def _detectron2_extension():
+    try:
+        return importlib.import_module("detectron2._C")
+    except ImportError:
+        return None
+
+
+def fast_coco_eval_available() -> bool:
+    """Whether Detectron2's compiled COCO evaluation (``COCOeval_opt``) can run.
+
+    When False, build ``COCOEvaluator(..., use_fast_impl=False)``: v0.6 would otherwise fail at
+    the end of the evaluation (main falls back by itself).
+    """
+    extension = _detectron2_extension()
+    return extension is not None and all(
+        hasattr(extension, name)
+        for name in ("COCOevalEvaluateImages", "COCOevalAccumulate", "InstanceAnnotation")
+    )
+
+
+def collect_env_info() -> str:
+    """Detectron2's environment table, or a shorter one when ``detectron2._C`` is empty.
+
+    Detectron2's ``collect_env_info`` asks the compiled extension for its compiler versions
+    and raises when the extension has none (the PyPI v0.6 wheel).
+    """
+    extension = _detectron2_extension()
+    if extension is not None and hasattr(extension, "get_compiler_version"):
+        from detectron2.utils.collect_env import collect_env_info as detectron2_env_info
+
+        return detectron2_env_info()
+    from tabulate import tabulate
+
+    import detectron2
+
+    rows = [
+        ("sys.platform", sys.platform),
+        ("Python", sys.version.replace("\n", "")),
+        ("detectron2", f"{detectron2.__version__} @{os.path.dirname(detectron2.__file__)}"),
+        ("detectron2._C", "missing or empty (no compiled Detectron2 ops)"),
+        ("PyTorch", f"{torch.__version__} @{os.path.dirname(torch.__file__)}"),
+        ("CUDA available", torch.cuda.is_available()),
+    ]
+    if torch.cuda.is_available():
+        rows.append(("GPU 0", torch.cuda.get_device_name(0)))
+        rows.append(("GPU count", torch.cuda.device_count()))
+    for name in ("torchvision", "numpy", "fvcore", "iopath", "timm", "pycocotools"):
+        try:
+            rows.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            rows.append((name, "not found"))
+    rows.append(("CPU threads", torch.get_num_threads()))
+    return tabulate(rows)
+
+
+def run_after_backward_hooks(trainer) -> None:
+    """Calls the trainer's ``after_backward`` hook stage where Detectron2 has one (main)."""
+    after_backward = getattr(trainer, "after_backward", None)
+    if after_backward is not None:
+        after_backward()
+
+
+def image_list_from_tensors(
+    tensors: List[torch.Tensor],
+    size_divisibility: int = 0,
+    pad_value: float = 0.0,
+    padding_constraints: Optional[Dict[str, int]] = None,
+) -> ImageList:
+    """``ImageList.from_tensors`` with main's ``padding_constraints`` on both versions.
+
+    Args:
+        tensors: images, each (C, H_i, W_i) (or (H_i, W_i)).
+        size_divisibility: pad height and width to multiples of this.
+        pad_value: value of the padding.
+        padding_constraints: optional ``{"size_divisibility": int, "square_size": int}``; its
+            size_divisibility overrides the argument, a positive square_size pads every image to
+            a ``square_size`` square (before the divisibility rounding).
+    """
+    if "padding_constraints" in _from_tensors_parameters():
+        return ImageList.from_tensors(
+            tensors, size_divisibility, pad_value, padding_constraints=padding_constraints
+        )
+    constraints = padding_constraints or {}
+    size_divisibility = constraints.get("size_divisibility", size_divisibility)
+    square_size = constraints.get("square_size", 0)
+    images = ImageList.from_tensors(tensors, size_divisibility, pad_value)
+    if square_size <= 0:
+        return images
+    side = square_size
+    if size_divisibility > 1:
+        side = -(-side // size_divisibility) * size_divisibility
+    height, width = images.tensor.shape[-2:]
+    if height > side or width > side:
+        raise ValueError(f"images of {height}x{width} do not fit a {square_size} square")
+    padded = F.pad(images.tensor, (0, side - width, 0, side - height), value=pad_value)
+    return ImageList(padded, images.image_sizes)
+
+
+@functools.lru_cache(maxsize=None)
+def _from_tensors_parameters():
+    import inspect
+
+    return tuple(inspect.signature(ImageList.from_tensors).parameters)

@@ -1,0 +1,31 @@
+"""Converters from other checkpoint formats to dino_d2 state dicts.
+
+``convert_checkpoint(source, checkpoint)`` handles trained DINO detectors of the authors
+(``idea``), detrex and EasyCV, and backbone initializations (``torchvision-resnet``, ``swin``);
+``save_checkpoint`` writes the result as a verified Detectron2 checkpoint. The command-line tool
+is ``tools/convert_checkpoint.py``.
+"""
+
+from .convert import (
+    SOURCES,
+    ConversionResult,
+    convert_checkpoint,
+    detect_source,
+    load_checkpoint_file,
+    load_config,
+    save_checkpoint,
+)
+from .mapping import ConversionError
+from .swin import convert_swin_checkpoint
+
+__all__ = [
+    "SOURCES",
+    "ConversionError",
+    "ConversionResult",
+    "convert_checkpoint",
+    "convert_swin_checkpoint",
+    "detect_source",
+    "load_checkpoint_file",
+    "load_config",
+    "save_checkpoint",
+]

@@ -1,0 +1,28 @@
+"""Data: DETR-style augmentation for Detectron2's DatasetMapper, the digits demo dataset and
+dataset registration (including the builtin datasets registered on demand by name)."""
+
+from .builtin import builtin_dataset_names, register_builtin, register_builtin_datasets
+from .datasets import default_datasets_root, register_coco_format_dataset, register_digits
+from .digits import (
+    DIGIT_CLASSES,
+    digits_dataset_info,
+    ensure_digits_dataset,
+    generate_digits_dataset,
+)
+from .transforms import RandomChoice, detr_test_augmentation, detr_train_augmentation
+
+__all__ = [
+    "RandomChoice",
+    "detr_train_augmentation",
+    "detr_test_augmentation",
+    "DIGIT_CLASSES",
+    "generate_digits_dataset",
+    "ensure_digits_dataset",
+    "digits_dataset_info",
+    "default_datasets_root",
+    "register_digits",
+    "register_coco_format_dataset",
+    "register_builtin",
+    "builtin_dataset_names",
+    "register_builtin_datasets",
+]

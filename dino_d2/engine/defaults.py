@@ -1,0 +1,210 @@
+"""The start of a training or evaluation job: logging, config backup, seeding, devices, datasets.
+
+:func:`default_setup` does what Detectron2's ``default_setup`` does (which fails on the PyPI
+v0.6 wheel, see :mod:`dino_d2._compat`). The dataset helpers let a job train on any COCO-format
+dataset from the command line, without writing Python::
+
+    tools/lazyconfig_train_net.py --config-file configs/dino_r18_digits.py \\
+        dataset.train_json=train.json dataset.train_images=train/ \\
+        dataset.test_json=val.json dataset.test_images=val/
+
+registers the two datasets as ``custom_train`` and ``custom_test``, points the config's data
+loaders (and so the evaluator) at them and sets ``model.num_classes`` from the json's categories.
+"""
+
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from detectron2.config import LazyConfig
+from detectron2.data import MetadataCatalog
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
+
+from .. import _compat
+from ..data import register_builtin_datasets, register_coco_format_dataset
+
+__all__ = [
+    "default_setup",
+    "resolve_device",
+    "DATASET_OVERRIDE_KEYS",
+    "CUSTOM_TRAIN_DATASET",
+    "CUSTOM_TEST_DATASET",
+    "pop_dataset_overrides",
+    "apply_dataset_overrides",
+    "config_dataset_names",
+    "register_config_datasets",
+]
+
+DATASET_OVERRIDE_KEYS = ("train_json", "train_images", "test_json", "test_images")
+CUSTOM_TRAIN_DATASET = "custom_train"
+CUSTOM_TEST_DATASET = "custom_test"
+
+
+def default_setup(cfg: DictConfig, args) -> None:
+    """Sets up a job like Detectron2's ``default_setup``, for LazyConfigs.
+
+    1. creates ``cfg.train.output_dir`` and logs the ``detectron2``, ``dino_d2`` and ``fvcore``
+       loggers to the console (main process) and to ``output_dir/log.txt`` (``.rankN`` for others);
+    2. logs the rank, the environment, the command line and the config file;
+    3. saves the config as ``output_dir/config.yaml`` (``LazyConfig.save``; main process);
+    4. seeds every random generator with ``train.seed + rank`` (a random seed when negative);
+    5. sets ``torch.backends.cudnn.benchmark`` from ``train.cudnn_benchmark`` (default False)
+       unless evaluating only.
+
+    Args:
+        cfg: the LazyConfig, with overrides applied.
+        args: the parsed command line (``config_file`` and ``eval_only`` are read if present).
+    """
+    output_dir = cfg.train.output_dir
+    rank = comm.get_rank()
+    if comm.is_main_process() and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
+    setup_logger(output_dir, distributed_rank=rank, name="dino_d2", abbrev_name="dino_d2")
+    logger = setup_logger(output_dir, distributed_rank=rank)
+
+    logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
+    logger.info("Environment info:\n" + _compat.collect_env_info())
+    logger.info(f"Command line arguments: {args}")
+    config_file = getattr(args, "config_file", "")
+    if config_file:
+        with open(config_file) as f:
+            logger.info(f"Contents of args.config_file={config_file}:\n{f.read()}")
+
+    if comm.is_main_process() and output_dir:
+        path = os.path.join(output_dir, "config.yaml")
+        LazyConfig.save(cfg, path)
+        logger.info(f"Full config saved to {path}")
+
+    seed = cfg.train.get("seed", -1)
+    seed_all_rng(None if seed < 0 else seed + rank)
+    if not getattr(args, "eval_only", False):
+        torch.backends.cudnn.benchmark = bool(cfg.train.get("cudnn_benchmark", False))
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """``train.device``: None means ``"cuda"`` when CUDA is available, else ``"cpu"``."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def pop_dataset_overrides(opts: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
+    """Separates the ``dataset.<key>=<value>`` command-line overrides from the config overrides.
+
+    Args:
+        opts: the ``key=value`` overrides of the command line.
+
+    Returns:
+        the other overrides (for ``LazyConfig.apply_overrides``), and ``{key: value}`` of the
+        dataset ones.
+
+    Raises:
+        ValueError: a ``dataset.*`` key other than :data:`DATASET_OVERRIDE_KEYS`, a repeated
+            one, or one without a value.
+    """
+    remaining, datasets = [], {}
+    for opt in opts or ():
+        key, sep, value = opt.partition("=")
+        if not key.startswith("dataset."):
+            remaining.append(opt)
+            continue
+        name = key[len("dataset.") :]
+        if name not in DATASET_OVERRIDE_KEYS:
+            raise ValueError(
+                f"unknown dataset override '{key}'; valid: "
+                + ", ".join(f"dataset.{k}" for k in DATASET_OVERRIDE_KEYS)
+            )
+        if not sep or not value:
+            raise ValueError(f"'{key}' needs a value: {key}=<path>")
+        if name in datasets:
+            raise ValueError(f"'{key}' is given twice")
+        datasets[name] = value
+    return remaining, datasets
+
+
+def _category_signature(name: str):
+    metadata = MetadataCatalog.get(name)
+    return list(metadata.thing_classes), dict(metadata.thing_dataset_id_to_contiguous_id)
+
+
+def apply_dataset_overrides(cfg: DictConfig, overrides: Dict[str, str]) -> None:
+    """Registers the COCO-format datasets named by :func:`pop_dataset_overrides` and uses them.
+
+    ``train_json`` + ``train_images`` register :data:`CUSTOM_TRAIN_DATASET` and set
+    ``dataloader.train.dataset.names``; ``test_json`` + ``test_images`` register
+    :data:`CUSTOM_TEST_DATASET` and set ``dataloader.test.dataset.names`` (the evaluator follows
+    it in dino_d2's configs). ``model.num_classes`` is set to the number of categories. Call it in
+    every process (registrations are per process).
+
+    Raises:
+        ValueError: a json without its image folder (or the reverse), or train and test jsons
+            whose categories (ids and names) differ.
+    """
+    if not overrides:
+        return
+    logger = logging.getLogger(__name__)
+    splits = {}
+    for split, dataset_name in (("train", CUSTOM_TRAIN_DATASET), ("test", CUSTOM_TEST_DATASET)):
+        json_file = overrides.get(f"{split}_json")
+        image_root = overrides.get(f"{split}_images")
+        if (json_file is None) != (image_root is None):
+            raise ValueError(f"dataset.{split}_json and dataset.{split}_images go together")
+        if json_file is None:
+            continue
+        num_classes = register_coco_format_dataset(dataset_name, json_file, image_root)
+        OmegaConf.update(cfg, f"dataloader.{split}.dataset.names", dataset_name, merge=False)
+        splits[split] = (dataset_name, num_classes)
+    if "train" in splits and "test" in splits:
+        train_categories = _category_signature(splits["train"][0])
+        test_categories = _category_signature(splits["test"][0])
+        if train_categories != test_categories:
+            raise ValueError(
+                f"the categories of dataset.train_json ({train_categories[0]}) and "
+                f"dataset.test_json ({test_categories[0]}) differ; they must have the same "
+                "category ids and names"
+            )
+    elif "train" in splits:
+        logger.warning(
+            "dataset.train_json given without dataset.test_json: evaluating on "
+            f"{OmegaConf.select(cfg, 'dataloader.test.dataset.names')}"
+        )
+    num_classes = next(iter(splits.values()))[1]
+    if cfg.model.get("num_classes") != num_classes:
+        logger.info(f"model.num_classes set to {num_classes} (the datasets' categories)")
+    cfg.model.num_classes = num_classes
+
+
+def config_dataset_names(cfg: DictConfig) -> List[str]:
+    """The dataset names of ``dataloader.train.dataset.names`` and ``dataloader.test...``."""
+    names = []
+    for key in ("dataloader.train.dataset.names", "dataloader.test.dataset.names"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        names.extend([value] if isinstance(value, str) else list(value))
+    return names
+
+
+def register_config_datasets(cfg: DictConfig) -> List[str]:
+    """Registers the builtin datasets (e.g. digits) the config's data loaders use.
+
+    In a distributed job the first process of each machine registers (and possibly generates)
+    them first, then the others: generating a dataset happens once per machine.
+
+    Returns:
+        the names registered by this call.
+    """
+    names = config_dataset_names(cfg)
+    if comm.get_world_size() == 1:
+        return register_builtin_datasets(names)
+    registered = register_builtin_datasets(names) if comm.get_local_rank() == 0 else []
+    comm.synchronize()
+    if comm.get_local_rank() != 0:
+        registered = register_builtin_datasets(names)
+    return registered

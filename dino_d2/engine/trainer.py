@@ -1,0 +1,152 @@
+"""Detectron2's training loop with full-model gradient clipping and mixed precision on any device.
+
+Detectron2's ``AMPTrainer`` requires CUDA (both in v0.6 and in main) and neither of its trainers
+clips gradients. :class:`Trainer` is a ``SimpleTrainer`` whose step is::
+
+    forward (under autocast when mixed precision is on)
+    zero_grad, backward (of the scaled loss when a GradScaler is used)
+    after_backward hooks (Detectron2 main only)
+    unscale the gradients (GradScaler only), clip the norm of all gradients together
+    write metrics, optimizer step (through the GradScaler, which skips non-finite steps), update
+
+Everything else (hooks, metrics, checkpointable state) is Detectron2's.
+"""
+
+import time
+from typing import Optional, Tuple
+
+import torch
+
+from detectron2.engine import SimpleTrainer
+from detectron2.utils.events import get_event_storage
+
+from .._compat import run_after_backward_hooks
+
+__all__ = ["Trainer", "amp_settings"]
+
+_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_settings(
+    device: torch.device, precision: Optional[str] = None
+) -> Tuple[torch.dtype, Optional[torch.amp.GradScaler]]:
+    """The autocast dtype and the GradScaler (or None) for mixed precision on ``device``.
+
+    Args:
+        device: the model's device.
+        precision: "float16" or "bfloat16"; None picks float16 on CUDA and bfloat16 elsewhere.
+            float16 needs a GradScaler (it is only offered on CUDA); bfloat16 has float32's
+            range and is used without one.
+
+    Raises:
+        ValueError: an unknown precision, float16 off CUDA, bfloat16 on a GPU without it, or
+            a device without autocast.
+    """
+    device = torch.device(device)
+    if precision is None:
+        precision = "float16" if device.type == "cuda" else "bfloat16"
+    if precision not in _PRECISIONS:
+        raise ValueError(
+            f"train.amp.precision must be one of {sorted(_PRECISIONS)}, got {precision!r}"
+        )
+    if not torch.amp.is_autocast_available(device.type):
+        raise ValueError(f"mixed precision: PyTorch has no autocast for {device.type} devices")
+    dtype = _PRECISIONS[precision]
+    if dtype == torch.float16:
+        if device.type != "cuda":
+            raise ValueError(
+                f"mixed precision with float16 needs CUDA (it is on {device}); "
+                "use train.amp.precision=bfloat16 or train.amp.enabled=False"
+            )
+        return dtype, torch.amp.GradScaler("cuda")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16; use train.amp.precision=float16")
+    return dtype, None
+
+
+class Trainer(SimpleTrainer):
+    """``SimpleTrainer`` plus gradient clipping and optional mixed precision (see module doc).
+
+    Args:
+        model, data_loader, optimizer: as for Detectron2's ``SimpleTrainer``.
+        clip_grad_max_norm: clip the total norm of all gradients to this; None disables clipping.
+        clip_grad_norm_type: the norm's order (2.0, or ``inf`` for the largest absolute value).
+        amp_dtype: autocast dtype of the forward pass (float16 or bfloat16); None: full precision.
+        grad_scaler: a ``torch.amp.GradScaler`` to scale the loss (float16 only); with
+            clipping, the gradients are unscaled before their norm is taken. Its state is part
+            of the trainer's checkpointed state, as with Detectron2's ``AMPTrainer``.
+
+    The total gradient norm before clipping is logged as ``grad_norm``.
+    """
+
+    def __init__(
+        self,
+        model,
+        data_loader,
+        optimizer,
+        *,
+        clip_grad_max_norm: Optional[float] = None,
+        clip_grad_norm_type: float = 2.0,
+        amp_dtype: Optional[torch.dtype] = None,
+        grad_scaler=None,
+    ):
+        super().__init__(model, data_loader, optimizer)
+        if clip_grad_max_norm is not None and not clip_grad_max_norm > 0:
+            raise ValueError(f"clip_grad_max_norm must be positive, got {clip_grad_max_norm}")
+        if grad_scaler is not None and amp_dtype is None:
+            raise ValueError("a grad_scaler is only used with mixed precision (amp_dtype)")
+        self.clip_grad_max_norm = clip_grad_max_norm
+        self.clip_grad_norm_type = float(clip_grad_norm_type)
+        self.amp_dtype = amp_dtype
+        self.grad_scaler = grad_scaler
+        self._device_type = next(model.parameters()).device.type
+
+    def run_step(self):
+        assert self.model.training, "[Trainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        with torch.autocast(
+            self._device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        ):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses = loss_dict
+                loss_dict = {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses).backward()
+        else:
+            losses.backward()
+        run_after_backward_hooks(self)
+
+        if self.clip_grad_max_norm is not None:
+            if self.grad_scaler is not None:
+                self.grad_scaler.unscale_(self.optimizer)
+            total_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.clip_grad_max_norm, self.clip_grad_norm_type
+            )
+            get_event_storage().put_scalar("grad_norm", float(total_norm))
+
+        self._write_metrics(loss_dict, data_time)
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])

@@ -1,0 +1,265 @@
+"""DINO: DETR with Improved DeNoising Anchor Boxes (arXiv 2203.03605), as a Detectron2 meta-arch."""
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+
+from dino_d2._compat import image_list_from_tensors
+
+__all__ = ["DINO"]
+
+
+@META_ARCH_REGISTRY.register()
+class DINO(nn.Module):
+    """The DINO detector.
+
+    Input, as every Detectron2 model: a list of dicts with ``image`` (C, H, W) in the
+    ``input_format`` channel order and 0-255 range, optionally ``height``/``width`` (the size to
+    report detections at) and, in training, ``instances`` with ``gt_boxes`` (absolute XYXY in the
+    image's pixels) and ``gt_classes``. Training returns a dict of weighted losses; inference a
+    list of ``{"instances": Instances}`` with ``pred_boxes`` (absolute XYXY), ``scores`` and
+    ``pred_classes``.
+
+    Padding masks are built from each image's real size in training and in inference. In
+    inference, images of different sizes also go through the backbone one at a time
+    (``exact_batched_inference``): a convolutional backbone sees the zeros of a padded batch at
+    an image's border, so only this makes batched detections equal to one-image-at-a-time ones.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        transformer: nn.Module,
+        denoising: nn.Module,
+        criterion: nn.Module,
+        num_classes: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        input_format: str = "RGB",
+        num_select: int = 300,
+        exact_batched_inference: bool = True,
+    ):
+        """
+        Args:
+            backbone: a multi-level backbone whose outputs are the transformer's levels, finest
+                first, all with the transformer's width (e.g. a :class:`ChannelMapper`).
+            transformer: a :class:`DINOTransformer`.
+            denoising: a :class:`ContrastiveDenoising` that makes the training-time DN queries.
+            criterion: a :class:`DINOCriterion`.
+            num_classes: number of object classes; every head must agree (checked here).
+            pixel_mean, pixel_std: per-channel normalization, in ``input_format`` order.
+            input_format: channel order of the input images, "RGB" or "BGR".
+            num_select: detections kept per image (top-k over queries x classes).
+            exact_batched_inference: see the class docstring.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.transformer = transformer
+        self.denoising = denoising
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.input_format = input_format
+        self.num_select = num_select
+        self.exact_batched_inference = exact_batched_inference
+        shapes = backbone.output_shape()
+        self._levels = list(shapes)
+        self._strides = [shapes[name].stride for name in self._levels]
+        _check_parts(self)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        from dino_d2.config import build_dino_parts
+
+        return build_dino_parts(cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def num_queries(self) -> int:
+        return self.transformer.num_queries
+
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess_image(batched_inputs)
+        features, masks = self.extract_features(images)
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images.image_sizes)
+            dn = self.denoising(targets, self.num_queries)
+            if dn is None:
+                outputs = self.transformer(features, masks)
+            else:
+                outputs = self.transformer(
+                    features,
+                    masks,
+                    dn_content=dn.content,
+                    dn_boxes=dn.boxes,
+                    attn_mask=dn.attn_mask,
+                )
+            losses = self.criterion(outputs, targets, dn)
+            if dn is None:
+                # Keep the label embedding in the graph (as the authors do) so that distributed
+                # training does not see an unused parameter when a batch has no objects.
+                losses["loss_class_dn"] = (
+                    losses["loss_class_dn"] + 0.0 * self.denoising.label_enc.weight.sum()
+                )
+            return losses
+
+        outputs = self.transformer(features, masks)
+        results = self.inference(
+            outputs["pred_logits"][-1], outputs["pred_boxes"][-1], images.image_sizes
+        )
+        processed = []
+        for result, inputs, image_size in zip(results, batched_inputs, images.image_sizes):
+            height = inputs.get("height", image_size[0])
+            width = inputs.get("width", image_size[1])
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalizes the images and pads them into one (N, C, H, W) tensor."""
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
+        return self._pad(images)
+
+    def _pad(self, images: List[torch.Tensor]) -> ImageList:
+        return image_list_from_tensors(
+            images,
+            self.backbone.size_divisibility,
+            padding_constraints=self.backbone.padding_constraints,
+        )
+
+    def extract_features(self, images: ImageList) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Runs the backbone and builds one padding mask per level.
+
+        Returns:
+            features: list over levels, finest first, of (N, C, H_l, W_l).
+            masks: list over levels of (N, H_l, W_l) bool, True on padding. Image i's valid
+                region at stride s is its top-left ceil(h_i / s) x ceil(w_i / s) cells.
+        """
+        sizes = images.image_sizes
+        if self.training or not self.exact_batched_inference or len(set(sizes)) == 1:
+            features = self.backbone(images.tensor)
+            features = [features[name] for name in self._levels]
+        else:
+            features = self._features_one_by_one(images)
+        masks = []
+        for feature, stride in zip(features, self._strides):
+            n, _, height, width = feature.shape
+            mask = torch.ones((n, height, width), dtype=torch.bool, device=feature.device)
+            for i, (h, w) in enumerate(sizes):
+                mask[i, : math.ceil(h / stride), : math.ceil(w / stride)] = False
+            masks.append(mask)
+        return features, masks
+
+    def _features_one_by_one(self, images: ImageList) -> List[torch.Tensor]:
+        per_image = []
+        for i, (h, w) in enumerate(images.image_sizes):
+            # Padded exactly as when the image is the only one in its batch.
+            single = self._pad([images.tensor[i, :, :h, :w]])
+            out = self.backbone(single.tensor)
+            per_image.append([out[name] for name in self._levels])
+        features = []
+        for level in range(len(self._levels)):
+            maps = [f[level] for f in per_image]
+            height = max(m.shape[-2] for m in maps)
+            width = max(m.shape[-1] for m in maps)
+            features.append(
+                torch.cat(
+                    [F.pad(m, (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in maps]
+                )
+            )
+        return features
+
+    def prepare_targets(
+        self, batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Ground truth as the criterion wants it: labels (G,) and normalized cxcywh boxes (G, 4)."""
+        targets = []
+        for inputs, (h, w) in zip(batched_inputs, image_sizes):
+            instances = inputs["instances"].to(self.device)
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+            boxes = box_convert(instances.gt_boxes.tensor / scale, "xyxy", "cxcywh")
+            targets.append({"labels": instances.gt_classes, "boxes": boxes})
+        return targets
+
+    def inference(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        image_sizes: List[Tuple[int, int]],
+        num_select: Optional[int] = None,
+    ) -> List[Instances]:
+        """Top-k over queries x classes of the sigmoid scores; no NMS.
+
+        Args:
+            logits: (N, Q, K) class logits of the last decoder layer.
+            boxes: (N, Q, 4) normalized cxcywh boxes.
+            image_sizes: (h, w) of each image before padding.
+
+        Returns:
+            one Instances per image, boxes in absolute XYXY of that (h, w).
+        """
+        num_classes = logits.shape[-1]
+        k = min(num_select or self.num_select, logits.shape[1] * num_classes)
+        scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
+        labels = index % num_classes
+        query = torch.div(index, num_classes, rounding_mode="floor")
+        boxes = box_convert(boxes, "cxcywh", "xyxy")
+        results = []
+        for i, (h, w) in enumerate(image_sizes):
+            scale = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+            result = Instances((h, w))
+            result.pred_boxes = Boxes(boxes[i, query[i]] * scale)
+            result.scores = scores[i]
+            result.pred_classes = labels[i]
+            results.append(result)
+        return results
+
+
+def _check_parts(model: DINO) -> None:
+    """Raises a ValueError naming the setting when the parts of a DINO do not fit together."""
+    transformer = model.transformer
+    levels, channels = model._levels, model.backbone.output_shape()
+    problems = []
+    if len(levels) != transformer.num_levels:
+        problems.append(
+            f"the backbone gives {len(levels)} levels {levels} but transformer.num_levels is "
+            f"{transformer.num_levels}"
+        )
+    widths = {channels[name].channels for name in levels}
+    if widths != {transformer.embed_dim}:
+        problems.append(
+            f"the backbone's levels have {sorted(widths)} channels but transformer.embed_dim is "
+            f"{transformer.embed_dim}"
+        )
+    num_pos_feats = getattr(transformer.position_embedding, "num_pos_feats", None)
+    if num_pos_feats is not None and 2 * num_pos_feats != transformer.embed_dim:
+        problems.append(
+            f"position_embedding.num_pos_feats is {num_pos_feats}; it must be half of "
+            f"transformer.embed_dim ({transformer.embed_dim})"
+        )
+    heads = {
+        "transformer.decoder": transformer.decoder.class_embed[0].out_features,
+        "transformer.query_selection": transformer.query_selection.class_embed.out_features,
+        "denoising": model.denoising.label_enc.num_embeddings,
+        "criterion": model.criterion.num_classes,
+    }
+    wrong = {k: v for k, v in heads.items() if v != model.num_classes}
+    if wrong:
+        problems.append(f"num_classes is {model.num_classes} but {wrong} disagree")
+    if problems:
+        raise ValueError("DINO: " + "; ".join(problems))

@@ -1,0 +1,282 @@
+"""The deformable decoder with iterative box refinement and look-forward-twice.
+
+Every decoder layer attends to the encoder memory around a 4-d reference box (normalized cxcywh
+in [0, 1] relative to the real image), then refines that box. Look-forward-twice (DINO, Sec. 3.5):
+
+* the box *passed on* to layer ``i + 1`` is
+  ``b_i = sigmoid(bbox_embed[i](o_i) + inverse_sigmoid(b_{i-1}.detach()))`` with ``o_i`` the raw
+  (not normed) output of layer ``i``; layer ``i + 1`` only sees ``b_i.detach()``;
+* the box *predicted* by layer ``i`` (the one its loss sees) is
+  ``sigmoid(bbox_embed[i](norm(o_i)) + inverse_sigmoid(b_{i-1}))`` with ``b_{i-1}`` NOT detached,
+  so the loss of layer ``i`` also trains ``bbox_embed[i - 1]``; ``b_{-1}`` is the initial box.
+
+Both follow the DINO authors' code exactly, including the quirk that the refinement uses the
+un-normed output while the prediction uses the normed one (so the predicted box of a layer is
+not the box handed to the next layer).
+"""
+
+import copy
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dino_d2.layers.box_ops import inverse_sigmoid
+from dino_d2.layers.mlp import MLP
+from dino_d2.layers.ms_deform_attn import MultiScaleDeformableAttention
+from dino_d2.layers.position_encoding import get_sine_pos_embed
+
+from .encoder import _xavier_init_except
+
+__all__ = ["DeformableDecoderLayer", "DeformableDecoder", "build_class_head", "build_box_head"]
+
+
+def build_class_head(embed_dim: int, num_classes: int, prior_prob: float = 0.01) -> nn.Linear:
+    """Linear(embed_dim, num_classes) with the focal-loss prior bias ``-log((1 - p) / p)``."""
+    head = nn.Linear(embed_dim, num_classes)
+    nn.init.constant_(head.bias, -math.log((1 - prior_prob) / prior_prob))
+    return head
+
+
+def build_box_head(embed_dim: int) -> MLP:
+    """MLP(embed_dim, embed_dim, 4, 3) whose last layer is zero, so it starts as the identity
+    refinement (a zero offset in logit space)."""
+    head = MLP(embed_dim, embed_dim, 4, 3)
+    nn.init.zeros_(head.layers[-1].weight)
+    nn.init.zeros_(head.layers[-1].bias)
+    return head
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Post-norm decoder layer: self-attention, deformable cross-attention, ReLU FFN.
+
+    Each sub-block is ``x = norm(x + dropout(block(x)))`` and its norm is named after it:
+    ``self_attn_norm``, ``cross_attn_norm``, ``ffn_norm``. The query position embedding is added
+    to the queries and keys of self-attention (not the values) and to the query of
+    cross-attention; the memory gets no position embedding.
+
+    Args:
+        embed_dim: channels C.
+        num_heads: heads of both attentions.
+        ffn_dim: hidden channels of the FFN.
+        num_levels: feature levels L.
+        num_points: sampling points per head and level.
+        dropout: dropout of the self-attention weights and after every sub-block (0.0 in DINO).
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        num_levels: int = 4,
+        num_points: int = 4,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(
+            embed_dim, num_heads, dropout=dropout, batch_first=True
+        )
+        self.self_attn_dropout = nn.Dropout(dropout)
+        self.self_attn_norm = nn.LayerNorm(embed_dim)
+        self.cross_attn = MultiScaleDeformableAttention(
+            embed_dim=embed_dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
+        )
+        self.cross_attn_dropout = nn.Dropout(dropout)
+        self.cross_attn_norm = nn.LayerNorm(embed_dim)
+        self.linear1 = nn.Linear(embed_dim, ffn_dim)
+        self.ffn_dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ffn_dim, embed_dim)
+        self.ffn_out_dropout = nn.Dropout(dropout)
+        self.ffn_norm = nn.LayerNorm(embed_dim)
+        _xavier_init_except(self, self.cross_attn)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        query_pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Runs the layer.
+
+        Args:
+            query: (N, Q, C) content queries.
+            query_pos: (N, Q, C) query position embedding.
+            reference_points: (N, Q, L, 4) boxes, normalized cxcywh on each padded map (already
+                multiplied by the valid ratios).
+            memory: (N, S, C) encoder output.
+            memory_padding_mask: (N, S) bool, True on padding.
+            spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
+            level_start_index: (L,) int64.
+            attn_mask: optional (Q, Q) bool self-attention mask, True = may not attend.
+
+        Returns:
+            (N, Q, C) queries.
+        """
+        q = k = query + query_pos
+        attn = self.self_attn(q, k, query, attn_mask=attn_mask, need_weights=False)[0]
+        query = self.self_attn_norm(query + self.self_attn_dropout(attn))
+        attn = self.cross_attn(
+            query=query + query_pos,
+            reference_points=reference_points,
+            value=memory,
+            spatial_shapes=spatial_shapes,
+            level_start_index=level_start_index,
+            value_padding_mask=memory_padding_mask,
+        )
+        query = self.cross_attn_norm(query + self.cross_attn_dropout(attn))
+        ffn = self.linear2(self.ffn_dropout(F.relu(self.linear1(query))))
+        return self.ffn_norm(query + self.ffn_out_dropout(ffn))
+
+
+class DeformableDecoder(nn.Module):
+    """DINO's decoder: layers, query position head, final norm and the per-layer heads.
+
+    Attributes:
+        layers: ``num_layers`` :class:`DeformableDecoderLayer`.
+        ref_point_head: MLP(2C, C, C, 2) mapping the sine embedding of the 4-d reference box
+            (:func:`get_sine_pos_embed`, C/2 channels per coordinate, temperature 10000) to the
+            query position embedding.
+        norm: LayerNorm applied to every layer's output before the heads.
+        class_embed: ModuleList of ``num_layers`` Linear(C, num_classes).
+        bbox_embed: ModuleList of ``num_layers`` MLP(C, C, 4, 3).
+
+    Args:
+        num_classes: K, the rows of the class heads.
+        num_layers: number of layers.
+        embed_dim, num_heads, ffn_dim, num_levels, num_points, dropout: passed to every layer.
+            ``embed_dim`` must be divisible by 4 (sine embedding of 4 coordinates into 2C).
+        share_heads: True (the authors): every slot of ``class_embed`` / ``bbox_embed`` holds the
+            same module. False (detrex): independent copies, identical at initialization.
+        prior_prob: focal-loss prior of the class-head bias.
+        scale_query_pos_by_valid_ratio: True (the authors and detrex): the reference box is
+            multiplied by the first level's valid ratio before its sine embedding, so a query's
+            position embedding is in padded-image coordinates and depends on how much padding
+            the batch adds. False: the embedding is computed from the box relative to the real
+            image, which makes batched inference equal to single-image inference. The two agree
+            whenever there is no padding.
+        use_checkpoint: in training mode (with autograd enabled), run every layer under
+            ``torch.utils.checkpoint``; outputs and gradients are unchanged.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        num_layers: int = 6,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        num_levels: int = 4,
+        num_points: int = 4,
+        dropout: float = 0.0,
+        share_heads: bool = True,
+        prior_prob: float = 0.01,
+        scale_query_pos_by_valid_ratio: bool = True,
+        use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        if embed_dim % 4:
+            raise ValueError(f"embed_dim must be divisible by 4, got {embed_dim}")
+        self.layers = nn.ModuleList(
+            DeformableDecoderLayer(
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                ffn_dim=ffn_dim,
+                num_levels=num_levels,
+                num_points=num_points,
+                dropout=dropout,
+            )
+            for _ in range(num_layers)
+        )
+        self.ref_point_head = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
+        for layer in self.ref_point_head.layers:
+            nn.init.xavier_uniform_(layer.weight)
+        self.norm = nn.LayerNorm(embed_dim)
+
+        class_head = build_class_head(embed_dim, num_classes, prior_prob)
+        box_head = build_box_head(embed_dim)
+        if share_heads:
+            self.class_embed = nn.ModuleList([class_head] * num_layers)
+            self.bbox_embed = nn.ModuleList([box_head] * num_layers)
+        else:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(num_layers))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(num_layers))
+
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.num_classes = num_classes
+        self.share_heads = share_heads
+        self.scale_query_pos_by_valid_ratio = scale_query_pos_by_valid_ratio
+        self.use_checkpoint = use_checkpoint
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        memory: torch.Tensor,
+        memory_padding_mask: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+    ):
+        """Decodes the queries and predicts a class and a box with every layer.
+
+        Args:
+            query: (N, Q, C) initial content queries.
+            reference_points: (N, Q, 4) initial boxes, normalized cxcywh in [0, 1] relative to
+                each image's real size. Gradients flow into the layer-0 prediction only (through
+                look-forward-twice), never into the attention.
+            memory: (N, S, C) encoder output.
+            memory_padding_mask: (N, S) bool, True on padding.
+            spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
+            level_start_index: (L,) int64.
+            valid_ratios: (N, L, 2) ``(w, h)`` fraction of each map that is not padding.
+            attn_mask: optional (Q, Q) bool self-attention mask, True = may not attend.
+
+        Returns:
+            pred_logits: (num_layers, N, Q, K) class logits.
+            pred_boxes: (num_layers, N, Q, 4) boxes, normalized cxcywh (sigmoid outputs).
+        """
+        ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+        run_checkpointed = self.use_checkpoint and self.training and torch.is_grad_enabled()
+        output = query
+        ref = reference_points.detach()
+        prev_ref = reference_points
+        all_logits, all_boxes = [], []
+        for i, layer in enumerate(self.layers):
+            ref_input = ref[:, :, None] * ratios
+            embed_ref = ref_input[:, :, 0] if self.scale_query_pos_by_valid_ratio else ref
+            query_pos = self.ref_point_head(get_sine_pos_embed(embed_ref, self.embed_dim // 2))
+            args = (
+                output,
+                query_pos,
+                ref_input,
+                memory,
+                memory_padding_mask,
+                spatial_shapes,
+                level_start_index,
+                attn_mask,
+            )
+            if run_checkpointed:
+                output = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                output = layer(*args)
+
+            hs = self.norm(output)
+            all_logits.append(self.class_embed[i](hs))
+            all_boxes.append((self.bbox_embed[i](hs) + inverse_sigmoid(prev_ref)).sigmoid())
+            if i + 1 < self.num_layers:
+                prev_ref = (self.bbox_embed[i](output) + inverse_sigmoid(ref)).sigmoid()
+                ref = prev_ref.detach()
+        return torch.stack(all_logits), torch.stack(all_boxes)

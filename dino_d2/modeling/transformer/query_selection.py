@@ -1,0 +1,152 @@
+"""Two-stage mixed query selection (DINO, Sec. 3.4).
+
+Every encoder token proposes a box centred on its pixel; a class head scores the tokens, the
+top-k of them become the decoder's anchors (positional queries) while the content queries are a
+learned embedding ("mixed": positions from the image, content static).
+
+Boxes are normalized cxcywh in [0, 1] relative to each image's real (unpadded) size.
+"""
+
+import torch
+from torch import nn
+
+from .decoder import build_box_head, build_class_head
+
+__all__ = ["MixedQuerySelection", "gen_encoder_output_proposals"]
+
+
+def gen_encoder_output_proposals(
+    memory: torch.Tensor,
+    padding_mask: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    base_wh: float = 0.05,
+):
+    """One box proposal per encoder token, in logit space, as the DINO authors make them.
+
+    The token at pixel ``(i, j)`` of level ``l`` proposes the box centred at
+    ``((j + 0.5) / valid_W_l, (i + 0.5) / valid_H_l)`` with width and height
+    ``base_wh * 2 ** l``. A proposal is valid when all four coordinates lie in (0.01, 0.99).
+    Proposals of padded or invalid tokens are set to +inf (a box of ones after the sigmoid) and
+    their memory to zero.
+
+    Args:
+        memory: (N, S, C) encoder output.
+        padding_mask: (N, S) bool, True on padding.
+        spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
+        base_wh: size of the level-0 proposals.
+
+    Returns:
+        output_memory: (N, S, C) ``memory`` with padded and invalid tokens zeroed.
+        output_proposals: (N, S, 4) ``inverse_sigmoid`` (unclamped logit) of the proposals.
+        valid: (N, S) bool, True where the proposal is valid (padded tokens are never valid).
+    """
+    n = memory.shape[0]
+    proposals = []
+    start = 0
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        level_mask = padding_mask[:, start : start + h * w].view(n, h, w)
+        valid_h = torch.sum(~level_mask[:, :, 0], 1)
+        valid_w = torch.sum(~level_mask[:, 0, :], 1)
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
+            torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+            indexing="ij",
+        )
+        grid = torch.stack([grid_x, grid_y], -1)
+        scale = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)
+        grid = (grid.unsqueeze(0).expand(n, -1, -1, -1) + 0.5) / scale
+        wh = torch.ones_like(grid) * base_wh * (2.0**lvl)
+        proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
+        start += h * w
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1) & ~padding_mask
+    proposals = torch.log(proposals / (1 - proposals))
+    proposals = proposals.masked_fill(~valid[..., None], float("inf"))
+    output_memory = memory.masked_fill(~valid[..., None], 0.0)
+    return output_memory, proposals, valid
+
+
+class MixedQuerySelection(nn.Module):
+    """Scores the encoder tokens and turns the top-k into decoder queries.
+
+    ``enc_output`` + ``enc_output_norm`` project the (masked) memory; the encoder heads
+    ``class_embed`` and ``bbox_embed`` (separate from the decoder's, initialized the same way)
+    score each token and refine its proposal in logit space. The ``num_queries`` tokens with the
+    largest max-class logit are selected; padded tokens are excluded from that ranking (their
+    score is set to -inf; see ``exclude_invalid``). The learned ``tgt_embed`` gives the content
+    queries.
+
+    Args:
+        embed_dim: channels C.
+        num_classes: K.
+        num_queries: k, the number of selected tokens / matching queries.
+        prior_prob: focal-loss prior of the class-head bias.
+        base_wh: size of the level-0 proposals (doubling with every level).
+        exclude_invalid: also exclude the unpadded tokens whose proposal is invalid (a
+            coordinate outside (0.01, 0.99), e.g. the border pixels of large maps). False keeps
+            the authors' behaviour, where such tokens (zeroed memory, proposal = +inf) can be
+            selected.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int = 256,
+        num_classes: int,
+        num_queries: int = 900,
+        prior_prob: float = 0.01,
+        base_wh: float = 0.05,
+        exclude_invalid: bool = False,
+    ):
+        super().__init__()
+        self.enc_output = nn.Linear(embed_dim, embed_dim)
+        nn.init.xavier_uniform_(self.enc_output.weight)
+        self.enc_output_norm = nn.LayerNorm(embed_dim)
+        self.class_embed = build_class_head(embed_dim, num_classes, prior_prob)
+        self.bbox_embed = build_box_head(embed_dim)
+        self.tgt_embed = nn.Embedding(num_queries, embed_dim)
+        nn.init.xavier_uniform_(self.tgt_embed.weight)
+        self.embed_dim = embed_dim
+        self.num_queries = num_queries
+        self.base_wh = base_wh
+        self.exclude_invalid = exclude_invalid
+
+    def forward(
+        self, memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    ):
+        """Selects the queries.
+
+        Args:
+            memory: (N, S, C) encoder output.
+            padding_mask: (N, S) bool, True on padding.
+            spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
+
+        Returns:
+            A tuple ``(content, anchors, enc_logits, enc_boxes)``:
+            content: (N, k, C) learned content queries ``tgt_embed`` (the same for every image).
+            anchors: (N, k, 4) detached refined proposals of the selected tokens in logit space
+                (``sigmoid`` gives normalized cxcywh; +inf for a selected invalid token).
+            enc_logits: (N, k, K) class logits of the selected tokens (for the encoder loss).
+            enc_boxes: (N, k, 4) sigmoid of the refined proposals, NOT detached (for the
+                encoder loss).
+            If an image has fewer than k selectable tokens, padded tokens fill the rest; if the
+            maps have fewer than k tokens in all (tiny images), the selected tokens repeat
+            cyclically so that every one of the k content queries still gets an anchor.
+        """
+        output_memory, proposals, valid = gen_encoder_output_proposals(
+            memory, padding_mask, spatial_shapes, self.base_wh
+        )
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        logits = self.class_embed(output_memory)
+        coords = self.bbox_embed(output_memory) + proposals
+
+        excluded = ~valid if self.exclude_invalid else padding_mask
+        scores = logits.max(-1)[0].masked_fill(excluded, float("-inf"))
+        topk = torch.topk(scores, min(self.num_queries, scores.shape[1]), dim=1)[1]
+        if topk.shape[1] < self.num_queries:
+            repeat = torch.arange(self.num_queries, device=topk.device) % topk.shape[1]
+            topk = topk[:, repeat]
+        enc_logits = torch.gather(logits, 1, topk[..., None].expand(-1, -1, logits.shape[-1]))
+        selected = torch.gather(coords, 1, topk[..., None].expand(-1, -1, 4))
+        content = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
+        return content, selected.detach(), enc_logits, selected.sigmoid()

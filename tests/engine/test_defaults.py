@@ -1,0 +1,158 @@
+import argparse
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from detectron2.config import LazyConfig
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from dino_d2.data import builtin, builtin_dataset_names, register_builtin_datasets
+from dino_d2.data.digits import generate_digits_dataset
+from dino_d2.engine import (
+    CUSTOM_TEST_DATASET,
+    CUSTOM_TRAIN_DATASET,
+    apply_dataset_overrides,
+    default_setup,
+    pop_dataset_overrides,
+    register_config_datasets,
+    resolve_device,
+)
+from dino_d2.model_zoo import get_config, get_config_file
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("defaults") / "digits"
+    return generate_digits_dataset(root, num_train=2, num_val=2, image_size=64, log_every=0)
+
+
+def _unregister(*names):
+    for name in names:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
+@pytest.fixture
+def custom_names():
+    yield
+    _unregister(CUSTOM_TRAIN_DATASET, CUSTOM_TEST_DATASET)
+
+
+def _overrides(root, **replace):
+    opts = {
+        "train_json": os.path.join(root, "annotations", "train.json"),
+        "train_images": os.path.join(root, "train"),
+        "test_json": os.path.join(root, "annotations", "val.json"),
+        "test_images": os.path.join(root, "val"),
+    }
+    opts.update(replace)
+    return opts
+
+
+def test_pop_dataset_overrides():
+    opts, datasets = pop_dataset_overrides(
+        ["train.max_iter=5", "dataset.train_json=a.json", "model.x=1", "dataset.test_images=d"]
+    )
+    assert opts == ["train.max_iter=5", "model.x=1"]
+    assert datasets == {"train_json": "a.json", "test_images": "d"}
+    assert pop_dataset_overrides(None) == ([], {})
+    with pytest.raises(ValueError, match="unknown dataset override 'dataset.val_json'"):
+        pop_dataset_overrides(["dataset.val_json=a"])
+    with pytest.raises(ValueError, match="needs a value"):
+        pop_dataset_overrides(["dataset.train_json="])
+    with pytest.raises(ValueError, match="twice"):
+        pop_dataset_overrides(["dataset.train_json=a", "dataset.train_json=b"])
+
+
+def test_dataset_overrides_register_and_set_num_classes(digits_root, custom_names):
+    cfg = get_config("dino_r18_digits.py")
+    cfg.model.num_classes = 3
+    apply_dataset_overrides(cfg, _overrides(digits_root))
+    assert cfg.dataloader.train.dataset.names == CUSTOM_TRAIN_DATASET
+    assert cfg.dataloader.test.dataset.names == CUSTOM_TEST_DATASET
+    assert cfg.model.num_classes == 10
+    # Every head follows model.num_classes through the config's interpolations.
+    assert cfg.model.transformer.decoder.num_classes == 10
+    assert len(DatasetCatalog.get(CUSTOM_TEST_DATASET)) == 2
+    assert MetadataCatalog.get(CUSTOM_TEST_DATASET).json_file.endswith("val.json")
+
+
+def test_dataset_overrides_refuse_disagreeing_categories(digits_root, tmp_path, custom_names):
+    with open(os.path.join(digits_root, "annotations", "val.json")) as f:
+        content = json.load(f)
+    content["categories"] = content["categories"][:9]
+    content["annotations"] = [a for a in content["annotations"] if a["category_id"] <= 9]
+    other = tmp_path / "val9.json"
+    other.write_text(json.dumps(content))
+    cfg = get_config("dino_r18_digits.py")
+    with pytest.raises(ValueError, match="categories of dataset.train_json"):
+        apply_dataset_overrides(cfg, _overrides(digits_root, test_json=str(other)))
+    with pytest.raises(ValueError, match="go together"):
+        apply_dataset_overrides(cfg, {"train_json": "x.json"})
+
+
+def test_builtin_datasets_are_registered_on_demand(digits_root, tmp_path, monkeypatch):
+    assert {"digits_train", "digits_val"} <= set(builtin_dataset_names())
+    _unregister("digits_train", "digits_val")
+    requested = []
+
+    def fake_ensure(folder, **kwargs):
+        # The real one generates the full-size dataset; point at the small one instead.
+        requested.append(folder)
+        os.symlink(digits_root, folder)
+        return folder
+
+    monkeypatch.setattr(builtin, "ensure_digits_dataset", fake_ensure)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    cfg = get_config("dino_r18_digits.py")
+    try:
+        registered = register_config_datasets(cfg)
+        assert sorted(registered) == ["digits_train", "digits_val"]
+        assert requested == [os.path.join(str(tmp_path), "digits")]
+        assert len(DatasetCatalog.get("digits_val")) == 2
+        assert MetadataCatalog.get("digits_train").thing_classes == [str(d) for d in range(10)]
+        # Registered names, Detectron2's own and unknown ones are left alone.
+        assert register_builtin_datasets(["digits_train", "coco_2017_val", "nonexistent"]) == []
+    finally:
+        _unregister("digits_train", "digits_val")
+
+
+@pytest.fixture
+def restore_loggers():
+    names = ("detectron2", "dino_d2", "fvcore")
+    saved = {
+        n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in names
+    }
+    level = {n: logging.getLogger(n).level for n in names}
+    yield
+    for name, (handlers, propagate) in saved.items():
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers = handlers
+        logger.propagate = propagate
+        logger.setLevel(level[name])
+
+
+def test_default_setup_writes_config_and_log_and_seeds(tmp_path, restore_loggers):
+    cfg = get_config("dino_r18_digits.py")
+    cfg.train.output_dir = str(tmp_path / "out")
+    cfg.train.seed = 7
+    args = argparse.Namespace(config_file=get_config_file("dino_r18_digits.py"), eval_only=False)
+    default_setup(cfg, args)
+    assert torch.initial_seed() == 7
+    saved = LazyConfig.load(str(tmp_path / "out" / "config.yaml"))
+    assert saved.model.transformer.embed_dim == 128
+    assert saved.train.output_dir == str(tmp_path / "out")
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "Environment info" in log and "dino_r18_digits.py" in log
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")

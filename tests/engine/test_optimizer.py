@@ -1,0 +1,37 @@
+import torch
+from torch import nn
+
+from dino_d2.engine import get_optimizer_params
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.bottom_up = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.backbone.convs = nn.Conv2d(4, 4, 1)
+        head = nn.Linear(4, 2)
+        self.heads = nn.ModuleList([head, head])
+        self.norm = nn.LayerNorm(4)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def test_backbone_lr_norm_decay_shared_and_frozen():
+    model = _Model()
+    groups = get_optimizer_params(model, base_lr=1e-4, weight_decay=1e-4, weight_decay_norm=0.0)
+    by_param = {id(g["params"][0]): g for g in groups}
+    assert len(groups) == len(by_param) == 2 + 2 + 2 + 2 + 2
+    assert by_param[id(model.backbone.bottom_up[0].weight)]["lr"] == 1e-4 * 0.1
+    assert by_param[id(model.backbone.convs.weight)]["lr"] == 1e-4
+    assert by_param[id(model.backbone.bottom_up[1].weight)]["weight_decay"] == 0.0
+    assert by_param[id(model.norm.bias)]["weight_decay"] == 0.0
+    assert by_param[id(model.heads[0].weight)]["weight_decay"] == 1e-4
+    assert id(model.frozen.weight) not in by_param
+    torch.optim.AdamW(groups)
+
+
+def test_norms_keep_the_weight_decay_by_default():
+    model = _Model()
+    groups = get_optimizer_params(model, base_lr=1.0, weight_decay=0.5)
+    assert {g["weight_decay"] for g in groups} == {0.5}

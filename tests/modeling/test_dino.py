@@ -1,0 +1,163 @@
+"""The DINO meta-architecture: Detectron2 contract, batch invariance, yacs, learning."""
+
+from statistics import mean
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg, instantiate
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from dino_d2.config import add_dino_config
+from dino_d2.model_zoo import get_config
+
+
+def _tiny_model(**overrides):
+    """A small DINO through ordinary config overrides (ResNet-18, width 64, 1+2 layers)."""
+    cfg = get_config("dino_r50_4scale_12ep.py")
+    cfg.model.backbone.bottom_up.stages.depth = 18
+    del cfg.model.backbone.bottom_up.stages.stride_in_1x1  # basic blocks have no 1x1 conv
+    cfg.model.backbone.num_groups = 8
+    t = cfg.model.transformer
+    t.embed_dim = 64
+    t.position_embedding.num_pos_feats = 32
+    t.encoder.num_layers, t.decoder.num_layers = 1, 2
+    t.encoder.ffn_dim = t.decoder.ffn_dim = 128
+    t.encoder.num_heads = t.decoder.num_heads = 4
+    t.query_selection.num_queries = 20
+    cfg.model.denoising.dn_number = 4
+    cfg.model.num_select = 50
+    for key, value in overrides.items():
+        node, attr = cfg.model, key.split(".")
+        for part in attr[:-1]:
+            node = node[part]
+        node[attr[-1]] = value
+    torch.manual_seed(0)
+    return instantiate(cfg.model)
+
+
+def _image(h, w, seed):
+    return torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed)) * 255
+
+
+def _instances(h, w, boxes, classes):
+    instances = Instances((h, w))
+    instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    instances.gt_classes = torch.tensor(classes)
+    return instances
+
+
+def _detections(output):
+    instances = output["instances"]
+    order = instances.scores.argsort(descending=True)
+    return (
+        instances.scores[order],
+        instances.pred_boxes.tensor[order],
+        instances.pred_classes[order],
+    )
+
+
+def test_batched_inference_equals_one_at_a_time():
+    model = _tiny_model().eval()
+    images = [_image(100, 140, 1), _image(64, 200, 2), _image(130, 90, 3)]
+    with torch.no_grad():
+        batched = model([{"image": im} for im in images])
+        single = [model([{"image": im}])[0] for im in images]
+    for b, s in zip(batched, single):
+        for x, y in zip(_detections(b), _detections(s)):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_padding_masks_follow_each_image_size():
+    model = _tiny_model().eval()
+    images = model.preprocess_image([{"image": _image(100, 140, 1)}, {"image": _image(64, 200, 2)}])
+    _, masks = model.extract_features(images)
+    for mask, stride in zip(masks, [8, 16, 32, 64]):
+        assert not mask[0, : -(-100 // stride), : -(-140 // stride)].any()
+        assert mask[0, -(-100 // stride) :].all() and mask[0, :, -(-140 // stride) :].all()
+        assert not mask[1, : -(-64 // stride), : -(-200 // stride)].any()
+
+
+def test_detections_are_rescaled_to_the_requested_size():
+    model = _tiny_model().eval()
+    with torch.no_grad():
+        (small,) = model([{"image": _image(64, 96, 1)}])
+        (large,) = model([{"image": _image(64, 96, 1), "height": 128, "width": 192}])
+    assert large["instances"].image_size == (128, 192)
+    torch.testing.assert_close(
+        _detections(large)[1], 2 * _detections(small)[1], atol=1e-4, rtol=1e-4
+    )
+
+
+def test_training_with_an_image_without_objects():
+    model = _tiny_model().train()
+    batch = [
+        {"image": _image(64, 80, 1), "instances": _instances(64, 80, [[4, 4, 40, 30]], [3])},
+        {"image": _image(72, 64, 2), "instances": _instances(72, 64, [], [])},
+    ]
+    batch[1]["instances"].gt_boxes = Boxes(torch.zeros(0, 4))
+    batch[1]["instances"].gt_classes = torch.zeros(0, dtype=torch.int64)
+    losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    empty = [
+        {"image": _image(64, 80, 1), "instances": batch[1]["instances"]},
+    ]
+    empty[0]["instances"] = Instances(
+        (64, 80), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.int64)
+    )
+    losses_empty = model(empty)
+    assert set(losses_empty) == set(losses)
+    sum(losses_empty.values()).backward()
+    assert model.denoising.label_enc.weight.grad is not None
+
+
+def test_mismatched_parts_are_a_clear_error():
+    with pytest.raises(ValueError, match="num_classes is 80"):
+        _tiny_model(**{"criterion.num_classes": 91})
+    with pytest.raises(ValueError, match="transformer.num_levels"):
+        _tiny_model(**{"transformer.num_levels": 5})
+
+
+def test_yacs_config_builds_dino():
+    cfg = get_cfg()
+    add_dino_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "DINO"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    d = cfg.MODEL.DINO
+    d.HIDDEN_DIM, d.NUM_HEADS, d.DIM_FEEDFORWARD = 64, 4, 64
+    d.ENC_LAYERS, d.DEC_LAYERS, d.NUM_QUERIES, d.DN_NUMBER = 1, 2, 10, 4
+    cfg.MODEL.DINO.NUM_CLASSES = 5
+    model = build_model(cfg)
+    assert type(model).__name__ == "DINO" and model.num_classes == 5
+    assert model.transformer.position_embedding.temperature == 20
+    model.train()
+    losses = model(
+        [{"image": _image(64, 80, 1), "instances": _instances(64, 80, [[4, 4, 40, 30]], [3])}]
+    )
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_tiny_dino_overfits_one_image():
+    """The detection (matching) losses fall by 90%; the denoising losses, whose noisy queries
+    are drawn anew each step and so cannot be memorized, still fall."""
+    torch.manual_seed(0)
+    model = _tiny_model(**{"backbone.bottom_up.freeze_at": 0}).train()
+    sample = {
+        "image": _image(64, 64, 7),
+        "instances": _instances(64, 64, [[4, 6, 30, 40], [34, 20, 60, 58]], [1, 7]),
+    }
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    matching, denoising = [], []
+    for _ in range(150):
+        losses = model([sample])
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        matching.append(sum(v.item() for k, v in losses.items() if "_dn" not in k))
+        denoising.append(sum(v.item() for k, v in losses.items() if "_dn" in k))
+    assert mean(matching[-10:]) < 0.1 * mean(matching[:5]), (matching[:5], matching[-10:])
+    assert mean(denoising[-10:]) < mean(denoising[:5]), (denoising[:5], denoising[-10:])

@@ -1,0 +1,122 @@
+import torch
+
+from dino_d2.layers.position_encoding import PositionEmbeddingSine
+from dino_d2.modeling.transformer.encoder import (
+    DeformableEncoder,
+    get_encoder_reference_points,
+    get_valid_ratio,
+)
+
+C = 32
+
+
+def _level_masks(valid, sizes):
+    """Per-level (N, H, W) masks: image n is valid on the top-left valid[n][l] rectangle."""
+    masks = []
+    for lvl, (h, w) in enumerate(sizes):
+        m = torch.ones(len(valid), h, w, dtype=torch.bool)
+        for n, per_level in enumerate(valid):
+            vh, vw = per_level[lvl]
+            m[n, :vh, :vw] = False
+        masks.append(m)
+    return masks
+
+
+def _flatten(features, masks, pe):
+    src = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)
+    pos = torch.cat([pe(m).flatten(2).transpose(1, 2) for m in masks], 1)
+    mask = torch.cat([m.flatten(1) for m in masks], 1)
+    shapes = torch.tensor([f.shape[-2:] for f in features], dtype=torch.long)
+    start = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    ratios = torch.stack([get_valid_ratio(m) for m in masks], 1)
+    return src, pos, shapes, start, ratios, mask
+
+
+def test_valid_ratio():
+    mask = torch.ones(2, 4, 5, dtype=torch.bool)
+    mask[0, :3, :2] = False
+    mask[1] = False
+    torch.testing.assert_close(get_valid_ratio(mask), torch.tensor([[0.4, 0.75], [1.0, 1.0]]))
+
+
+def test_reference_points_hand_computation():
+    # Two levels; the image covers 2 of 4 columns and 1 of 2 rows of level 0, 1 x 1 of level 1.
+    shapes = torch.tensor([[2, 4], [1, 2]])
+    ratios = torch.tensor([[[0.5, 0.5], [0.5, 1.0]]])
+    ref = get_encoder_reference_points(shapes, ratios)
+    assert ref.shape == (1, 8 + 2, 2, 2)
+    # Level-0 pixel (row 0, col 1): centre (1.5 / 2, 0.5 / 1) relative to the valid region,
+    # then scaled by each level's valid ratio.
+    torch.testing.assert_close(ref[0, 1, 0], torch.tensor([0.75 * 0.5, 0.5 * 0.5]))
+    torch.testing.assert_close(ref[0, 1, 1], torch.tensor([0.75 * 0.5, 0.5 * 1.0]))
+    # Level-1 pixel (0, 0): centre (0.5 / 1, 0.5 / 1).
+    torch.testing.assert_close(ref[0, 8, 0], torch.tensor([0.5 * 0.5, 0.5 * 0.5]))
+
+
+def test_valid_outputs_ignore_padded_features():
+    torch.manual_seed(0)
+    encoder = DeformableEncoder(
+        num_layers=2, embed_dim=C, num_heads=4, ffn_dim=64, num_levels=2, num_points=2
+    ).eval()
+    with torch.no_grad():
+        for layer in encoder.layers:  # non-trivial offsets and weights, reaching the padding
+            layer.self_attn.sampling_offsets.weight.normal_(0, 0.5)
+            layer.self_attn.attention_weights.weight.normal_(0, 0.5)
+    sizes = [(6, 7), (3, 4)]
+    masks = _level_masks([[(4, 5), (2, 3)], [(6, 7), (3, 4)]], sizes)
+    pe = PositionEmbeddingSine(num_pos_feats=C // 2, temperature=20)
+    features = [torch.randn(2, C, h, w) for h, w in sizes]
+    src, pos, shapes, start, ratios, mask = _flatten(features, masks, pe)
+    with torch.no_grad():
+        out = encoder(src, pos, shapes, start, ratios, mask)
+        garbage = (
+            src.masked_fill(mask[..., None], 0) + torch.randn_like(src) * 100 * mask[..., None]
+        )
+        out2 = encoder(garbage, pos, shapes, start, ratios, mask)
+    valid = ~mask
+    assert not torch.equal(garbage, src)
+    torch.testing.assert_close(out[valid], out2[valid], atol=1e-5, rtol=1e-5)
+    # Sanity: changing a valid feature does change valid outputs.
+    with torch.no_grad():
+        changed = src.clone()
+        changed[0, 0] += 1
+        out3 = encoder(changed, pos, shapes, start, ratios, mask)
+    assert (out3[valid] - out[valid]).abs().max() > 1e-3
+
+
+def test_checkpointing_same_result_and_recomputes():
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=2, embed_dim=C, num_heads=4, ffn_dim=64, num_levels=2, num_points=2)
+    plain = DeformableEncoder(**kwargs)
+    ckpt = DeformableEncoder(use_checkpoint=True, **kwargs)
+    ckpt.load_state_dict(plain.state_dict())
+    sizes = [(4, 5), (2, 3)]
+    masks = _level_masks([[(3, 4), (2, 2)], [(4, 5), (2, 3)]], sizes)
+    pe = PositionEmbeddingSine(num_pos_feats=C // 2, temperature=20)
+    src, pos, shapes, start, ratios, mask = _flatten(
+        [torch.randn(2, C, h, w) for h, w in sizes], masks, pe
+    )
+    calls = []
+    for layer in ckpt.layers:
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    results = []
+    for model in (plain, ckpt):
+        x = src.clone().requires_grad_()
+        out = model(x, pos, shapes, start, ratios, mask)
+        (out * torch.arange(C)).sum().backward()
+        grads = [p.grad for p in model.parameters()]
+        results.append((out.detach(), x.grad, grads))
+    # Two layers, each started in the forward pass and again (recomputed) in the backward pass;
+    # a pre-hook, since early-stopping recomputation may never finish the layer.
+    assert len(calls) == 4
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    for g0, g1 in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(g0, g1)
+
+    calls.clear()
+    with torch.no_grad():
+        ckpt(src, pos, shapes, start, ratios, mask)
+    ckpt.eval()
+    ckpt(src, pos, shapes, start, ratios, mask)
+    assert len(calls) == 4  # not checkpointed: one call per layer and forward

@@ -1,0 +1,96 @@
+import importlib
+
+import pytest
+import torch
+
+from dino_d2 import _compat
+
+
+def _distributed_probe(queue):
+    """Runs in each launched process: reports what Detectron2's comm sees."""
+    import torch.distributed as dist
+
+    from detectron2.utils import comm
+
+    gathered = comm.all_gather(comm.get_rank())
+    queue.put(
+        {
+            "rank": comm.get_rank(),
+            "world_size": comm.get_world_size(),
+            "local_rank": comm.get_local_rank(),
+            "local_size": comm.get_local_size(),
+            "backend": dist.get_backend(),
+            "gathered": gathered,
+        }
+    )
+
+
+def _run_in_single_process(results):
+    results.append("ran")
+
+
+def test_launch_one_process_runs_in_place():
+    results = []
+    _compat.launch(_run_in_single_process, 1, args=(results,))
+    assert results == ["ran"]
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs 2 GPUs or none"
+)
+def test_launch_two_processes_sets_up_detectron2_comm():
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.SimpleQueue()
+    _compat.launch(_distributed_probe, 2, dist_url="auto", args=(queue,))
+    reports = sorted((queue.get() for _ in range(2)), key=lambda r: r["rank"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    for rank, report in enumerate(reports):
+        assert report == {
+            "rank": rank,
+            "world_size": 2,
+            "local_rank": rank,
+            "local_size": 2,
+            "backend": backend,
+            "gathered": [0, 1],
+        }
+
+
+def test_fast_coco_eval_matches_the_extension():
+    try:
+        extension = importlib.import_module("detectron2._C")
+    except ImportError:
+        extension = None
+    expected = extension is not None and hasattr(extension, "COCOevalEvaluateImages")
+    assert _compat.fast_coco_eval_available() == expected
+
+
+def test_collect_env_info_never_raises():
+    info = _compat.collect_env_info()
+    assert "PyTorch" in info and "detectron2" in info
+
+
+def test_run_after_backward_hooks_calls_the_stage_when_present():
+    calls = []
+
+    class WithStage:
+        def after_backward(self):
+            calls.append("after_backward")
+
+    _compat.run_after_backward_hooks(WithStage())
+    _compat.run_after_backward_hooks(object())
+    assert calls == ["after_backward"]
+
+
+def test_image_list_padding_constraints():
+    images = [torch.ones(3, 5, 7), torch.ones(3, 6, 4)]
+    plain = _compat.image_list_from_tensors(images, 4)
+    assert plain.tensor.shape == (2, 3, 8, 8) and plain.image_sizes == [(5, 7), (6, 4)]
+    divisible = _compat.image_list_from_tensors(
+        images, 4, padding_constraints={"size_divisibility": 3}
+    )
+    assert divisible.tensor.shape == (2, 3, 6, 9)
+    square = _compat.image_list_from_tensors(
+        images, 0, pad_value=-1.0, padding_constraints={"square_size": 10}
+    )
+    assert square.tensor.shape == (2, 3, 10, 10) and square.image_sizes == [(5, 7), (6, 4)]
+    assert square.tensor[0, :, :5, :7].eq(1).all() and square.tensor[0, :, 5:].eq(-1).all()
