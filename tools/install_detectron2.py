@@ -21,6 +21,7 @@ import tempfile
 
 GIT_URL = "https://github.com/facebookresearch/detectron2.git"
 OFFLINE_SDIST = "pb1-detectron2==0.6"
+DOWNLOAD_PIP = "pip==23.2.1"
 
 # (pattern, replacement) applied to every .py file of the offline sdist.
 _SOURCE_FIXES = [
@@ -85,28 +86,49 @@ def _mend_sdist(src):
     with open(setup_py, encoding="utf-8") as f:
         text = f.read()
     text = text.replace('"black==21.4b2"', '"black"').replace('"iopath>=0.1.7,<0.1.10"', '"iopath"')
+    # A direct URL dependency (in an optional extra) that current pip rejects.
+    text = re.sub(r'\n\s*"panopticapi @ [^"]*",', "", text)
     with open(setup_py, "w", encoding="utf-8") as f:
         f.write(text)
 
 
-def _install_offline():
-    with tempfile.TemporaryDirectory(prefix="detectron2-sdist-") as tmp:
-        _pip(
+def _download_sdist(folder):
+    """Downloads the offline sdist into `folder` with pip.
+
+    pip >= 24 refuses to even download this sdist: preparing its metadata finds a direct URL
+    dependency (panopticapi, in an optional extra) and stops. An older pip, installed for this
+    one download into a scratch folder, still downloads it.
+    """
+    scratch = os.path.join(folder, "pip")
+    _pip("install", "--quiet", "--no-deps", "--target", scratch, DOWNLOAD_PIP)
+    env = {**os.environ, "PYTHONPATH": scratch}
+    subprocess.check_call(
+        [
+            sys.executable,
+            "-m",
+            "pip",
             "download",
             "--no-deps",
             "--no-binary",
             ":all:",
             "--no-build-isolation",
             "-d",
-            tmp,
+            folder,
             OFFLINE_SDIST,
-        )
+        ],
+        env=env,
+    )
+
+
+def _install_offline():
+    with tempfile.TemporaryDirectory(prefix="detectron2-sdist-") as tmp:
+        _download_sdist(tmp)
         archives = glob.glob(os.path.join(tmp, "*.tar.gz"))
         if len(archives) != 1:
             raise RuntimeError(f"expected one sdist of {OFFLINE_SDIST} in {tmp}, got {archives}")
         with tarfile.open(archives[0]) as tar:
             tar.extractall(tmp, filter="data")
-        (src,) = [p for p in glob.glob(os.path.join(tmp, "*")) if os.path.isdir(p)]
+        (src,) = [p for p in glob.glob(os.path.join(tmp, "pb1-detectron2-*")) if os.path.isdir(p)]
         _mend_sdist(src)
         env_cuda = os.environ.pop("FORCE_CUDA", None)
         try:
