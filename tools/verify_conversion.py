@@ -19,7 +19,11 @@ script compares, within ``--tolerance``:
 
 * the class logits and boxes of every query of the last decoder layer (the authors' 91 columns
   taken at the COCO category ids: dino_d2 class k is the authors' column ``COCO_ID[k]``);
-* the encoder's selected proposals (their logits and refined boxes);
+* the encoder's selected proposals (their logits and refined boxes). Query i pairs the i-th
+  best proposal with the i-th learned content embedding, so two proposals whose scores tie to a
+  rounding error can legitimately come out of the top-k in the other order and change those
+  queries; such a swap is reported and dino_d2 re-run with the authors' order of those proposals
+  (a hook on its query selection), so every query can then be compared;
 * dino_d2's detections (``Instances``) against the authors' ``PostProcess`` top-300 with labels
   mapped to contiguous classes and boxes clipped to the image, empty ones dropped, as
   Detectron2's ``detector_postprocess`` does. Detections are paired by class and score, so two
@@ -31,6 +35,7 @@ Prints the largest differences and PASS or FAIL; the exit code is 1 on FAIL.
 import argparse
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -65,7 +70,12 @@ def parse_args(argv=None):
         "--checkpoint",
         help="the authors' checkpoint*.pth to verify (default: a random model of --variant)",
     )
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="r50_4scale")
+    parser.add_argument(
+        "--variant",
+        choices=sorted(VARIANTS),
+        default="r50_4scale",
+        help="the authors' config to build (with --checkpoint, the args saved in the file win)",
+    )
     parser.add_argument("--height", type=int, default=320, help="height of the first image")
     parser.add_argument("--width", type=int, default=480, help="width of the first image")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed difference")
@@ -378,40 +388,88 @@ def random_images(height: int, width: int, seed: int) -> List[torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _load_authors_checkpoint(path: str, unsafe: bool):
+def prepare_authors(args, dino: types.ModuleType, coco_ids: Sequence[int], folder: str):
+    """``(model, postprocess, checkpoint, description)``: the authors' model with the weights of
+    ``--checkpoint``, or random ones that are also saved in their file layout under ``folder``;
+    ``checkpoint`` is the file as :func:`dino_d2.checkpoint.load_checkpoint_file` reads it."""
     from dino_d2.checkpoint import load_checkpoint_file
 
-    checkpoint = load_checkpoint_file(path, unsafe=unsafe)
-    saved = checkpoint.get("args")
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
-    return checkpoint, saved
+    if args.checkpoint:
+        checkpoint = load_checkpoint_file(args.checkpoint, unsafe=args.unsafe_load)
+        saved = checkpoint.get("args")
+        saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+        model_args = authors_args(args.authors_repo, args.variant, saved)
+        model, postprocess = build_authors_model(dino, model_args)
+        model.load_state_dict(checkpoint["model"], strict=True)
+        weights = f"the weights of {args.checkpoint}"
+    else:
+        model_args = authors_args(args.authors_repo, args.variant)
+        torch.manual_seed(args.seed)  # the authors' initialization uses the global generator
+        model, postprocess = build_authors_model(dino, model_args)
+        randomize_(model, coco_ids, args.seed)
+        path = os.path.join(folder, f"authors_{args.variant}_random.pth")
+        torch.save({"model": model.state_dict(), "args": model_args, "epoch": 0}, path)
+        checkpoint = load_checkpoint_file(path)
+        weights = f"random weights (seed {args.seed})"
+    description = (
+        f"{model_args.backbone}, {model_args.num_feature_levels} levels, "
+        f"{model_args.num_queries} queries, {weights}"
+    )
+    return model, postprocess, checkpoint, description
+
+
+def check_image_sizes(model, sizes, num_queries: int) -> None:
+    """The authors' query selection needs at least ``num_queries`` encoder tokens."""
+    strides = [shape.stride for shape in model.backbone.output_shape().values()]
+    for h, w in sizes:
+        tokens = sum(math.ceil(h / s) * math.ceil(w / s) for s in strides)
+        if tokens < num_queries:
+            raise SystemExit(
+                f"error: a {h}x{w} image gives {tokens} encoder tokens, fewer than the "
+                f"{num_queries} queries the authors' top-k selects; use a larger --height/--width"
+            )
+
+
+def verify_image(ours, authors, postprocess, image, coco_ids, tolerance) -> Tuple[bool, List[str]]:
+    """Runs both models on one 0-255 RGB image and compares them; ``(passed, report lines)``."""
+    # The authors' input is exactly what dino_d2 computes from the 0-255 image (their ToTensor +
+    # Normalize gives the same values to within a rounding).
+    normalized = (image - ours.pixel_mean) / ours.pixel_std
+    tic = time.perf_counter()
+    theirs = run_authors(authors, postprocess, normalized)
+    tac = time.perf_counter()
+    mine = run_ours(ours, image)
+    toc = time.perf_counter()
+    lines = [f"  run time: authors {tac - tic:.1f} s, dino_d2 {toc - tac:.1f} s"]
+    order = tie_break_order(mine, theirs, tolerance)
+    if order is not None:
+        moved = (order != torch.arange(len(order))).nonzero()[:, 0]
+        gap = max(
+            float((scores[moved] - scores[order[moved]]).abs().max())
+            for scores in (mine["enc_logits"].amax(1), theirs["enc_logits"][:, coco_ids].amax(1))
+        )
+        lines.append(
+            f"  tie: queries {moved[:10].tolist()} select proposals whose encoder scores differ by "
+            f"at most {gap:.1e}, in another order than the authors'; dino_d2 re-run in theirs"
+        )
+        mine = run_ours(ours, image, order)
+    passed, comparison = compare(mine, theirs, coco_ids, tuple(image.shape[-2:]), tolerance)
+    return passed, lines + comparison
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dino_d2.checkpoint import ConversionError, convert_checkpoint, load_checkpoint_file
+    from dino_d2.checkpoint import ConversionError, convert_checkpoint
     from dino_d2.checkpoint.classes import coco_category_ids
 
     start = time.perf_counter()
     coco_ids = coco_category_ids()
     dino = import_authors(args.authors_repo)
-    torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as folder:
-        if args.checkpoint:
-            path = args.checkpoint
-            checkpoint, saved = _load_authors_checkpoint(path, args.unsafe_load)
-            model_args = authors_args(args.authors_repo, args.variant, saved)
-            authors, postprocess = build_authors_model(dino, model_args)
-            authors.load_state_dict(checkpoint["model"], strict=True)
-        else:
-            model_args = authors_args(args.authors_repo, args.variant)
-            authors, postprocess = build_authors_model(dino, model_args)
-            randomize_(authors, coco_ids, args.seed)
-            path = os.path.join(folder, f"authors_{args.variant}_random.pth")
-            torch.save({"model": authors.state_dict(), "args": model_args, "epoch": 0}, path)
-            checkpoint = load_checkpoint_file(path)
-        print(f"authors' model: {model_args.backbone}, {model_args.num_feature_levels} levels, "
-              f"{'weights of ' + path if args.checkpoint else f'random weights (seed {args.seed})'}")
+        authors, postprocess, checkpoint, description = prepare_authors(
+            args, dino, coco_ids, folder
+        )
+        print(f"authors' model: {description}")
         try:
             result = convert_checkpoint("idea", checkpoint)
         except ConversionError as error:
@@ -425,37 +483,15 @@ def main(argv=None) -> int:
     ours = result.build_model()
     ours.load_state_dict(result.state_dict, strict=True)
     ours.eval()
+    images = random_images(args.height, args.width, args.seed)
+    check_image_sizes(ours, [image.shape[-2:] for image in images], authors.num_queries)
     built = time.perf_counter()
 
     passed = True
-    for index, image in enumerate(random_images(args.height, args.width, args.seed)):
-        size = tuple(image.shape[-2:])
-        # The authors' input is exactly what dino_d2 computes from the 0-255 image (their
-        # ToTensor + Normalize gives the same values to within a rounding).
-        normalized = (image - ours.pixel_mean) / ours.pixel_std
-        tic = time.perf_counter()
-        theirs = run_authors(authors, postprocess, normalized)
-        tac = time.perf_counter()
-        mine = run_ours(ours, image)
-        toc = time.perf_counter()
-        order = tie_break_order(mine, theirs, args.tolerance)
-        if order is not None:
-            mine = run_ours(ours, image, order)
-        ok, lines = compare(mine, theirs, coco_ids, size, args.tolerance)
-        if order is not None:
-            moved = (order != torch.arange(len(order))).nonzero()[:, 0]
-            score = mine["enc_logits"].amax(1)[moved]
-            lines.insert(
-                0,
-                f"  tie: queries {moved[:10].tolist()} select proposals whose encoder scores agree "
-                f"to {float(score.max() - score.min()):.1e}, in the other order than the "
-                "authors'; dino_d2 was re-run with the authors' order",
-            )
+    for index, image in enumerate(images):
+        ok, lines = verify_image(ours, authors, postprocess, image, coco_ids, args.tolerance)
         passed &= ok
-        print(
-            f"image {index} ({size[0]}x{size[1]}): authors {tac - tic:.1f} s, "
-            f"dino_d2 {toc - tac:.1f} s"
-        )
+        print(f"image {index} ({image.shape[1]}x{image.shape[2]}):")
         print("\n".join(lines))
     total = time.perf_counter() - start
     print(

@@ -73,6 +73,7 @@ model = L(DINO)(
         embed_dim="${..transformer.embed_dim}",
         dn_number=100,
         label_noise_ratio=0.5,
+        # 1.0 as the authors' training scripts pass it (their config file says 0.4).
         box_noise_scale=1.0,
     ),
     criterion=L(DINOCriterion)(
