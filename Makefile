@@ -10,7 +10,7 @@ CSRC := $(wildcard dino_d2/layers/csrc/*.cpp dino_d2/layers/csrc/*.h dino_d2/lay
 TORCH := torch==2.14.1 torchvision==0.29.1
 DEPS := "setuptools<81" wheel ninja "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" pycocotools \
 	timm==1.0.31 scipy omegaconf hydra-core yacs termcolor tabulate cloudpickle tqdm tensorboard \
-	matplotlib pillow pydot black psutil scikit-learn pytest
+	matplotlib pillow "opencv-python-headless<5" pydot black psutil scikit-learn pytest
 
 .PHONY: setup test demo benchmark clean-build
 
