@@ -1,5 +1,36 @@
+import pytest
 import torch
+
+from dino_d2.model_zoo import get_config
 
 # Tests run on shared CPU cores; one thread per process avoids oversubscription and keeps
 # kernel timings out of the picture (tests check invariants, not speed).
 torch.set_num_threads(1)
+
+
+def tiny_dino_config(*, decoder_layers=1, num_queries=10, num_select=10, test_size=(64, 96)):
+    """dino_r50_4scale_12ep shrunk through ordinary config edits: ResNet-18, width 64, 4 heads,
+    one encoder layer, small FFNs and test images of ``test_size`` (shortest, longest side)."""
+    cfg = get_config("dino_r50_4scale_12ep.py")
+    cfg.model.backbone.bottom_up.stages.depth = 18
+    del cfg.model.backbone.bottom_up.stages.stride_in_1x1  # basic blocks have no 1x1 conv
+    cfg.model.backbone.num_groups = 8
+    t = cfg.model.transformer
+    t.embed_dim = 64
+    t.position_embedding.num_pos_feats = 32
+    t.encoder.num_layers, t.decoder.num_layers = 1, decoder_layers
+    t.encoder.ffn_dim = t.decoder.ffn_dim = 128
+    t.encoder.num_heads = t.decoder.num_heads = 4
+    t.query_selection.num_queries = num_queries
+    cfg.model.denoising.dn_number = 4
+    cfg.model.num_select = num_select
+    cfg.dataloader.test.mapper.augmentations.min_size = test_size[0]
+    cfg.dataloader.test.mapper.augmentations.max_size = test_size[1]
+    cfg.train.device = "cpu"
+    return cfg
+
+
+@pytest.fixture(name="tiny_dino_config", scope="session")
+def tiny_dino_config_fixture():
+    """The :func:`tiny_dino_config` factory, for tests in any folder."""
+    return tiny_dino_config

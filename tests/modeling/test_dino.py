@@ -10,31 +10,24 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from dino_d2.config import add_dino_config
-from dino_d2.model_zoo import get_config
 
 
-def _tiny_model(**overrides):
-    """A small DINO through ordinary config overrides (ResNet-18, width 64, 1+2 layers)."""
-    cfg = get_config("dino_r50_4scale_12ep.py")
-    cfg.model.backbone.bottom_up.stages.depth = 18
-    del cfg.model.backbone.bottom_up.stages.stride_in_1x1  # basic blocks have no 1x1 conv
-    cfg.model.backbone.num_groups = 8
-    t = cfg.model.transformer
-    t.embed_dim = 64
-    t.position_embedding.num_pos_feats = 32
-    t.encoder.num_layers, t.decoder.num_layers = 1, 2
-    t.encoder.ffn_dim = t.decoder.ffn_dim = 128
-    t.encoder.num_heads = t.decoder.num_heads = 4
-    t.query_selection.num_queries = 20
-    cfg.model.denoising.dn_number = 4
-    cfg.model.num_select = 50
-    for key, value in overrides.items():
-        node, attr = cfg.model, key.split(".")
-        for part in attr[:-1]:
-            node = node[part]
-        node[attr[-1]] = value
-    torch.manual_seed(0)
-    return instantiate(cfg.model)
+@pytest.fixture(name="tiny_model")
+def tiny_model_fixture(tiny_dino_config):
+    """Factory of small DINOs (tests/conftest.py) with 2 decoder layers and 20 queries;
+    keyword arguments set dotted keys of ``cfg.model``."""
+
+    def build(**overrides):
+        cfg = tiny_dino_config(decoder_layers=2, num_queries=20, num_select=50)
+        for key, value in overrides.items():
+            node, parts = cfg.model, key.split(".")
+            for part in parts[:-1]:
+                node = node[part]
+            node[parts[-1]] = value
+        torch.manual_seed(0)
+        return instantiate(cfg.model)
+
+    return build
 
 
 def _image(h, w, seed):
@@ -58,8 +51,8 @@ def _detections(output):
     )
 
 
-def test_batched_inference_equals_one_at_a_time():
-    model = _tiny_model().eval()
+def test_batched_inference_equals_one_at_a_time(tiny_model):
+    model = tiny_model().eval()
     images = [_image(100, 140, 1), _image(64, 200, 2), _image(130, 90, 3)]
     with torch.no_grad():
         batched = model([{"image": im} for im in images])
@@ -69,8 +62,8 @@ def test_batched_inference_equals_one_at_a_time():
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
 
-def test_padding_masks_follow_each_image_size():
-    model = _tiny_model().eval()
+def test_padding_masks_follow_each_image_size(tiny_model):
+    model = tiny_model().eval()
     images = model.preprocess_image([{"image": _image(100, 140, 1)}, {"image": _image(64, 200, 2)}])
     _, masks = model.extract_features(images)
     for mask, stride in zip(masks, [8, 16, 32, 64]):
@@ -79,8 +72,8 @@ def test_padding_masks_follow_each_image_size():
         assert not mask[1, : -(-64 // stride), : -(-200 // stride)].any()
 
 
-def test_detections_are_rescaled_to_the_requested_size():
-    model = _tiny_model().eval()
+def test_detections_are_rescaled_to_the_requested_size(tiny_model):
+    model = tiny_model().eval()
     with torch.no_grad():
         (small,) = model([{"image": _image(64, 96, 1)}])
         (large,) = model([{"image": _image(64, 96, 1), "height": 128, "width": 192}])
@@ -90,8 +83,8 @@ def test_detections_are_rescaled_to_the_requested_size():
     )
 
 
-def test_training_with_an_image_without_objects():
-    model = _tiny_model().train()
+def test_training_with_an_image_without_objects(tiny_model):
+    model = tiny_model().train()
     batch = [
         {"image": _image(64, 80, 1), "instances": _instances(64, 80, [[4, 4, 40, 30]], [3])},
         {"image": _image(72, 64, 2), "instances": _instances(72, 64, [], [])},
@@ -112,11 +105,11 @@ def test_training_with_an_image_without_objects():
     assert model.denoising.label_enc.weight.grad is not None
 
 
-def test_mismatched_parts_are_a_clear_error():
+def test_mismatched_parts_are_a_clear_error(tiny_model):
     with pytest.raises(ValueError, match="num_classes is 80"):
-        _tiny_model(**{"criterion.num_classes": 91})
+        tiny_model(**{"criterion.num_classes": 91})
     with pytest.raises(ValueError, match="transformer.num_levels"):
-        _tiny_model(**{"transformer.num_levels": 5})
+        tiny_model(**{"transformer.num_levels": 5})
 
 
 def test_yacs_config_builds_dino():
@@ -141,11 +134,11 @@ def test_yacs_config_builds_dino():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_tiny_dino_overfits_one_image():
+def test_tiny_dino_overfits_one_image(tiny_model):
     """The detection (matching) losses fall by 90%; the denoising losses, whose noisy queries
     are drawn anew each step and so cannot be memorized, still fall."""
     torch.manual_seed(0)
-    model = _tiny_model(**{"backbone.bottom_up.freeze_at": 0}).train()
+    model = tiny_model(**{"backbone.bottom_up.freeze_at": 0}).train()
     sample = {
         "image": _image(64, 64, 7),
         "instances": _instances(64, 64, [[4, 6, 30, 40], [34, 20, 60, 58]], [1, 7]),

@@ -11,7 +11,6 @@ import pytest
 from detectron2.config import LazyConfig
 
 from dino_d2.data import generate_digits_dataset, register_digits
-from dino_d2.model_zoo import get_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "benchmark.py")
@@ -23,25 +22,12 @@ KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-    """DINO-R50 shrunk to a ResNet-18, width 64, 1 + 1 layers, 10 queries, saved as yaml."""
-    cfg = get_config("dino_r50_4scale_12ep.py")
-    cfg.model.backbone.bottom_up.stages.depth = 18
-    del cfg.model.backbone.bottom_up.stages.stride_in_1x1  # basic blocks have no 1x1 conv
-    cfg.model.backbone.num_groups = 8
-    t = cfg.model.transformer
-    t.embed_dim = 64
-    t.position_embedding.num_pos_feats = 32
-    t.encoder.num_layers = t.decoder.num_layers = 1
-    t.encoder.ffn_dim = t.decoder.ffn_dim = 128
-    t.encoder.num_heads = t.decoder.num_heads = 4
-    t.query_selection.num_queries = 10
-    cfg.model.num_select = 10
-    cfg.dataloader.test.mapper.augmentations.min_size = 64
-    cfg.dataloader.test.mapper.augmentations.max_size = 96
+@pytest.fixture
+def tiny_config(tmp_path, tiny_dino_config):
+    """The tiny DINO of tests/conftest.py, saved as yaml."""
+    cfg = tiny_dino_config()
     cfg.dataloader.test.num_workers = 0
-    path = str(tmp_path_factory.mktemp("benchmark") / "tiny.yaml")
+    path = str(tmp_path / "tiny.yaml")
     LazyConfig.save(cfg, path)
     return path
 

@@ -15,8 +15,6 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 
-from dino_d2.model_zoo import get_config
-
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "demo.py")
 
@@ -28,33 +26,11 @@ def _load_tool():
     return module
 
 
-def tiny_config():
-    """DINO-R50 shrunk to a ResNet-18, width 64, 1 + 1 layers, 10 queries, 64-pixel test images.
-
-    Its test dataset stays coco_2017_val, whose metadata Detectron2 registers without files."""
-    cfg = get_config("dino_r50_4scale_12ep.py")
-    cfg.model.backbone.bottom_up.stages.depth = 18
-    del cfg.model.backbone.bottom_up.stages.stride_in_1x1  # basic blocks have no 1x1 conv
-    cfg.model.backbone.num_groups = 8
-    t = cfg.model.transformer
-    t.embed_dim = 64
-    t.position_embedding.num_pos_feats = 32
-    t.encoder.num_layers = t.decoder.num_layers = 1
-    t.encoder.ffn_dim = t.decoder.ffn_dim = 128
-    t.encoder.num_heads = t.decoder.num_heads = 4
-    t.query_selection.num_queries = 10
-    cfg.model.num_select = 10
-    cfg.dataloader.test.mapper.augmentations.min_size = 64
-    cfg.dataloader.test.mapper.augmentations.max_size = 96
-    cfg.train.device = "cpu"
-    return cfg
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_dino_config):
     """A saved tiny config, a checkpoint of its random initialisation, two images, a bad one."""
     root = tmp_path_factory.mktemp("demo")
-    cfg = tiny_config()
+    cfg = tiny_dino_config()
     cfg.train.init_checkpoint = ""
     config = str(root / "tiny.yaml")
     LazyConfig.save(cfg, config)
@@ -170,9 +146,9 @@ def test_inputs_expand_and_names_do_not_collide(tmp_path):
         demo.collect_images([str(tmp_path / "empty")])
 
 
-def test_labels_are_class_ids_without_class_names():
+def test_labels_are_class_ids_without_class_names(tiny_dino_config):
     demo = _load_tool()
-    cfg = tiny_config()
+    cfg = tiny_dino_config()
     assert (
         demo.load_metadata(cfg, 80).thing_classes
         == MetadataCatalog.get("coco_2017_val").thing_classes
