@@ -18,6 +18,15 @@ Every difference is detected by looking for the feature, never by comparing vers
   ``run_step``, so dino_d2's trainer implements mixed precision itself and uses neither.
 * ``ImageList.from_tensors``: only main takes ``padding_constraints`` (``size_divisibility``,
   ``square_size``). See :func:`image_list_from_tensors`.
+* ``build_detection_test_loader``: only main takes ``batch_size`` (v0.6 always batches one
+  image). See :func:`build_detection_test_loader`.
+* ``MapDataset``: when a mapper returns None (an image to skip), v0.6 picks another image with
+  ``random.sample`` of a set, a TypeError since Python 3.11; main samples from a list. See
+  :func:`build_detection_train_loader`.
+* Checkpoint writing (``DetectionCheckpointer.save`` / ``tag_last_checkpoint``) is fvcore's
+  ``Checkpointer`` on both, with the same signatures, so
+  :class:`dino_d2.checkpoint.AtomicCheckpointer` needs nothing here. (Main's ``load`` also
+  accepts ``?query`` options in the path; dino_d2 does not override ``load``.)
 * ``comm.all_gather``/``gather``: v0.6 serializes through ``torch.ByteStorage`` (works with
   current PyTorch, with a TypedStorage deprecation warning); main uses ``all_gather_object``.
 """
@@ -37,6 +46,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from detectron2.data.common import DatasetFromList, MapDataset
 from detectron2.structures import ImageList
 from detectron2.utils import comm
 
@@ -48,6 +58,8 @@ __all__ = [
     "collect_env_info",
     "run_after_backward_hooks",
     "image_list_from_tensors",
+    "build_detection_test_loader",
+    "build_detection_train_loader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -284,3 +296,108 @@ def _from_tensors_parameters():
     import inspect
 
     return tuple(inspect.signature(ImageList.from_tensors).parameters)
+
+
+def build_detection_test_loader(
+    dataset,
+    *,
+    mapper: Optional[Callable] = None,
+    sampler=None,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    collate_fn: Optional[Callable] = None,
+):
+    """Detectron2's ``build_detection_test_loader`` with main's ``batch_size`` on both versions.
+
+    Args:
+        dataset: a list of dataset dicts or a torch Dataset.
+        mapper: maps a dataset dict to the model's input; None uses the dataset as it is.
+        sampler: defaults to Detectron2's ``InferenceSampler`` (each worker gets its share).
+        batch_size: images per batch (per process).
+        num_workers: data-loading processes.
+        collate_fn: defaults to returning the list of mapped dicts.
+    """
+    from detectron2.data import build
+
+    kwargs = dict(mapper=mapper, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn)
+    if "batch_size" in _test_loader_parameters():
+        return build.build_detection_test_loader(dataset, batch_size=batch_size, **kwargs)
+    from detectron2.data.common import DatasetFromList, MapDataset
+    from detectron2.data.samplers import InferenceSampler
+
+    if isinstance(dataset, list):
+        dataset = DatasetFromList(dataset, copy=False)
+    if mapper is not None:
+        dataset = MapDataset(dataset, mapper)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        if sampler is not None:
+            raise ValueError("an iterable dataset takes no sampler")
+    elif sampler is None:
+        sampler = InferenceSampler(len(dataset))
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=False,
+        num_workers=num_workers,
+        collate_fn=build.trivial_batch_collator if collate_fn is None else collate_fn,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _test_loader_parameters():
+    import inspect
+
+    from detectron2.data import build
+
+    return tuple(inspect.signature(build.build_detection_test_loader).parameters)
+
+
+def build_detection_train_loader(dataset, *, mapper: Optional[Callable], **kwargs):
+    """Detectron2's ``build_detection_train_loader`` (same arguments), whose mapper may return
+    None to skip an image on both versions.
+
+    Where Detectron2's ``MapDataset`` cannot pick another image (see the module docstring), the
+    dataset is mapped here by a ``MapDataset`` that can, and handed over already mapped.
+    """
+    from detectron2.data import build
+
+    if mapper is not None and not _map_dataset_can_skip():
+        if isinstance(dataset, list):
+            dataset = DatasetFromList(dataset, copy=False)
+        if not isinstance(dataset, torch.utils.data.IterableDataset):
+            dataset, mapper = _SkippingMapDataset(dataset, mapper), None
+    return build.build_detection_train_loader(dataset, mapper=mapper, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _map_dataset_can_skip() -> bool:
+    try:
+        MapDataset([0, 1], _none_for_zero)[0]
+    except TypeError:
+        return False
+    return True
+
+
+def _none_for_zero(x):
+    return None if x == 0 else x
+
+
+class _SkippingMapDataset(MapDataset):
+    """Detectron2's ``MapDataset`` for map-style datasets, drawing the replacement of a skipped
+    element from a sorted list of the candidates (as Detectron2 main does)."""
+
+    def __getitem__(self, idx):
+        index = int(idx)
+        for attempt in range(1, len(self._dataset) + 1):
+            data = self._map_func(self._dataset[index])
+            if data is not None:
+                self._fallback_candidates.add(index)
+                return data
+            self._fallback_candidates.discard(index)
+            if not self._fallback_candidates:
+                break
+            if attempt == 3:
+                logger.warning(f"Failed to map element {idx} after {attempt} attempts")
+            index = self._rng.sample(sorted(self._fallback_candidates), k=1)[0]
+        raise RuntimeError("the mapper skipped every element of the dataset")

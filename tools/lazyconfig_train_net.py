@@ -31,6 +31,11 @@ the checkpoints under ``"ema"``; ``use_for_eval`` evaluates with the averaged we
 ``train.amp.precision`` (optional: ``float16`` or ``bfloat16``; default float16 on CUDA with a
 GradScaler, bfloat16 on the CPU). ``--eval-only`` evaluates ``train.init_checkpoint`` (the last
 checkpoint of ``train.output_dir`` with ``--resume``) and writes ``output_dir/eval_results.json``.
+
+Checkpoints are written atomically (``dino_d2.checkpoint.AtomicCheckpointer``): a job killed at any
+moment resumes with ``--resume`` from its last complete checkpoint. ``model.num_classes`` is
+checked against the datasets' categories at start-up. See README.md, "What to expect when things
+go wrong".
 """
 
 import json
@@ -41,7 +46,6 @@ from contextlib import nullcontext
 import torch
 from omegaconf import ListConfig
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -50,12 +54,14 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
 from dino_d2._compat import fast_coco_eval_available, launch
+from dino_d2.checkpoint import AtomicCheckpointer
 from dino_d2.engine import (
     EMAHook,
     ModelEMA,
     Trainer,
     amp_settings,
     apply_dataset_overrides,
+    check_num_classes,
     default_setup,
     pop_dataset_overrides,
     register_config_datasets,
@@ -140,7 +146,7 @@ def do_train(args, cfg, device):
     checkpointables = {"trainer": trainer}
     if ema is not None:
         checkpointables["ema"] = ema
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, **checkpointables)
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, **checkpointables)
     eval_ema = ema if ema is not None and ema_cfg.use_for_eval else None
     trainer.register_hooks(
         [
@@ -177,7 +183,7 @@ def do_eval_only(args, cfg, device):
     ema = None
     if ema_cfg.enabled and ema_cfg.use_for_eval:
         ema = ModelEMA(model, decay=ema_cfg.decay)
-    checkpointer = DetectionCheckpointer(
+    checkpointer = AtomicCheckpointer(
         model, cfg.train.output_dir, **({"ema": ema} if ema is not None else {})
     )
     if args.resume and checkpointer.has_checkpoint():
@@ -205,6 +211,7 @@ def main(args):
     use_slow_coco_eval_if_needed(cfg)
     default_setup(cfg, args)
     register_config_datasets(cfg)
+    check_num_classes(cfg)
     device = resolve_device(cfg.train.get("device"))
     logger.info(f"Device: {device}")
     if args.eval_only:

@@ -3,9 +3,11 @@
 ``convert_checkpoint(source, checkpoint)`` handles trained DINO detectors of the authors
 (``idea``), detrex and EasyCV, and backbone initializations (``torchvision-resnet``, ``swin``);
 ``save_checkpoint`` writes the result as a verified Detectron2 checkpoint. The command-line tool
-is ``tools/convert_checkpoint.py``.
+is ``tools/convert_checkpoint.py``. :class:`AtomicCheckpointer` is the training script's
+checkpointer: Detectron2's, with files that a killed job never leaves half-written.
 """
 
+from .checkpointer import AtomicCheckpointer
 from .convert import (
     SOURCES,
     ConversionResult,
@@ -19,6 +21,7 @@ from .mapping import ConversionError
 from .swin import convert_swin_checkpoint
 
 __all__ = [
+    "AtomicCheckpointer",
     "SOURCES",
     "ConversionError",
     "ConversionResult",

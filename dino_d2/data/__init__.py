@@ -1,17 +1,27 @@
-"""Data: DETR-style augmentation for Detectron2's DatasetMapper, the digits demo dataset and
-dataset registration (including the builtin datasets registered on demand by name)."""
+"""Data: DETR-style augmentation, a DatasetMapper with clear errors for unreadable images, the
+digits demo dataset and dataset registration (including the builtin datasets registered on demand
+by name)."""
 
 from .builtin import builtin_dataset_names, register_builtin, register_builtin_datasets
-from .datasets import default_datasets_root, register_coco_format_dataset, register_digits
+from .datasets import (
+    default_datasets_root,
+    log_degenerate_boxes,
+    register_coco_format_dataset,
+    register_digits,
+)
 from .digits import (
     DIGIT_CLASSES,
     digits_dataset_info,
     ensure_digits_dataset,
     generate_digits_dataset,
 )
+from .mapper import DatasetMapper, UnreadableImageError, read_image
 from .transforms import RandomChoice, detr_test_augmentation, detr_train_augmentation
 
 __all__ = [
+    "DatasetMapper",
+    "UnreadableImageError",
+    "read_image",
     "RandomChoice",
     "detr_train_augmentation",
     "detr_test_augmentation",
@@ -22,6 +32,7 @@ __all__ = [
     "default_datasets_root",
     "register_digits",
     "register_coco_format_dataset",
+    "log_degenerate_boxes",
     "register_builtin",
     "builtin_dataset_names",
     "register_builtin_datasets",

@@ -9,21 +9,33 @@ Both go through Detectron2's ``register_coco_instances``, so the registered meta
 
 Registration is idempotent: registering a name again with the same files does nothing, and with
 other files replaces the earlier registration (with a warning).
+
+Loading a dataset registered here counts its degenerate boxes (see :func:`log_degenerate_boxes`)
+and logs them once per dataset and process; the DatasetMapper then clips or drops them.
 """
 
 import json
 import logging
+import math
 import os
+from collections import Counter
 from typing import Dict, List, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets import load_coco_json
 
 from .digits import DIGIT_CLASSES
 
-__all__ = ["default_datasets_root", "register_digits", "register_coco_format_dataset"]
+__all__ = [
+    "default_datasets_root",
+    "register_digits",
+    "register_coco_format_dataset",
+    "log_degenerate_boxes",
+]
 
 logger = logging.getLogger(__name__)
+
+_REPORTED = set()
 
 _DIGITS_SPLITS = ("train", "val")
 
@@ -48,7 +60,59 @@ def _register(name: str, json_file: str, image_root: str, metadata: Dict) -> Non
         )
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    register_coco_instances(name, metadata, json_file, image_root)
+    _REPORTED.discard(name)
+    # Detectron2's register_coco_instances, with the box check on loading.
+    DatasetCatalog.register(
+        name, lambda: log_degenerate_boxes(load_coco_json(json_file, image_root, name), name)
+    )
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata
+    )
+
+
+def _box_problem(annotation: Dict, width: float, height: float) -> str:
+    """Why an XYWH box is degenerate ("non-finite", "empty", ...), or "" when it is usable."""
+    x, y, w, h = (float(v) for v in annotation["bbox"])
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return "non-finite"
+    if w <= 0 or h <= 0:
+        return "empty"
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        return "outside the image"
+    if x < 0 or y < 0 or x + w > width or y + h > height:
+        return "partly outside the image (clipped)"
+    return ""
+
+
+def log_degenerate_boxes(dataset_dicts: List[Dict], name: str) -> List[Dict]:
+    """Counts a dataset's degenerate boxes and logs them, once per dataset name and process.
+
+    Boxes (XYWH, as in COCO jsons) that are non-finite, empty (width or height <= 0) or wholly
+    outside the image are dropped by the DatasetMapper; those partly outside are clipped.
+
+    Args:
+        dataset_dicts: Detectron2 dataset dicts (``width``, ``height``, ``annotations``).
+        name: the dataset name, for the message.
+
+    Returns:
+        ``dataset_dicts``, unchanged.
+    """
+    if name in _REPORTED:
+        return dataset_dicts
+    counts = Counter()
+    for record in dataset_dicts:
+        for annotation in record.get("annotations", ()):
+            if "bbox" in annotation:
+                counts[_box_problem(annotation, record["width"], record["height"])] += 1
+    counts.pop("", None)
+    if counts:
+        summary = ", ".join(f"{n} {problem}" for problem, n in sorted(counts.items()))
+        logger.warning(
+            f"Dataset '{name}' has degenerate boxes: {summary}. The DatasetMapper clips boxes "
+            "to the image and drops the empty ones."
+        )
+    _REPORTED.add(name)
+    return dataset_dicts
 
 
 def _category_metadata(categories: List[Dict]) -> Dict:

@@ -7,6 +7,7 @@ from .defaults import (
     CUSTOM_TRAIN_DATASET,
     DATASET_OVERRIDE_KEYS,
     apply_dataset_overrides,
+    check_num_classes,
     config_dataset_names,
     default_setup,
     pop_dataset_overrides,
@@ -15,12 +16,13 @@ from .defaults import (
 )
 from .ema import EMAHook, ModelEMA
 from .optimizer import get_optimizer_params
-from .trainer import Trainer, amp_settings
+from .trainer import Trainer, amp_settings, check_losses_finite
 
 __all__ = [
     "get_optimizer_params",
     "Trainer",
     "amp_settings",
+    "check_losses_finite",
     "ModelEMA",
     "EMAHook",
     "default_setup",
@@ -32,4 +34,5 @@ __all__ = [
     "apply_dataset_overrides",
     "config_dataset_names",
     "register_config_datasets",
+    "check_num_classes",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "apply_dataset_overrides",
     "config_dataset_names",
     "register_config_datasets",
+    "check_num_classes",
 ]
 
 DATASET_OVERRIDE_KEYS = ("train_json", "train_images", "test_json", "test_images")
@@ -208,3 +209,28 @@ def register_config_datasets(cfg: DictConfig) -> List[str]:
     if comm.get_local_rank() != 0:
         registered = register_builtin_datasets(names)
     return registered
+
+
+def check_num_classes(cfg: DictConfig) -> None:
+    """Checks ``model.num_classes`` against the categories of the config's datasets.
+
+    Detectron2 maps each dataset's category ids, contiguous or not, to ``0..K-1``
+    (``thing_dataset_id_to_contiguous_id``), so the model needs exactly ``K`` classes. Datasets
+    whose metadata has no ``thing_classes`` are not checked.
+
+    Raises:
+        ValueError: naming the dataset, both numbers and the override that fixes it.
+    """
+    num_classes = cfg.model.get("num_classes")
+    if num_classes is None:
+        return
+    for name in config_dataset_names(cfg):
+        classes = MetadataCatalog.get(name).get("thing_classes")
+        if classes is None or len(classes) == num_classes:
+            continue
+        shown = list(classes[:10]) + (["..."] if len(classes) > 10 else [])
+        raise ValueError(
+            f"model.num_classes={num_classes} but dataset '{name}' has {len(classes)} categories "
+            f"({shown}; Detectron2 maps their ids to 0..{len(classes) - 1}, contiguous or not). "
+            f"Set model.num_classes={len(classes)} on the command line or in the config."
+        )

@@ -4,16 +4,24 @@ Detectron2's ``AMPTrainer`` requires CUDA (both in v0.6 and in main) and neither
 clips gradients. :class:`Trainer` is a ``SimpleTrainer`` whose step is::
 
     forward (under autocast when mixed precision is on)
+    stop with a FloatingPointError naming the iteration and the terms if any loss is NaN or inf
     zero_grad, backward (of the scaled loss when a GradScaler is used)
     after_backward hooks (Detectron2 main only)
     unscale the gradients (GradScaler only), clip the norm of all gradients together
     write metrics, optimizer step (through the GradScaler, which skips non-finite steps), update
 
 Everything else (hooks, metrics, checkpointable state) is Detectron2's.
+
+A non-finite loss stops training before the backward pass: no gradient, optimizer step or EMA
+update sees it, and since Detectron2's ``PeriodicCheckpointer`` saves in ``after_step`` (which a
+failed step never reaches), the checkpoints on disk are the last good ones. Detectron2's own
+check (in ``_write_metrics``, after the backward pass) gives the iteration and every loss value
+but does not say which terms are non-finite.
 """
 
+import math
 import time
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -22,7 +30,7 @@ from detectron2.utils.events import get_event_storage
 
 from .._compat import run_after_backward_hooks
 
-__all__ = ["Trainer", "amp_settings"]
+__all__ = ["Trainer", "amp_settings", "check_losses_finite"]
 
 _PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -64,6 +72,27 @@ def amp_settings(
     return dtype, None
 
 
+def check_losses_finite(loss_dict: Dict[str, torch.Tensor], iteration: int) -> None:
+    """Raises ``FloatingPointError`` naming ``iteration`` and the NaN / inf terms of ``loss_dict``.
+
+    Args:
+        loss_dict: the model's losses (scalar tensors).
+        iteration: the training iteration they belong to.
+    """
+    values = {name: float(loss.detach()) for name, loss in loss_dict.items()}
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if not bad:
+        return
+    terms = ", ".join(f"{name}={value}" for name, value in bad.items())
+    finite = ", ".join(f"{name}={value:.4g}" for name, value in values.items() if name not in bad)
+    raise FloatingPointError(
+        f"Loss became infinite or NaN at iteration {iteration}: {terms} "
+        f"(finite terms: {finite or 'none'}). Training stopped before this step's update; "
+        "the last checkpoint is from an earlier iteration. Try a lower optimizer.lr, "
+        "train.clip_grad, or check the data (boxes) of this iteration."
+    )
+
+
 class Trainer(SimpleTrainer):
     """``SimpleTrainer`` plus gradient clipping and optional mixed precision (see module doc).
 
@@ -76,7 +105,8 @@ class Trainer(SimpleTrainer):
             clipping, the gradients are unscaled before their norm is taken. Its state is part
             of the trainer's checkpointed state, as with Detectron2's ``AMPTrainer``.
 
-    The total gradient norm before clipping is logged as ``grad_norm``.
+    The total gradient norm before clipping is logged as ``grad_norm``. A NaN or infinite loss
+    raises ``FloatingPointError`` (see :func:`check_losses_finite`) before the backward pass.
     """
 
     def __init__(
@@ -116,6 +146,7 @@ class Trainer(SimpleTrainer):
                 loss_dict = {"total_loss": loss_dict}
             else:
                 losses = sum(loss_dict.values())
+        check_losses_finite(loss_dict, self.iter)
 
         self.optimizer.zero_grad()
         if self.grad_scaler is not None:

@@ -1,11 +1,15 @@
 import itertools
 import math
+import os
 
 import pytest
 import torch
 from torch import nn
 
-from dino_d2.engine import Trainer, amp_settings
+from detectron2.engine import hooks
+
+from dino_d2.checkpoint import AtomicCheckpointer
+from dino_d2.engine import EMAHook, ModelEMA, Trainer, amp_settings, check_losses_finite
 
 
 class _Toy(nn.Module):
@@ -167,3 +171,58 @@ def test_invalid_arguments():
         Trainer(model, _batches(), optimizer, clip_grad_max_norm=0.0)
     with pytest.raises(ValueError, match="grad_scaler"):
         Trainer(model, _batches(), optimizer, grad_scaler=_RecordingScaler())
+
+
+class _NaNAt(_Toy):
+    """``_Toy`` whose ``loss_b`` is NaN from the ``bad_call``-th forward (counting from 0) on."""
+
+    def __init__(self, bad_call):
+        super().__init__()
+        self.bad_call = bad_call
+        self.calls = 0
+
+    def forward(self, batch):
+        losses = super().forward(batch)
+        if self.calls >= self.bad_call:
+            losses["loss_b"] = losses["loss_b"] * float("nan")
+        self.calls += 1
+        return losses
+
+
+def test_non_finite_loss_names_iteration_and_terms_and_saves_nothing_after(tmp_path):
+    model = _NaNAt(bad_call=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    trainer = Trainer(model, _batches(), optimizer)
+    ema = ModelEMA(model, decay=0.5)
+    checkpointer = AtomicCheckpointer(model, str(tmp_path), trainer=trainer, ema=ema)
+    trainer.register_hooks(
+        [EMAHook(ema, model), hooks.PeriodicCheckpointer(checkpointer, period=1, max_iter=10)]
+    )
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train(0, 10)
+    message = str(error.value)
+    assert "iteration 3" in message and "loss_b=nan" in message
+    assert "loss_a=" in message.split("finite terms:")[1]  # the finite term is listed as such
+    # Checkpoints of iterations 0..2 only, the pointer at the last one, which holds the weights
+    # the model still has: the failed step changed nothing.
+    files = sorted(f for f in os.listdir(tmp_path) if not f.startswith("."))
+    assert files == [
+        "last_checkpoint",
+        "model_0000000.pth",
+        "model_0000001.pth",
+        "model_0000002.pth",
+    ]
+    assert checkpointer.get_checkpoint_file().endswith("model_0000002.pth")
+    last = torch.load(checkpointer.get_checkpoint_file(), weights_only=True)
+    assert last["iteration"] == 2 and last["ema"]["num_updates"] == 3
+    for name, value in model.state_dict().items():
+        assert torch.equal(last["model"][name], value), name
+        assert torch.isfinite(last["ema"]["model"][name]).all(), name
+
+
+def test_infinite_loss_is_reported_too():
+    with pytest.raises(
+        FloatingPointError, match=r"iteration 7: loss_giou=inf \(finite terms: none"
+    ):
+        check_losses_finite({"loss_giou": torch.tensor(float("inf"))}, 7)
+    check_losses_finite({"loss_a": torch.tensor(1.0)}, 7)

@@ -1,14 +1,11 @@
 from omegaconf import OmegaConf
 
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    DatasetMapper,
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import get_detection_dataset_dicts
 from detectron2.evaluation import COCOEvaluator
 
+from dino_d2._compat import build_detection_test_loader, build_detection_train_loader
+from dino_d2.data.mapper import DatasetMapper
 from dino_d2.data.transforms import detr_test_augmentation, detr_train_augmentation
 
 dataloader = OmegaConf.create()
@@ -22,6 +19,9 @@ dataloader.train = L(build_detection_train_loader)(
         augmentations=L(detr_train_augmentation)(),
         image_format="RGB",
         use_instance_mask=False,
+        # Named in the error about an unreadable image; True skips such images with a warning.
+        dataset_name="${..dataset.names}",
+        skip_unreadable=False,
     ),
     total_batch_size=16,
     num_workers=4,
@@ -33,7 +33,10 @@ dataloader.test = L(build_detection_test_loader)(
         is_train=False,
         augmentations=L(detr_test_augmentation)(),
         image_format="RGB",
+        dataset_name="${..dataset.names}",
     ),
+    # Images per batch and process (Detectron2 main's argument, also on v0.6 via _compat).
+    batch_size=1,
     num_workers=4,
 )
 

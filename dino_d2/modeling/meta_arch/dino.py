@@ -1,5 +1,6 @@
 """DINO: DETR with Improved DeNoising Anchor Boxes (arXiv 2203.03605), as a Detectron2 meta-arch."""
 
+import logging
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -15,6 +16,8 @@ from detectron2.structures import Boxes, ImageList, Instances
 from dino_d2._compat import image_list_from_tensors
 
 __all__ = ["DINO"]
+
+logger = logging.getLogger(__name__)
 
 
 @META_ARCH_REGISTRY.register()
@@ -71,6 +74,7 @@ class DINO(nn.Module):
         self.input_format = input_format
         self.num_select = num_select
         self.exact_batched_inference = exact_batched_inference
+        self.num_dropped_boxes = 0
         shapes = backbone.output_shape()
         self._levels = list(shapes)
         self._strides = [shapes[name].stride for name in self._levels]
@@ -187,14 +191,43 @@ class DINO(nn.Module):
     def prepare_targets(
         self, batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]
     ) -> List[Dict[str, torch.Tensor]]:
-        """Ground truth as the criterion wants it: labels (G,) and normalized cxcywh boxes (G, 4)."""
+        """Ground truth as the criterion wants it: labels (G,) and normalized cxcywh boxes (G, 4).
+
+        Boxes (absolute XYXY) are clipped to the image; boxes that are then empty (zero or
+        negative width or height, or wholly outside the image) or not finite (NaN) are dropped,
+        so that no bad annotation reaches the losses. Detectron2's ``DatasetMapper`` already
+        does this (``filter_empty_instances``); this guards other mappers. The first drop is
+        logged as a warning; :attr:`num_dropped_boxes` counts them all.
+        """
         targets = []
         for inputs, (h, w) in zip(batched_inputs, image_sizes):
             instances = inputs["instances"].to(self.device)
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            boxes = box_convert(instances.gt_boxes.tensor / scale, "xyxy", "cxcywh")
-            targets.append({"labels": instances.gt_classes, "boxes": boxes})
+            boxes = instances.gt_boxes.tensor.float()
+            limits = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=self.device)
+            boxes = torch.minimum(boxes.clamp(min=0), limits)
+            keep = (
+                torch.isfinite(boxes).all(dim=1)
+                & (boxes[:, 2] > boxes[:, 0])
+                & (boxes[:, 3] > boxes[:, 1])
+            )
+            dropped = int((~keep).sum())
+            if dropped:
+                self._note_dropped_boxes(dropped, inputs)
+                boxes, labels = boxes[keep], instances.gt_classes[keep]
+            else:
+                labels = instances.gt_classes
+            boxes = box_convert(boxes / limits, "xyxy", "cxcywh")
+            targets.append({"labels": labels, "boxes": boxes})
         return targets
+
+    def _note_dropped_boxes(self, dropped: int, inputs: Dict) -> None:
+        if self.num_dropped_boxes == 0:
+            logger.warning(
+                f"Dropped {dropped} empty or non-finite ground-truth box(es) of "
+                f"{inputs.get('file_name', 'an image')} (after clipping to the image); "
+                "further drops are only counted (DINO.num_dropped_boxes)"
+            )
+        self.num_dropped_boxes += dropped
 
     def inference(
         self,
