@@ -43,8 +43,17 @@ $(VENV)/.stamp-dino_d2: $(VENV)/.stamp-detectron2 setup.py $(CSRC)
 test: setup
 	$(PY) -m pytest tests -q
 
+# The main job: generate the digits dataset (once), train and evaluate the digits DINO on the
+# CPU, render predictions on a few validation images and plot the loss and AP curves.
+DEMO_CONFIG := configs/dino_r18_digits.py
+DEMO_OUT := output/digits
+
 demo: setup
-	$(PY) tools/benchmark_msda.py
+	$(PY) tools/make_digits_dataset.py --root datasets/digits
+	$(PY) tools/lazyconfig_train_net.py --config-file $(DEMO_CONFIG) train.output_dir=$(DEMO_OUT)
+	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) --checkpoint $(DEMO_OUT)/model_final.pth \
+		--input "datasets/digits/val/00000[1-6].png" --output $(DEMO_OUT)/predictions --overwrite
+	$(PY) tools/plot_metrics.py $(DEMO_OUT)/metrics.json --output $(DEMO_OUT)/curves.png
 
 benchmark: setup
 	$(PY) tools/benchmark_msda.py

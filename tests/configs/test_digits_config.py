@@ -20,18 +20,19 @@ def test_sizes_and_schedule(cfg):
     assert t.embed_dim == 128 and t.position_embedding.num_pos_feats == 64
     assert t.encoder.num_layers == t.decoder.num_layers == 3
     assert t.encoder.ffn_dim == t.decoder.ffn_dim == 512
-    assert t.query_selection.num_queries == 100 and t.num_levels == 4
-    assert cfg.model.denoising.dn_number == 20 and cfg.model.num_classes == 10
+    assert t.query_selection.num_queries == 50 and t.num_levels == 4
+    assert cfg.model.denoising.dn_number == 10 and cfg.model.num_classes == 10
     bottom_up = cfg.model.backbone.bottom_up
     assert bottom_up.stages.depth == 18 and bottom_up.freeze_at == 0
     assert bottom_up.stem.norm == bottom_up.stages.norm == "BN"
     assert cfg.dataloader.train.dataset.names == "digits_train"
     assert cfg.dataloader.test.dataset.names == "digits_val"
+    assert cfg.dataloader.test.mapper.augmentations.min_size == 192
     assert cfg.dataloader.train.mapper.augmentations.horizontal_flip is False
     assert cfg.dataloader.train.total_batch_size == 8
-    assert cfg.optimizer.lr == 2e-4 and cfg.optimizer.params.backbone_lr_factor == 1.0
-    assert cfg.train.max_iter == 2000 and cfg.train.init_checkpoint == ""
-    assert cfg.train.eval_period == cfg.train.checkpointer.period == 500
+    assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.params.backbone_lr_factor == 1.0
+    assert cfg.train.max_iter == 650 and cfg.train.init_checkpoint == ""
+    assert cfg.train.eval_period == cfg.train.checkpointer.period == 200
     scheduler = instantiate(cfg.lr_multiplier)
     assert scheduler(0.0) == pytest.approx(0.01)
     assert scheduler(0.5) == 1.0 and scheduler(0.95) == pytest.approx(0.1)
@@ -54,7 +55,7 @@ def test_model_is_trainable_from_scratch_and_infers(cfg):
     model.eval()
     with torch.no_grad():
         (output,) = model([{"image": batch[0]["image"]}])
-    assert len(output["instances"]) == cfg.model.num_select == 100
+    assert len(output["instances"]) == cfg.model.num_select == 50
     assert (output["instances"].pred_classes < 10).all()
 
 
@@ -62,4 +63,4 @@ def test_saves_as_plain_yaml(cfg, tmp_path):
     LazyConfig.save(cfg, str(tmp_path / "config.yaml"))
     again = LazyConfig.load(str(tmp_path / "config.yaml"))
     assert again.model.transformer.embed_dim == 128
-    assert list(again.dataloader.train.mapper.augmentations.min_sizes) == [288, 320, 352]
+    assert list(again.dataloader.train.mapper.augmentations.min_sizes) == [176, 192, 208]
