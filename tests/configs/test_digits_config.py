@@ -31,11 +31,11 @@ def test_sizes_and_schedule(cfg):
     assert cfg.dataloader.train.mapper.augmentations.horizontal_flip is False
     assert cfg.dataloader.train.total_batch_size == 8
     assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.params.backbone_lr_factor == 1.0
-    assert cfg.train.max_iter == 650 and cfg.train.init_checkpoint == ""
-    assert cfg.train.eval_period == cfg.train.checkpointer.period == 200
+    assert cfg.train.max_iter == 1000 and cfg.train.init_checkpoint == ""
+    assert cfg.train.eval_period == cfg.train.checkpointer.period == 250
     scheduler = instantiate(cfg.lr_multiplier)
     assert scheduler(0.0) == pytest.approx(0.01)
-    assert scheduler(0.5) == 1.0 and scheduler(0.95) == pytest.approx(0.1)
+    assert scheduler(0.86) == 1.0 and scheduler(0.88) == pytest.approx(0.1)
 
 
 def test_model_is_trainable_from_scratch_and_infers(cfg):
