@@ -13,10 +13,11 @@ from .common.train import train
 # sized so that training plus evaluation take about 22 minutes on a 2-core CPU.
 #
 # Measured on a 2-core CPU with another process busy on one core, batch 8, forward + backward
-# + AdamW, one torch thread: 4.2 s/iter at 320 px, 2.0 at 224, 1.6 at 192, 1.2 at 160. Run it
-# with OMP_NUM_THREADS=1: two threads took 1.2 s/iter at 224 px on idle cores, but 6.1 (224 px)
-# and 24 (320 px) when the other core was busy. With one thread a run of this config logs
-# 2.0-2.1 s/iter (data loading in one worker included) and 25 s per evaluation of digits_val.
+# + AdamW, one torch thread: 4.2 s/iter at 320 px, 2.0 at 224, 1.6 at 192, 1.2 at 160. On idle
+# cores the default two threads take 1.25 s/iter at 192 px (`make demo`: 1,000 iterations in
+# 20 min 44 s, four evaluations of digits_val in about 20 s each). On a busy machine run it with
+# OMP_NUM_THREADS=1: two threads took 6.1 s/iter (224 px) and 24 (320 px) when the other core
+# was busy, one thread 2.0-2.1 s/iter at 192 px.
 
 # ResNet-18 from scratch: every stage trains and BatchNorm learns (no pretrained statistics).
 # At 224 px timm's resnet10t, regnetx_004 and mobilenetv3_large_100 measured 1.5-1.7 s/iter
@@ -65,11 +66,13 @@ optimizer.lr = 1e-3
 optimizer.params.backbone_lr_factor = 1.0
 
 # A short linear warm-up (5% of the run) for the from-scratch backbone, a tenfold drop at 87%.
-# Measured with 1,150 iterations (drop at 1,000), one thread per run while a second run held the
-# other core: box AP 15.0 / 24.0 / 32.4 / 46.7 / 53.6 at iterations 250 / 500 / 750 / 1,000 /
-# 1,150; the same images in batches of 4 (2,400 iterations, drop at 2,100) gave 11.7 / 23.6 /
-# 33.4 / 44.5 at the same points, so batch 8 it is. 1,000 iterations keep the run well inside
-# 30 minutes on two cores (1.22 s/iteration with both free).
+# Chosen by measurement (one thread per run while a second run held the other core): with
+# 1,150 iterations and the drop at 1,000, box AP 15.0 / 24.0 / 32.4 / 46.7 / 53.6 at iterations
+# 250 / 500 / 750 / 1,000 / 1,150; the same images in batches of 4 (2,400 iterations, drop at
+# 2,100) gave 11.7 / 23.6 / 33.4 / 44.5 / 54.9 at the same points: alike per image, so batch 8
+# stays. 1,000 iterations keep `make demo` well inside 30 minutes; measured from a fresh clone:
+# box AP 8.8 / 15.2 / 29.4 / 45.9 at 250 / 500 / 750 / 1,000, 22 min 10 s of training and
+# evaluation.
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[870, 1000]),
     warmup_length=0.05,
