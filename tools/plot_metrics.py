@@ -9,7 +9,8 @@
 ``metrics.json`` has one JSON object per line, each with an ``iteration`` and scalars such as
 ``total_loss``, ``loss_*``, ``lr`` and, after an evaluation, ``bbox/AP``, ``bbox/AP50``, ... The
 figure has two panels: the losses against the iteration (the raw values faint, a centred moving
-average of ``--smooth`` points solid) and the AP curves. A resumed run may log an iteration
+average of ``--smooth`` points solid; by default a tenth of the points, at most 20) and the AP
+curves. A resumed run may log an iteration
 twice; the later line wins. From Python::
 
     plot_metrics("output/digits/metrics.json", "curves.png", loss_keys=["total_loss"])
@@ -24,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["DEFAULT_LOSS_KEYS", "DEFAULT_AP_KEYS", "load_metrics", "moving_average", "plot_metrics"]
+__all__ = ["DEFAULT_LOSS_KEYS", "DEFAULT_AP_KEYS", "default_window", "load_metrics", "moving_average", "plot_metrics"]
 
 DEFAULT_LOSS_KEYS = ("total_loss",)
 DEFAULT_AP_KEYS = ("bbox/AP", "bbox/AP50", "bbox/AP75")
@@ -70,6 +71,11 @@ def _series(records: Sequence[Dict], key: str) -> Series:
     return iterations, np.array([values[i] for i in iterations], dtype=np.float64)
 
 
+def default_window(num_points: int) -> int:
+    """The default smoothing window for ``num_points`` logged values: a tenth, 1 to 20."""
+    return min(20, max(1, num_points // 10))
+
+
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Centred mean over ``window`` points (fewer at the ends, no lag); ``window <= 1`` copies."""
     values = np.asarray(values, dtype=np.float64)
@@ -92,7 +98,7 @@ def plot_metrics(
     *,
     loss_keys: Optional[Sequence[str]] = None,
     ap_keys: Sequence[str] = DEFAULT_AP_KEYS,
-    smooth: int = 20,
+    smooth: Optional[int] = None,
     title: Optional[str] = None,
 ) -> Dict[str, Series]:
     """Writes a PNG with the loss curves (top) and the AP curves (bottom) against the iteration.
@@ -103,7 +109,8 @@ def plot_metrics(
         loss_keys: loss scalars to plot, each of which must be in the file; None plots
             ``total_loss`` when present.
         ap_keys: evaluation scalars to plot when present, e.g. ``bbox/AP50``.
-        smooth: moving-average window of the loss curves, in logged points (1: none).
+        smooth: moving-average window of the loss curves, in logged points (1: none); None
+            takes a tenth of the points, at most 20, so that a short run is not flattened.
         title: figure title; default the metrics file's path.
 
     Returns:
@@ -137,6 +144,8 @@ def plot_metrics(
             f"its keys: {', '.join(available) or 'none'}"
         )
 
+    if smooth is None:
+        smooth = default_window(max((len(s[0]) for s in losses.values()), default=0))
     figure, (loss_axes, ap_axes) = plt.subplots(2, 1, figsize=(9, 8), sharex=True)
     for key, (iterations, values) in losses.items():
         (line,) = loss_axes.plot(iterations, moving_average(values, smooth), label=key)
@@ -185,7 +194,11 @@ def main(argv=None) -> int:
         help="comma-separated evaluation keys (default: %(default)s)",
     )
     parser.add_argument(
-        "--smooth", type=int, default=20, help="moving-average window of the losses (1: none)"
+        "--smooth",
+        type=int,
+        default=None,
+        help="moving-average window of the losses, in logged points (1: none; default: a tenth "
+        "of the points, at most 20)",
     )
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)

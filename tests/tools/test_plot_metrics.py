@@ -117,3 +117,9 @@ def test_moving_average_is_centred_and_exact_on_a_line():
     assert smoothed[0] == 0.5 and smoothed[-1] == 8.5
     np.testing.assert_array_equal(tool.moving_average(line, 1), line)
     np.testing.assert_allclose(tool.moving_average(np.full(7, 2.5), 100), np.full(7, 2.5))
+
+
+def test_default_window_keeps_short_runs_readable():
+    tool = _load_tool()
+    # The digits demo logs 50 points: a window of 5 (100 iterations), not 20 (400).
+    assert [tool.default_window(n) for n in (0, 9, 50, 199, 200, 4500)] == [1, 1, 5, 19, 20, 20]
