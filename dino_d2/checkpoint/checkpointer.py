@@ -7,7 +7,9 @@ one, and ``--resume`` then fails. :class:`AtomicCheckpointer` writes each file t
 in the same folder, flushes it to disk (``fsync``) and renames it over the final name
 (``os.replace``, atomic on POSIX and Windows), so a reader sees either the old file or the complete
 new one. ``last_checkpoint`` is only updated, the same way, after the checkpoint it names is in
-place. A killed job leaves at most a ``.<name>.*.tmp`` file behind, which nothing reads.
+place. A killed job leaves at most a ``.<name>.<12 hex digits>.tmp`` file behind, which nothing
+reads; the next job saving to that folder removes such files (those last written more than a
+second before it started) after its first complete save.
 
 Test seam: the environment variable ``DINO_D2_CHECKPOINT_WRITE_DELAY`` (seconds, a float) makes
 :meth:`AtomicCheckpointer.save` sleep after the temporary file is complete and before it is
@@ -17,6 +19,7 @@ empty means no delay. Do not set it outside tests.
 
 import logging
 import os
+import re
 import time
 import uuid
 from typing import IO, Any, Callable, Dict
@@ -30,6 +33,10 @@ __all__ = ["AtomicCheckpointer", "atomic_write", "WRITE_DELAY_ENV"]
 logger = logging.getLogger(__name__)
 
 WRITE_DELAY_ENV = "DINO_D2_CHECKPOINT_WRITE_DELAY"
+
+# The temporary files of atomic_write: ".<final name>.<12 hex digits>.tmp".
+_TEMPORARY_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+_MTIME_MARGIN = 1.0  # seconds
 
 
 def _is_class_head(name: str) -> bool:
@@ -100,6 +107,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
     ``model.num_classes`` to the checkpoint's.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._created = time.time()
+        self._stale_files_removed = False
+
     def _load_model(self, checkpoint: Any):
         self._warn_about_class_heads(checkpoint.get("model", {}))
         return super()._load_model(checkpoint)
@@ -125,6 +137,18 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 f"model.num_classes={min(found)}."
             )
 
+    def _remove_stale_temporary_files(self) -> None:
+        """Removes the temporary files of writes killed before this checkpointer was created."""
+        for entry in os.scandir(self.save_dir):
+            if not (_TEMPORARY_FILE.match(entry.name) and entry.is_file()):
+                continue
+            # File times come from a coarse clock that lags time.time() by up to a tick: a
+            # margin keeps a file written just after this checkpointer's creation.
+            if entry.stat().st_mtime < self._created - _MTIME_MARGIN:
+                os.remove(entry.path)
+                self.logger.info(f"Removed {entry.path}, left by an interrupted checkpoint write")
+        self._stale_files_removed = True
+
     def _is_local(self) -> bool:
         return "://" not in self.save_dir
 
@@ -148,6 +172,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.logger.info(f"Saving checkpoint to {path}")
         atomic_write(path, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
+        if not self._stale_files_removed:
+            self._remove_stale_temporary_files()
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Atomically writes ``save_dir/last_checkpoint`` naming ``last_filename_basename``."""

@@ -43,6 +43,28 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["last_checkpoint"]
 
 
+def test_the_first_save_removes_temporary_files_of_killed_writes_only(tmp_path):
+    stale = tmp_path / ".model_0000299.pth.0123456789ab.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    os.utime(stale, (1e9, 1e9))
+    kept = [".model_0000299.pth.tmp", ".notes.0123456789ab.tmp.txt", "model.0123456789ab.tmp"]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (1e9, 1e9))
+    checkpointer = AtomicCheckpointer(nn.Linear(2, 3), str(tmp_path))
+    # Written after the checkpointer was created (another writer's file in flight): kept.
+    live = tmp_path / ".last_checkpoint.ba9876543210.tmp"
+    live.write_bytes(b"")
+    checkpointer.save("model_0000299")
+    assert not stale.exists() and live.exists()
+    expected = sorted(kept + [live.name, "last_checkpoint", "model_0000299.pth"])
+    assert sorted(os.listdir(tmp_path)) == expected
+    stale.write_bytes(b"")
+    os.utime(stale, (1e9, 1e9))
+    checkpointer.save("model_0000300")  # only the first save looks
+    assert stale.exists()
+
+
 def test_not_the_main_process_writes_nothing(tmp_path):
     AtomicCheckpointer(nn.Linear(2, 3), str(tmp_path), save_to_disk=False).save("model_final")
     assert os.listdir(tmp_path) == []

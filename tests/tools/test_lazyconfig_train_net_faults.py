@@ -118,6 +118,9 @@ def test_killed_while_saving_resumes_from_the_last_complete_checkpoint(data, tmp
     assert len(set(lrs.values())) > 4  # the warm-up really varies the rate
     with open(pointer) as f:
         assert f.read() == "model_final.pth"
+    # The killed write's temporary file was removed by the resumed job's first save.
+    assert "left by an interrupted checkpoint write" in output
+    assert not glob.glob(os.path.join(output_dir, ".*.tmp"))
     assert torch.equal(
         final["model"]["transformer.level_embed"],
         checkpoint(output_dir, "model_0000007.pth")["model"]["transformer.level_embed"],
