@@ -1,134 +1,126 @@
 """yacs support: build DINO from a classic Detectron2 config (``MODEL.META_ARCHITECTURE: "DINO"``).
 
-LazyConfigs under ``configs/`` are the primary way to configure dino_d2; this module exists so
-that code built around ``get_cfg()`` / ``build_model(cfg)`` can use DINO too::
+LazyConfigs under ``configs/`` are the primary way to configure dino_d2 and the only place its
+defaults are written. This module derives the yacs defaults from them, so that code built around
+``get_cfg()`` / ``build_model(cfg)`` can use DINO too::
 
     cfg = get_cfg()
     add_dino_config(cfg)
-    cfg.merge_from_file("my_dino.yaml")
+    cfg.MODEL.DINO.num_classes = 20
+    cfg.MODEL.DINO.transformer.encoder.num_layers = 3
     model = build_model(cfg)
+
+``MODEL.DINO`` mirrors ``model`` of ``configs/common/models/dino_r50.py`` (same lower-case keys,
+nested), without its ``_target_`` entries, its backbone (``MODEL.BACKBONE`` / ``MODEL.RESNETS``
+build it, the neck takes every feature the backbone outputs) and the values that the LazyConfig
+derives from others (``${...}`` interpolations follow the values they point to). The ResNet and
+input keys of the yacs config are set from the LazyConfig's backbone and model.
 """
 
+import inspect
+from typing import Any, Dict
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import instantiate
 from detectron2.modeling import build_backbone
 
-__all__ = ["add_dino_config", "build_dino_parts"]
+from .model_zoo import get_config
+
+__all__ = ["DEFAULTS_CONFIG", "add_dino_config", "dino_kwargs_from_yacs"]
+
+# The LazyConfig that holds DINO's defaults (R50 4-scale, the authors' recipe).
+DEFAULTS_CONFIG = "common/models/dino_r50.py"
+
+
+def _lazy_model() -> DictConfig:
+    return get_config(DEFAULTS_CONFIG).model
+
+
+def _plain_values(node) -> Dict[str, Any]:
+    """The nested plain values of a LazyConfig node: no ``_target_``, no interpolations."""
+    values = {}
+    for key in node:
+        if key == "_target_" or OmegaConf.is_interpolation(node, key):
+            continue
+        value = node[key]
+        if isinstance(value, DictConfig):
+            values[key] = _plain_values(value)
+        elif isinstance(value, ListConfig):
+            values[key] = OmegaConf.to_container(value)
+        else:
+            values[key] = value
+    return values
 
 
 def add_dino_config(cfg: CN) -> None:
-    """Adds ``MODEL.DINO`` (and ``MODEL.SWIN``) with the authors' R50 4-scale defaults."""
-    from dino_d2.modeling.backbone import add_swin_config
+    """Adds ``MODEL.DINO`` (and ``MODEL.SWIN``) with the LazyConfig's R50 4-scale defaults."""
+    from dino_d2.modeling.backbone.swin import add_swin_config
 
     add_swin_config(cfg)
-    cfg.MODEL.DINO = CN()
-    d = cfg.MODEL.DINO
-    d.NUM_CLASSES = 80
-    # Backbone levels fed to the neck, finest first, and stride-2 levels added after them.
-    d.IN_FEATURES = ["res3", "res4", "res5"]
-    d.NUM_EXTRA_LEVELS = 1
-    d.HIDDEN_DIM = 256
-    d.NUM_HEADS = 8
-    d.DIM_FEEDFORWARD = 2048
-    d.ENC_LAYERS = 6
-    d.DEC_LAYERS = 6
-    d.NUM_POINTS = 4
-    d.DROPOUT = 0.0
-    d.NUM_QUERIES = 900
-    d.SHARE_HEADS = True
-    # Sine position embedding: the authors' 20 / 0.0, detrex's 10000 / -0.5.
-    d.PE_TEMPERATURE = 20
-    d.PE_OFFSET = 0.0
-    d.DN_NUMBER = 100
-    d.LABEL_NOISE_RATIO = 0.5
-    d.BOX_NOISE_SCALE = 1.0
-    d.CLASS_WEIGHT = 1.0
-    d.BBOX_WEIGHT = 5.0
-    d.GIOU_WEIGHT = 2.0
-    d.COST_CLASS = 2.0
-    d.COST_BBOX = 5.0
-    d.COST_GIOU = 2.0
-    d.NUM_SELECT = 300
-    d.USE_CHECKPOINT = False
-    cfg.MODEL.PIXEL_MEAN = [123.675, 116.280, 103.530]
-    cfg.MODEL.PIXEL_STD = [58.395, 57.120, 57.375]
-    cfg.INPUT.FORMAT = "RGB"
+    model = _lazy_model()
+    values = _plain_values(model)
+    del values["backbone"]["bottom_up"]
+    cfg.MODEL.DINO = CN(values)
+    # Terms are open sets: a YAML file may name a registered loss or cost that is not a default.
+    cfg.MODEL.DINO.criterion.losses.set_new_allowed(True)
+    cfg.MODEL.DINO.criterion.matcher.costs.set_new_allowed(True)
+    bottom_up = model.backbone.bottom_up
+    cfg.MODEL.RESNETS.DEPTH = bottom_up.stages.depth
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = bottom_up.stages.stride_in_1x1
+    cfg.MODEL.RESNETS.NORM = bottom_up.stages.norm
+    cfg.MODEL.RESNETS.OUT_FEATURES = list(bottom_up.out_features)
+    cfg.MODEL.BACKBONE.FREEZE_AT = bottom_up.freeze_at
+    cfg.MODEL.PIXEL_MEAN = list(model.pixel_mean)
+    cfg.MODEL.PIXEL_STD = list(model.pixel_std)
+    cfg.INPUT.FORMAT = model.input_format
 
 
-def build_dino_parts(cfg: CN) -> dict:
-    """The keyword arguments of :class:`DINO` built from a yacs config."""
-    from dino_d2.layers.position_encoding import PositionEmbeddingSine
-    from dino_d2.modeling import (
-        ChannelMapper,
-        ContrastiveDenoising,
-        DeformableDecoder,
-        DeformableEncoder,
-        DINOCriterion,
-        DINOTransformer,
-        HungarianMatcher,
-        MixedQuerySelection,
-    )
+# MODEL.DINO nodes whose keys are names of registered terms rather than fixed settings.
+_OPEN_NODES = ("criterion.losses", "criterion.matcher.costs")
 
-    d = cfg.MODEL.DINO
-    backbone = ChannelMapper(
-        bottom_up=build_backbone(cfg),
-        in_features=d.IN_FEATURES,
-        out_channels=d.HIDDEN_DIM,
-        num_extra_levels=d.NUM_EXTRA_LEVELS,
-    )
-    num_levels = len(d.IN_FEATURES) + d.NUM_EXTRA_LEVELS
-    layer = dict(
-        embed_dim=d.HIDDEN_DIM,
-        num_heads=d.NUM_HEADS,
-        ffn_dim=d.DIM_FEEDFORWARD,
-        num_levels=num_levels,
-        num_points=d.NUM_POINTS,
-        dropout=d.DROPOUT,
-        use_checkpoint=d.USE_CHECKPOINT,
-    )
-    transformer = DINOTransformer(
-        encoder=DeformableEncoder(num_layers=d.ENC_LAYERS, **layer),
-        decoder=DeformableDecoder(
-            num_classes=d.NUM_CLASSES,
-            num_layers=d.DEC_LAYERS,
-            share_heads=d.SHARE_HEADS,
-            scale_query_pos_by_valid_ratio=False,
-            **layer,
-        ),
-        query_selection=MixedQuerySelection(
-            embed_dim=d.HIDDEN_DIM, num_classes=d.NUM_CLASSES, num_queries=d.NUM_QUERIES
-        ),
-        position_embedding=PositionEmbeddingSine(
-            num_pos_feats=d.HIDDEN_DIM // 2,
-            temperature=d.PE_TEMPERATURE,
-            normalize=True,
-            offset=d.PE_OFFSET,
-        ),
-        num_levels=num_levels,
-        embed_dim=d.HIDDEN_DIM,
-    )
-    return dict(
-        backbone=backbone,
-        transformer=transformer,
-        denoising=ContrastiveDenoising(
-            num_classes=d.NUM_CLASSES,
-            embed_dim=d.HIDDEN_DIM,
-            dn_number=d.DN_NUMBER,
-            label_noise_ratio=d.LABEL_NOISE_RATIO,
-            box_noise_scale=d.BOX_NOISE_SCALE,
-        ),
-        criterion=DINOCriterion(
-            num_classes=d.NUM_CLASSES,
-            matcher=HungarianMatcher(
-                cost_class=d.COST_CLASS, cost_bbox=d.COST_BBOX, cost_giou=d.COST_GIOU
-            ),
-            num_decoder_layers=d.DEC_LAYERS,
-            class_weight=d.CLASS_WEIGHT,
-            bbox_weight=d.BBOX_WEIGHT,
-            giou_weight=d.GIOU_WEIGHT,
-        ),
-        num_classes=d.NUM_CLASSES,
-        pixel_mean=cfg.MODEL.PIXEL_MEAN,
-        pixel_std=cfg.MODEL.PIXEL_STD,
-        input_format=cfg.INPUT.FORMAT,
-        num_select=d.NUM_SELECT,
-    )
+
+def _accepts(parent: DictConfig, key: str) -> bool:
+    """Whether ``key`` is an argument of the LazyCall ``parent`` (one the config leaves at its
+    default), or ``parent`` is an open set of term names."""
+    target = parent.get("_target_") if isinstance(parent, DictConfig) else None
+    if target is None:
+        return False
+    parameters = inspect.signature(target).parameters
+    return key in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _update(node: DictConfig, values: Dict[str, Any], prefix: str = "") -> None:
+    for key, value in values.items():
+        path = prefix + key
+        parent = OmegaConf.select(node, prefix[:-1]) if prefix else node
+        known = key in parent or prefix[:-1] in _OPEN_NODES or _accepts(parent, key)
+        if not known:
+            raise KeyError(
+                f"cfg.MODEL.DINO.{path} is not a setting of DINO's LazyConfig model "
+                f"({DEFAULTS_CONFIG}) nor an argument of what it builds there; the keys are "
+                f"lower-case, e.g. MODEL.DINO.num_classes"
+            )
+        if isinstance(value, dict) and key in parent:
+            _update(node, value, f"{path}.")
+        else:
+            OmegaConf.update(node, path, value, merge=False)
+
+
+def dino_kwargs_from_yacs(cfg: CN) -> Dict[str, Any]:
+    """The keyword arguments of :class:`DINO` for a yacs config prepared by
+    :func:`add_dino_config`: the LazyConfig's model with ``MODEL.DINO`` applied, the backbone
+    built by ``build_backbone(cfg)``."""
+    if "DINO" not in cfg.MODEL:
+        raise KeyError("cfg.MODEL.DINO is missing: call dino_d2.config.add_dino_config(cfg) first")
+    model = _lazy_model()
+    _update(model, cfg.MODEL.DINO)
+    model.pixel_mean = list(cfg.MODEL.PIXEL_MEAN)
+    model.pixel_std = list(cfg.MODEL.PIXEL_STD)
+    model.input_format = cfg.INPUT.FORMAT
+    OmegaConf.resolve(model)
+    bottom_up = build_backbone(cfg)
+    model.backbone.bottom_up = bottom_up
+    model.backbone.in_features = list(bottom_up.output_shape())
+    return {key: instantiate(value) for key, value in model.items() if key != "_target_"}

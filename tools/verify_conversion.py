@@ -33,6 +33,7 @@ Prints the largest differences and PASS or FAIL; the exit code is 1 on FAIL.
 """
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import math
@@ -229,18 +230,23 @@ def run_authors(model, postprocess, image: torch.Tensor) -> Dict[str, torch.Tens
 def run_ours(model, image: torch.Tensor, order=None) -> Dict[str, torch.Tensor]:
     """dino_d2's outputs for one 0-255 RGB (3, H, W) image, as :func:`run_authors` returns them.
 
-    The transformer's outputs are read with a forward hook. ``order`` (k,) reorders the selected
+    The transformer's output is read with a forward hook. ``order`` (k,) reorders the selected
     proposals (anchors, encoder logits and boxes; the content queries stay) with a hook on the
-    query selection, whose output is ``(content, anchors, enc_logits, enc_boxes)``.
+    query selection, whose output is a ``SelectedQueries``.
     """
 
     def reorder(module, inputs, output):
-        content, anchors, enc_logits, enc_boxes = output
-        return content, anchors[:, order], enc_logits[:, order], enc_boxes[:, order]
+        return dataclasses.replace(
+            output,
+            anchors=output.anchors[:, order],
+            enc_logits=output.enc_logits[:, order],
+            enc_boxes=output.enc_boxes[:, order],
+            indices=output.indices[:, order],
+        )
 
     height, width = image.shape[-2:]
-    captured: Dict[str, torch.Tensor] = {}
-    handles = [model.transformer.register_forward_hook(lambda m, i, out: captured.update(out))]
+    captured = []
+    handles = [model.transformer.register_forward_hook(lambda m, i, out: captured.append(out))]
     if order is not None:
         handles.append(model.transformer.query_selection.register_forward_hook(reorder))
     try:
@@ -249,11 +255,12 @@ def run_ours(model, image: torch.Tensor, order=None) -> Dict[str, torch.Tensor]:
     finally:
         for handle in handles:
             handle.remove()
+    (out,) = captured
     return {
-        "logits": captured["pred_logits"][-1, 0],
-        "boxes": captured["pred_boxes"][-1, 0],
-        "enc_logits": captured["enc_logits"][0],
-        "enc_boxes": captured["enc_boxes"][0],
+        "logits": out.pred_logits[-1, 0],
+        "boxes": out.pred_boxes[-1, 0],
+        "enc_logits": out.enc_logits[0],
+        "enc_boxes": out.enc_boxes[0],
         "scores": instances.scores,
         "labels": instances.pred_classes,
         "det_boxes": instances.pred_boxes.tensor,

@@ -8,11 +8,11 @@ every dino_d2 key onto its own names. dino_d2 name <- authors' (EasyCV: under ``
   ``backbone.extra_convs.{j}`` <- ``input_proj.{B+j}`` / ``neck.extra_convs.{j}``
   (B backbone levels);
 * ``transformer.level_embed`` <- ``transformer.level_embed`` / ``transformer.level_embeds``;
-* encoder layer ``self_attn``, ``self_attn_norm``, ``linear1``, ``linear2``, ``ffn_norm`` <-
-  ``self_attn``, ``norm1``, ``linear1``, ``linear2``, ``norm2`` / ``attentions.0``, ``norms.0``,
-  ``ffns.0.layers.0.0``, ``ffns.0.layers.1``, ``norms.1``;
+* encoder layer ``self_attn``, ``self_attn_norm``, ``ffn.linear1``, ``ffn.linear2``,
+  ``ffn.norm`` <- ``self_attn``, ``norm1``, ``linear1``, ``linear2``, ``norm2`` /
+  ``attentions.0``, ``norms.0``, ``ffns.0.layers.0.0``, ``ffns.0.layers.1``, ``norms.1``;
 * decoder layer ``self_attn`` (nn.MultiheadAttention), ``self_attn_norm``, ``cross_attn``,
-  ``cross_attn_norm``, ``linear1``, ``linear2``, ``ffn_norm`` <- ``self_attn``, ``norm2``,
+  ``cross_attn_norm``, ``ffn.linear1``, ``ffn.linear2``, ``ffn.norm`` <- ``self_attn``, ``norm2``,
   ``cross_attn``, ``norm1``, ``linear1``, ``linear2``, ``norm3`` / ``attentions.0.attn``,
   ``norms.0``, ``attentions.1``, ``norms.1``, ``ffns.0.layers.0.0``, ``ffns.0.layers.1``,
   ``norms.2``;
@@ -366,15 +366,15 @@ class AuthorsLayout(DetectorLayout):
             Rule("transformer.level_embed", f"{h}transformer.level_embed"),
             Rule(f"{enc}.self_attn.{{m}}.{{p}}", f"{h}{enc}.self_attn.{{m}}.{{p}}"),
             Rule(f"{enc}.self_attn_norm.{{p}}", f"{h}{enc}.norm1.{{p}}"),
-            Rule(f"{enc}.linear{{k}}.{{p}}", f"{h}{enc}.linear{{k}}.{{p}}"),
-            Rule(f"{enc}.ffn_norm.{{p}}", f"{h}{enc}.norm2.{{p}}"),
+            Rule(f"{enc}.ffn.linear{{k}}.{{p}}", f"{h}{enc}.linear{{k}}.{{p}}"),
+            Rule(f"{enc}.ffn.norm.{{p}}", f"{h}{enc}.norm2.{{p}}"),
             Rule(f"{dec}.self_attn.out_proj.{{p}}", f"{h}{dec}.self_attn.out_proj.{{p}}"),
             Rule(f"{dec}.self_attn.{{p}}", f"{h}{dec}.self_attn.{{p}}"),
             Rule(f"{dec}.self_attn_norm.{{p}}", f"{h}{dec}.norm2.{{p}}"),
             Rule(f"{dec}.cross_attn.{{m}}.{{p}}", f"{h}{dec}.cross_attn.{{m}}.{{p}}"),
             Rule(f"{dec}.cross_attn_norm.{{p}}", f"{h}{dec}.norm1.{{p}}"),
-            Rule(f"{dec}.linear{{k}}.{{p}}", f"{h}{dec}.linear{{k}}.{{p}}"),
-            Rule(f"{dec}.ffn_norm.{{p}}", f"{h}{dec}.norm3.{{p}}"),
+            Rule(f"{dec}.ffn.linear{{k}}.{{p}}", f"{h}{dec}.linear{{k}}.{{p}}"),
+            Rule(f"{dec}.ffn.norm.{{p}}", f"{h}{dec}.norm3.{{p}}"),
             Rule("transformer.decoder.norm.{p}", f"{h}transformer.decoder.norm.{{p}}"),
             Rule(
                 "transformer.decoder.ref_point_head.layers.{k}.{p}",
@@ -499,13 +499,13 @@ class DetrexLayout(DetectorLayout):
             Rule("transformer.level_embed", "transformer.level_embeds"),
             Rule(f"{enc}.self_attn.{{m}}.{{p}}", f"{enc}.attentions.0.{{m}}.{{p}}"),
             Rule(f"{enc}.self_attn_norm.{{p}}", f"{enc}.norms.0.{{p}}"),
-            Rule(f"{enc}.ffn_norm.{{p}}", f"{enc}.norms.1.{{p}}"),
+            Rule(f"{enc}.ffn.norm.{{p}}", f"{enc}.norms.1.{{p}}"),
             Rule(f"{dec}.self_attn.out_proj.{{p}}", f"{dec}.attentions.0.attn.out_proj.{{p}}"),
             Rule(f"{dec}.self_attn.{{p}}", f"{dec}.attentions.0.attn.{{p}}"),
             Rule(f"{dec}.self_attn_norm.{{p}}", f"{dec}.norms.0.{{p}}"),
             Rule(f"{dec}.cross_attn.{{m}}.{{p}}", f"{dec}.attentions.1.{{m}}.{{p}}"),
             Rule(f"{dec}.cross_attn_norm.{{p}}", f"{dec}.norms.1.{{p}}"),
-            Rule(f"{dec}.ffn_norm.{{p}}", f"{dec}.norms.2.{{p}}"),
+            Rule(f"{dec}.ffn.norm.{{p}}", f"{dec}.norms.2.{{p}}"),
             Rule("transformer.decoder.norm.{p}", "transformer.decoder.norm.{p}"),
             Rule(
                 "transformer.decoder.ref_point_head.layers.{k}.{p}",
@@ -542,7 +542,7 @@ class DetrexLayout(DetectorLayout):
         ]
         for part in (enc, dec):
             for k, name in linear.items():
-                rules.append(Rule(f"{part}.linear{k}.{{p}}", f"{part}.{name}.{{p}}"))
+                rules.append(Rule(f"{part}.ffn.linear{k}.{{p}}", f"{part}.{name}.{{p}}"))
         return rules
 
 

@@ -70,6 +70,11 @@ class PositionEmbeddingSine(nn.Module):
         self.offset = offset
         self.eps = eps
 
+    @property
+    def embed_dim(self) -> int:
+        """Channels of the embedding, ``2 * num_pos_feats``."""
+        return 2 * self.num_pos_feats
+
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
         """Embeds the positions of a padded batch.
 

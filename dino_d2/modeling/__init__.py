@@ -7,18 +7,28 @@ backbone in ``BACKBONE_REGISTRY``.
 from .backbone import SWIN_PRESETS, SwinBackbone, TimmBackbone
 from .criterion import DINOCriterion
 from .denoising import ContrastiveDenoising, DenoisingQueries
+from .losses import MatchedQueries, QuerySet
 from .matcher import HungarianMatcher
 from .meta_arch.dino import DINO
 from .neck import ChannelMapper
+from .registry import LOSSES, MATCHING_COSTS
 from .transformer import (
     DeformableDecoder,
     DeformableEncoder,
     DINOTransformer,
+    DINOTransformerOutput,
     MixedQuerySelection,
+    MultiScaleLevels,
 )
 
 __all__ = [
     "DINO",
+    "DINOTransformerOutput",
+    "LOSSES",
+    "MATCHING_COSTS",
+    "MatchedQueries",
+    "MultiScaleLevels",
+    "QuerySet",
     "ChannelMapper",
     "ContrastiveDenoising",
     "DenoisingQueries",

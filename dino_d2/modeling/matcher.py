@@ -1,83 +1,119 @@
-"""One-to-one Hungarian matching between predicted queries and ground-truth boxes."""
+"""One-to-one Hungarian matching between predicted queries and ground-truth boxes.
 
-from typing import Dict, List, Tuple
+The matching cost is a weighted sum of named cost terms. Each term is a function registered in
+:data:`dino_d2.modeling.MATCHING_COSTS` that maps the predictions of M queries and G targets to
+an (M, G) cost::
+
+    from dino_d2.modeling import MATCHING_COSTS
+
+    @MATCHING_COSTS.register()
+    def cost_center(logits, boxes, labels, gt_boxes):   # (M, K), (M, 4), (G,), (G, 4)
+        return torch.cdist(boxes[:, :2], gt_boxes[:, :2])
+
+and the matcher's ``costs`` names the terms to use with their weights
+(``model.criterion.matcher.costs.cost_center = 1.0`` in a LazyConfig). ``cost_options`` passes
+keyword arguments to a term. Boxes are normalized cxcywh.
+"""
+
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-__all__ = ["HungarianMatcher"]
+from .registry import MATCHING_COSTS, lookup
+
+__all__ = ["DEFAULT_COSTS", "HungarianMatcher", "cost_bbox", "cost_class", "cost_giou"]
+
+# The DINO authors' matcher: L1 5, focal class cost 2, GIoU 2, summed in the authors' order.
+DEFAULT_COSTS = {"cost_bbox": 5.0, "cost_class": 2.0, "cost_giou": 2.0}
+
+
+@MATCHING_COSTS.register()
+def cost_class(
+    logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor, *, alpha=0.25, gamma=2.0
+) -> Tensor:
+    """Focal cost of calling query q class ``labels[t]`` minus that of calling it background.
+
+    ``alpha (1 - p)^gamma (-log(p + 1e-8)) - (1 - alpha) p^gamma (-log(1 - p + 1e-8))`` with
+    ``p = sigmoid(logit)``, as the DINO authors' matcher computes it.
+    """
+    prob = logits.float().sigmoid()
+    neg_cost = (1 - alpha) * (prob**gamma) * (-(1 - prob + 1e-8).log())
+    pos_cost = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())
+    return pos_cost[:, labels] - neg_cost[:, labels]
+
+
+@MATCHING_COSTS.register()
+def cost_bbox(logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor) -> Tensor:
+    """L1 distance between the normalized cxcywh boxes."""
+    return torch.cdist(boxes.float(), gt_boxes.float(), p=1)
+
+
+@MATCHING_COSTS.register()
+def cost_giou(logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor) -> Tensor:
+    """Negative GIoU of the xyxy corners (torchvision's GIoU, no eps in the enclosing area)."""
+    return -generalized_box_iou(
+        box_convert(boxes.float(), "cxcywh", "xyxy"),
+        box_convert(gt_boxes.float(), "cxcywh", "xyxy"),
+    )
 
 
 class HungarianMatcher(nn.Module):
     """Assigns each ground-truth box of an image to a distinct query, minimizing a matching cost.
 
-    The cost of query q for target t is, as in the DINO authors' matcher::
-
-        cost_bbox * L1(box_q, box_t) + cost_class * focal(q, label_t) - cost_giou * GIoU(q, t)
-
-    where ``focal(q, k) = alpha (1 - p)^gamma (-log(p + 1e-8))
-    - (1 - alpha) p^gamma (-log(1 - p + 1e-8))`` with ``p = sigmoid(logit_qk)``: the focal loss
-    of calling q class k minus that of calling it background. L1 is on normalized cxcywh, GIoU on
-    the xyxy corners (torchvision's GIoU, whose enclosing-area denominator has no 1e-6 eps).
-    Each image is solved on its own with :func:`scipy.optimize.linear_sum_assignment`; unmatched
-    queries are background.
+    The cost of query q for target t is ``sum_name costs[name] * term_name(q, t)`` over the
+    registered terms of :data:`MATCHING_COSTS` named in ``costs``; with the defaults this is the
+    DINO authors' ``5 * L1 + 2 * focal - 2 * GIoU``. The cost of the whole batch is computed at
+    once; each image is then solved on its own with :func:`scipy.optimize.linear_sum_assignment`.
+    Unmatched queries are background.
 
     Args:
-        cost_class: weight of the focal class cost.
-        cost_bbox: weight of the L1 box cost.
-        cost_giou: weight of the negative GIoU cost.
-        alpha: focal alpha of the class cost.
-        gamma: focal gamma of the class cost.
+        costs: cost term name -> weight; None gives :data:`DEFAULT_COSTS`.
+        cost_options: optional keyword arguments per term, e.g.
+            ``{"cost_class": {"alpha": 0.25, "gamma": 2.0}}``.
     """
 
     def __init__(
         self,
         *,
-        cost_class: float = 2.0,
-        cost_bbox: float = 5.0,
-        cost_giou: float = 2.0,
-        alpha: float = 0.25,
-        gamma: float = 2.0,
+        costs: Optional[Mapping[str, float]] = None,
+        cost_options: Optional[Mapping[str, Mapping]] = None,
     ):
         super().__init__()
-        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
-            raise ValueError("at least one matching cost must be non-zero")
-        self.cost_class = cost_class
-        self.cost_bbox = cost_bbox
-        self.cost_giou = cost_giou
-        self.alpha = alpha
-        self.gamma = gamma
+        self.costs = dict(DEFAULT_COSTS if costs is None else costs)
+        if not any(self.costs.values()):
+            raise ValueError(f"at least one matching cost must be non-zero, got {self.costs}")
+        self.cost_options = {name: dict(opts) for name, opts in (cost_options or {}).items()}
+        self._terms = lookup(MATCHING_COSTS, self.costs, "matching cost")
+        stray = sorted(set(self.cost_options) - set(self.costs))
+        if stray:
+            raise ValueError(f"cost_options for {stray}, which are not in costs {self.costs}")
 
     @torch.no_grad()
     def cost_matrix(
         self, logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor
     ) -> Tensor:
-        """The (Q, G) matching cost of one image.
+        """The (M, G) weighted matching cost.
 
         Args:
-            logits: (Q, K) class logits.
-            boxes: (Q, 4) predicted boxes, normalized cxcywh.
+            logits: (M, K) class logits.
+            boxes: (M, 4) predicted boxes, normalized cxcywh.
             labels: (G,) int64 target classes.
             gt_boxes: (G, 4) target boxes, normalized cxcywh.
 
         Returns:
-            (Q, G) float32 cost; lower is a better match.
+            (M, G) float32 cost; lower is a better match.
         """
-        prob = logits.float().sigmoid()
-        boxes = boxes.float()
-        gt_boxes = gt_boxes.float()
-        neg_cost = (1 - self.alpha) * (prob**self.gamma) * (-(1 - prob + 1e-8).log())
-        pos_cost = self.alpha * ((1 - prob) ** self.gamma) * (-(prob + 1e-8).log())
-        class_cost = pos_cost[:, labels] - neg_cost[:, labels]
-        bbox_cost = torch.cdist(boxes, gt_boxes, p=1)
-        giou_cost = -generalized_box_iou(
-            box_convert(boxes, "cxcywh", "xyxy"), box_convert(gt_boxes, "cxcywh", "xyxy")
-        )
-        return (
-            self.cost_bbox * bbox_cost + self.cost_class * class_cost + self.cost_giou * giou_cost
-        )
+        total = None
+        for name, weight in self.costs.items():
+            if weight == 0:
+                continue
+            options = self.cost_options.get(name, {})
+            term = weight * self._terms[name](logits, boxes, labels, gt_boxes, **options)
+            total = term if total is None else total + term
+        return total
 
     @torch.no_grad()
     def forward(
@@ -95,15 +131,23 @@ class HungarianMatcher(nn.Module):
             (empty for an image without targets): query ``query_idx[j]`` is matched to target
             ``target_idx[j]``; ``query_idx`` is sorted.
         """
+        sizes = [len(t["labels"]) for t in targets]
+        empty = torch.zeros(0, dtype=torch.int64)
+        if sum(sizes) == 0:
+            return [(empty, empty.clone()) for _ in sizes]
+        n, q = pred_logits.shape[:2]
+        labels = torch.cat([t["labels"] for t in targets]).to(pred_logits.device)
+        gt_boxes = torch.cat([t["boxes"] for t in targets]).to(pred_logits.device)
+        cost = self.cost_matrix(
+            pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), labels, gt_boxes
+        )
+        cost = cost.view(n, q, -1).cpu()
         indices = []
-        for logits, boxes, target in zip(pred_logits, pred_boxes, targets):
-            labels = target["labels"]
-            if labels.numel() == 0:
-                empty = torch.zeros(0, dtype=torch.int64)
+        for image, block in enumerate(cost.split(sizes, -1)):
+            if sizes[image] == 0:
                 indices.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(logits, boxes, labels, target["boxes"]).cpu()
-            query_idx, target_idx = linear_sum_assignment(cost.numpy())
+            query_idx, target_idx = linear_sum_assignment(block[image].numpy())
             indices.append(
                 (
                     torch.as_tensor(query_idx, dtype=torch.int64),

@@ -10,7 +10,6 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
 
 __all__ = ["ChannelMapper"]
@@ -106,11 +105,3 @@ class ChannelMapper(Backbone):
             last = conv(last)
             outputs.append(last)
         return dict(zip(self._out_features, outputs))
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }

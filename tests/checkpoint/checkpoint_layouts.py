@@ -119,12 +119,17 @@ def authors_state_dict(state, *, head="", backbone=None, coco=True, counters=Fal
             index, rest = key[len("backbone.extra_convs.") :].split(".", 1)
             name = f"input_proj.{backbone_levels + int(index)}.{rest}"
         elif key.startswith("transformer.encoder.layers."):
-            name = key.replace(".self_attn_norm.", ".norm1.").replace(".ffn_norm.", ".norm2.")
+            name = (
+                key.replace(".self_attn_norm.", ".norm1.")
+                .replace(".ffn.norm.", ".norm2.")
+                .replace(".ffn.linear", ".linear")
+            )
         elif key.startswith("transformer.decoder.layers."):
             name = (
                 key.replace(".self_attn_norm.", ".norm2.")
                 .replace(".cross_attn_norm.", ".norm1.")
-                .replace(".ffn_norm.", ".norm3.")
+                .replace(".ffn.norm.", ".norm3.")
+                .replace(".ffn.linear", ".linear")
             )
         elif key.startswith(
             ("transformer.decoder.class_embed.", "transformer.decoder.bbox_embed.")
@@ -157,18 +162,18 @@ def detrex_state_dict(state):
     encoder = {
         "self_attn.": "attentions.0.",
         "self_attn_norm.": "norms.0.",
-        "ffn_norm.": "norms.1.",
-        "linear1.": "ffns.0.layers.0.0.",
-        "linear2.": "ffns.0.layers.1.",
+        "ffn.norm.": "norms.1.",
+        "ffn.linear1.": "ffns.0.layers.0.0.",
+        "ffn.linear2.": "ffns.0.layers.1.",
     }
     decoder = {
         "self_attn.": "attentions.0.attn.",
         "cross_attn.": "attentions.1.",
         "self_attn_norm.": "norms.0.",
         "cross_attn_norm.": "norms.1.",
-        "ffn_norm.": "norms.2.",
-        "linear1.": "ffns.0.layers.0.0.",
-        "linear2.": "ffns.0.layers.1.",
+        "ffn.norm.": "norms.2.",
+        "ffn.linear1.": "ffns.0.layers.0.0.",
+        "ffn.linear2.": "ffns.0.layers.1.",
     }
     out = {}
     for key, value in state.items():

@@ -49,7 +49,7 @@ def test_missing_tensor_names_the_key_and_the_layout(idea_source):
         convert_checkpoint("idea", {"model": source})
     assert str(error.value) == (
         "the checkpoint lacks 'transformer.decoder.layers.1.norm3.weight', which the 'idea' "
-        "layout expects for the model key 'transformer.decoder.layers.1.ffn_norm.weight'"
+        "layout expects for the model key 'transformer.decoder.layers.1.ffn.norm.weight'"
     )
 
 
@@ -60,7 +60,7 @@ def test_wrong_shape_names_key_got_and_expected(idea_source):
         convert_checkpoint("idea", {"model": source})
     assert str(error.value) == (
         "shape mismatch: 'transformer.encoder.layers.1.linear2.weight' gives "
-        "'transformer.encoder.layers.1.linear2.weight' the shape (32, 50), "
+        "'transformer.encoder.layers.1.ffn.linear2.weight' the shape (32, 50), "
         "the model expects (32, 48)"
     )
     source = dict(idea_source)

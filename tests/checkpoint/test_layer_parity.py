@@ -14,10 +14,13 @@ from torch import nn
 from dino_d2.checkpoint import convert_checkpoint
 from dino_d2.checkpoint.classes import coco_category_ids
 from dino_d2.layers.ms_deform_attn import MultiScaleDeformableAttention
+from dino_d2.modeling.transformer import MultiScaleLevels
 
 SHAPES = torch.tensor([[8, 8], [4, 4], [2, 2], [1, 1]])
 START = torch.cat([torch.zeros(1, dtype=torch.long), SHAPES.prod(1).cumsum(0)[:-1]])
 HEADS = 8
+# The same geometry for dino_d2's layers: a batch of two unpadded images.
+LEVELS = MultiScaleLevels.from_masks([torch.zeros(2, h, w, dtype=torch.bool) for h, w in SHAPES])
 
 # Source names of the sub-blocks of one layer: attention, norm after it, FFN linears, FFN norm.
 NAMES = {
@@ -121,7 +124,7 @@ def test_encoder_layer_matches_source(converted):
     )
     expected = layer_norm(expected + ffn(expected, state, names), state, names["ffn_norm"])
 
-    ours = model.transformer.encoder.layers[1](src, pos, points, SHAPES, START, padding)
+    ours = model.transformer.encoder.layers[1](src, pos, points, LEVELS)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -145,9 +148,7 @@ def test_decoder_layer_matches_source_seq_first_attention(converted):
     tgt = layer_norm(tgt + attended, state, names["cross_norm"])
     tgt = layer_norm(tgt + ffn(tgt, state, names), state, names["ffn_norm"])
 
-    ours = model.transformer.decoder.layers[2](
-        query, pos, boxes, memory, padding, SHAPES, START, attn_mask=mask
-    )
+    ours = model.transformer.decoder.layers[2](query, pos, boxes, memory, LEVELS, attn_mask=mask)
     torch.testing.assert_close(ours, tgt.transpose(0, 1), rtol=1e-5, atol=1e-5)
 
 

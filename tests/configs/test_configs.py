@@ -60,7 +60,12 @@ def test_defaults_match_the_published_recipe(name):
         cfg.model.denoising.label_noise_ratio == 0.5 and cfg.model.denoising.box_noise_scale == 1.0
     )
     m = cfg.model.criterion.matcher
-    assert (m.cost_class, m.cost_bbox, m.cost_giou) == (2.0, 5.0, 2.0)
+    assert dict(m.costs) == {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0}
+    assert dict(cfg.model.criterion.losses) == {
+        "loss_class": 1.0,
+        "loss_bbox": 5.0,
+        "loss_giou": 2.0,
+    }
 
 
 def test_lr_drops_after_epoch_11_of_12():

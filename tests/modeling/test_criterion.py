@@ -7,6 +7,7 @@ import torch.distributed as dist
 from dino_d2.modeling.criterion import DINOCriterion
 from dino_d2.modeling.denoising import ContrastiveDenoising
 from dino_d2.modeling.matcher import HungarianMatcher
+from dino_d2.modeling.transformer import DINOTransformerOutput, MultiScaleLevels
 
 K = 4  # classes
 Q = 6  # matching queries
@@ -42,8 +43,42 @@ def _outputs(batch, num_dn=0, seed=0):
     }
 
 
-def _criterion(**kwargs):
-    return DINOCriterion(num_classes=K, matcher=HungarianMatcher(), num_decoder_layers=L, **kwargs)
+def _transformer_output(outputs):
+    """A DINOTransformerOutput around the predictions these tests make up (the other fields,
+    which the default losses do not read, are placeholders of the right shapes)."""
+    layers, batch, total, _ = outputs["pred_logits"].shape
+    mask = torch.zeros(batch, 2, 3, dtype=torch.bool)
+    return DINOTransformerOutput(
+        hidden_states=torch.zeros(layers, batch, total, 8),
+        reference_boxes=torch.full((layers, batch, total, 4), 0.5),
+        memory=torch.zeros(batch, 6, 8),
+        levels=MultiScaleLevels.from_masks([mask]),
+        selected_indices=torch.zeros(batch, Q, dtype=torch.int64),
+        num_dn=total - Q,
+        **outputs,
+    )
+
+
+class _Criterion:
+    """DINOCriterion called with the made-up predictions of these tests."""
+
+    def __init__(self, num_decoder_layers=L, **kwargs):
+        self.module = DINOCriterion(
+            num_classes=K,
+            matcher=HungarianMatcher(),
+            num_decoder_layers=num_decoder_layers,
+            **kwargs,
+        )
+        self.weight_dict = self.module.weight_dict
+
+    def __call__(self, outputs, targets, dn):
+        return self.module(_transformer_output(outputs), targets, dn)
+
+
+def _criterion(**weights):
+    losses = {"loss_class": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    losses.update(weights)
+    return _Criterion(losses=losses)
 
 
 def _expected_keys(num_layers):
@@ -67,7 +102,7 @@ def test_loss_keys_are_the_same_with_and_without_denoising():
     without_dn = _criterion()(_outputs(2), targets, None)
     assert set(with_dn) == set(without_dn) == _expected_keys(L)
     assert set(_criterion().weight_dict) == _expected_keys(L)
-    single = DINOCriterion(num_classes=K, matcher=HungarianMatcher(), num_decoder_layers=1)
+    single = _Criterion(num_decoder_layers=1)
     assert set(single.weight_dict) == _expected_keys(1)
     assert all(v.dim() == 0 for v in with_dn.values())
 
@@ -112,7 +147,7 @@ def test_class_loss_is_normalized_like_the_authors():
     targets = _targets([2, 0, 3])
     dn = _dn(targets)
     outputs = _outputs(3, dn.num_dn_queries)
-    criterion = _criterion(class_weight=3.0)
+    criterion = _criterion(loss_class=3.0)
     losses = criterion(outputs, targets, dn)
     num_boxes = 5
     # Last layer, matching part: the focal sum over all queries and classes / num_boxes.
@@ -138,7 +173,7 @@ def test_box_losses_are_weighted_and_normalized():
     outputs = {k: v.detach() for k, v in _outputs(1).items()}
     outputs["pred_boxes"][:] = torch.tensor([0.9, 0.9, 0.1, 0.1])
     outputs["pred_boxes"][:, 0, 2] = torch.tensor([0.55, 0.5, 0.2, 0.2])  # only plausible match
-    losses = _criterion(bbox_weight=7.0, giou_weight=3.0)(outputs, targets, None)
+    losses = _criterion(loss_bbox=7.0, loss_giou=3.0)(outputs, targets, None)
     assert losses["loss_bbox"].item() == pytest.approx(7.0 * 0.05, rel=1e-5)
     inter = 0.15 * 0.2
     union = 2 * 0.04 - inter
@@ -215,9 +250,7 @@ def test_rejects_outputs_that_do_not_fit():
     targets = _targets([2])
     dn = _dn(targets)
     with pytest.raises(ValueError):
-        DINOCriterion(num_classes=K, matcher=HungarianMatcher(), num_decoder_layers=L + 1)(
-            _outputs(1, dn.num_dn_queries), targets, dn
-        )
+        _Criterion(num_decoder_layers=L + 1)(_outputs(1, dn.num_dn_queries), targets, dn)
     with pytest.raises(ValueError):
         _criterion()(_outputs(1), targets, dn)
 
@@ -244,3 +277,23 @@ def test_num_boxes_is_clamped_to_one():
     expected = _focal_sum(outputs["pred_logits"][-1], torch.zeros(1, Q, K))
     assert losses["loss_class"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert math.isfinite(losses["loss_class_enc"].item())
+
+
+def test_unknown_loss_or_stray_options_are_clear_errors():
+    with pytest.raises(ValueError, match=r"unknown loss \['loss_typo'\].*loss_bbox"):
+        _Criterion(losses={"loss_class": 1.0, "loss_typo": 1.0})
+    with pytest.raises(ValueError, match="loss_options for \\['loss_giou'\\]"):
+        _Criterion(losses={"loss_class": 1.0}, loss_options={"loss_giou": {}})
+
+
+def test_loss_options_reach_the_term():
+    targets = _targets([2, 3])
+    outputs = {k: v.detach() for k, v in _outputs(2).items()}
+    default = _Criterion()(outputs, targets, None)
+    same = _Criterion(loss_options={"loss_class": {"alpha": 0.25, "gamma": 2.0}})(
+        outputs, targets, None
+    )
+    other = _Criterion(loss_options={"loss_class": {"gamma": 0.0}})(outputs, targets, None)
+    assert same["loss_class"] == default["loss_class"]
+    assert other["loss_class"] != default["loss_class"]
+    assert other["loss_bbox"] == default["loss_bbox"]

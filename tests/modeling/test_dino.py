@@ -117,21 +117,47 @@ def test_yacs_config_builds_dino():
     add_dino_config(cfg)
     cfg.MODEL.META_ARCHITECTURE = "DINO"
     cfg.MODEL.DEVICE = "cpu"
+    # The defaults come from the LazyConfig: the authors' recipe.
+    assert cfg.MODEL.RESNETS.OUT_FEATURES == ["res3", "res4", "res5"]
+    assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False and cfg.MODEL.BACKBONE.FREEZE_AT == 2
+    assert cfg.MODEL.DINO.transformer.query_selection.num_queries == 900
+    assert dict(cfg.MODEL.DINO.criterion.losses) == {
+        "loss_class": 1.0,
+        "loss_bbox": 5.0,
+        "loss_giou": 2.0,
+    }
+    assert "bottom_up" not in cfg.MODEL.DINO.backbone and "_target_" not in cfg.MODEL.DINO
     cfg.MODEL.RESNETS.DEPTH = 18
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
     d = cfg.MODEL.DINO
-    d.HIDDEN_DIM, d.NUM_HEADS, d.DIM_FEEDFORWARD = 64, 4, 64
-    d.ENC_LAYERS, d.DEC_LAYERS, d.NUM_QUERIES, d.DN_NUMBER = 1, 2, 10, 4
-    cfg.MODEL.DINO.NUM_CLASSES = 5
+    d.backbone.num_groups = 8
+    t = d.transformer
+    t.embed_dim, t.position_embedding.num_pos_feats = 64, 32
+    t.encoder.num_heads = t.decoder.num_heads = 4
+    t.encoder.ffn_dim = t.decoder.ffn_dim = 64
+    t.encoder.num_layers, t.decoder.num_layers, t.query_selection.num_queries = 1, 2, 10
+    d.denoising.dn_number = 4
+    d.num_classes = 5
     model = build_model(cfg)
     assert type(model).__name__ == "DINO" and model.num_classes == 5
     assert model.transformer.position_embedding.temperature == 20
+    # Values derived in the LazyConfig follow what the yacs config set.
+    assert model.transformer.encoder.embed_dim == 64 and model.criterion.num_decoder_layers == 2
+    assert model.transformer.decoder.num_classes == model.denoising.num_classes == 5
     model.train()
     losses = model(
         [{"image": _image(64, 80, 1), "instances": _instances(64, 80, [[4, 4, 40, 30]], [3])}]
     )
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_yacs_config_rejects_an_unknown_key():
+    cfg = get_cfg()
+    add_dino_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "DINO"
+    cfg.MODEL.DINO.transformer.encoder.num_layer = 3
+    with pytest.raises(KeyError, match="MODEL.DINO.transformer.encoder.num_layer is not"):
+        build_model(cfg)
 
 
 def test_tiny_dino_overfits_one_image(tiny_model):

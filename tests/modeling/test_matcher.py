@@ -73,7 +73,7 @@ def test_cost_matrix_matches_the_written_out_formula():
     boxes = _random_boxes(4, g)
     labels = torch.tensor([5, 0, 2])
     gt_boxes = _random_boxes(3, g)
-    matcher = HungarianMatcher(cost_class=1.5, cost_bbox=3.0, cost_giou=0.5)
+    matcher = HungarianMatcher(costs={"cost_class": 1.5, "cost_bbox": 3.0, "cost_giou": 0.5})
     cost = matcher.cost_matrix(logits, boxes, labels, gt_boxes)
     assert cost.shape == (4, 3)
     for q in range(4):
@@ -119,6 +119,27 @@ def test_obvious_assignment_is_found():
     assert dict(zip(target_idx.tolist(), query_idx.tolist())) == {0: 2, 1: 1}
 
 
-def test_rejects_all_zero_costs():
-    with pytest.raises(ValueError):
-        HungarianMatcher(cost_class=0, cost_bbox=0, cost_giou=0)
+def test_rejects_all_zero_costs_and_unknown_terms():
+    with pytest.raises(ValueError, match="non-zero"):
+        HungarianMatcher(costs={"cost_class": 0, "cost_bbox": 0, "cost_giou": 0})
+    with pytest.raises(ValueError, match=r"unknown matching cost \['cost_typo'\]"):
+        HungarianMatcher(costs={"cost_class": 1.0, "cost_typo": 1.0})
+
+
+def test_cost_options_reach_the_term():
+    g = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(4, 6, generator=g)
+    boxes = _random_boxes(4, g)
+    labels = torch.tensor([5, 0, 2])
+    gt_boxes = _random_boxes(3, g)
+    costs = {"cost_class": 1.0}
+    options = {"cost_class": {"alpha": 0.5, "gamma": 1.0}}
+    cost = HungarianMatcher(costs=costs, cost_options=options).cost_matrix(
+        logits, boxes, labels, gt_boxes
+    )
+    for q in range(4):
+        for t in range(3):
+            expected = _pair_cost(
+                logits[q], boxes[q], labels[t], gt_boxes[t], (1.0, 0.0, 0.0), alpha=0.5, gamma=1.0
+            )
+            assert cost[q, t].item() == pytest.approx(expected, abs=1e-5)

@@ -78,11 +78,11 @@ model = L(DINO)(
     ),
     criterion=L(DINOCriterion)(
         num_classes="${..num_classes}",
-        matcher=L(HungarianMatcher)(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0),
+        # Matching cost and loss terms by name (dino_d2.modeling.MATCHING_COSTS / LOSSES) with
+        # their weights; a registered term is added with one more line.
+        matcher=L(HungarianMatcher)(costs=dict(cost_bbox=5.0, cost_class=2.0, cost_giou=2.0)),
         num_decoder_layers="${..transformer.decoder.num_layers}",
-        class_weight=1.0,
-        bbox_weight=5.0,
-        giou_weight=2.0,
+        losses=dict(loss_class=1.0, loss_bbox=5.0, loss_giou=2.0),
     ),
     num_classes=80,
     pixel_mean=[123.675, 116.280, 103.530],

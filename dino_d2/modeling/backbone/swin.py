@@ -275,15 +275,6 @@ class SwinBackbone(Backbone):
                 outputs[name] = self.out_norms[name](x).permute(0, 3, 1, 2).contiguous()
         return outputs
 
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        """Channels and stride of every output feature, keyed by name."""
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
-
 
 def add_swin_config(cfg: CfgNode) -> None:
     """Add the ``cfg.MODEL.SWIN`` keys (Swin-T defaults) used by :func:`build_swin_backbone`."""

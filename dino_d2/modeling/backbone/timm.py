@@ -5,7 +5,7 @@ from typing import Dict, Sequence
 
 import timm
 import torch
-from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import Backbone
 
 __all__ = ["TimmBackbone"]
@@ -85,12 +85,3 @@ class TimmBackbone(Backbone):
         if self._channels_last:
             features = [f.permute(0, 3, 1, 2).contiguous() for f in features]
         return dict(zip(self._out_features, features))
-
-    def output_shape(self) -> Dict[str, ShapeSpec]:
-        """Channels and stride of every output feature, keyed by name."""
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }

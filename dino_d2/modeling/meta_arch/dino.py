@@ -1,12 +1,11 @@
 """DINO: DETR with Improved DeNoising Anchor Boxes (arXiv 2203.03605), as a Detectron2 meta-arch."""
 
 import logging
-import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from detectron2.config import configurable
@@ -14,8 +13,11 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, detector_postproce
 from detectron2.structures import Boxes, ImageList, Instances
 
 from dino_d2._compat import image_list_from_tensors
+from dino_d2.config import dino_kwargs_from_yacs
 
-__all__ = ["DINO"]
+from ..transformer import DINOTransformerOutput
+
+__all__ = ["DINO", "padding_masks", "select_top_detections"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,12 @@ class DINO(nn.Module):
     inference, images of different sizes also go through the backbone one at a time
     (``exact_batched_inference``): a convolutional backbone sees the zeros of a padded batch at
     an image's border, so only this makes batched detections equal to one-image-at-a-time ones.
+
+    Extra heads (``heads``) extend the detector without editing it: each is called with the
+    :class:`DINOTransformerOutput` and returns named per-query tensors of shape
+    (L_dec, N, Q_dn + Q, ...), stored in ``outputs.extras`` where loss terms read them
+    (:meth:`QuerySet.extra`); in inference the last layer's values of the selected queries become
+    fields of the ``Instances`` under the same names.
     """
 
     @configurable
@@ -51,6 +59,7 @@ class DINO(nn.Module):
         input_format: str = "RGB",
         num_select: int = 300,
         exact_batched_inference: bool = True,
+        heads: Optional[Mapping[str, nn.Module]] = None,
     ):
         """
         Args:
@@ -64,6 +73,7 @@ class DINO(nn.Module):
             input_format: channel order of the input images, "RGB" or "BGR".
             num_select: detections kept per image (top-k over queries x classes).
             exact_batched_inference: see the class docstring.
+            heads: optional extra heads by name (see the class docstring).
         """
         super().__init__()
         self.backbone = backbone
@@ -74,6 +84,15 @@ class DINO(nn.Module):
         self.input_format = input_format
         self.num_select = num_select
         self.exact_batched_inference = exact_batched_inference
+        heads = dict(heads or {})
+        for name, head in heads.items():
+            if not isinstance(head, nn.Module):
+                raise TypeError(
+                    f"heads['{name}'] is a {type(head).__name__}, not a module; in a LazyConfig "
+                    f"write model.heads = L(OrderedDict)({name}=L(MyHead)(...)) (Detectron2's "
+                    "instantiate only builds what has a _target_)"
+                )
+        self.heads = nn.ModuleDict(heads)
         self.num_dropped_boxes = 0
         shapes = backbone.output_shape()
         self._levels = list(shapes)
@@ -84,9 +103,7 @@ class DINO(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        from dino_d2.config import build_dino_parts
-
-        return build_dino_parts(cfg)
+        return dino_kwargs_from_yacs(cfg)
 
     @property
     def device(self) -> torch.device:
@@ -112,6 +129,7 @@ class DINO(nn.Module):
                     dn_boxes=dn.boxes,
                     attn_mask=dn.attn_mask,
                 )
+            self.run_heads(outputs)
             losses = self.criterion(outputs, targets, dn)
             if dn is None:
                 # Keep the label embedding in the graph (as the authors do) so that distributed
@@ -122,15 +140,23 @@ class DINO(nn.Module):
             return losses
 
         outputs = self.transformer(features, masks)
-        results = self.inference(
-            outputs["pred_logits"][-1], outputs["pred_boxes"][-1], images.image_sizes
-        )
+        self.run_heads(outputs)
+        results = self.inference(outputs, images.image_sizes)
         processed = []
         for result, inputs, image_size in zip(results, batched_inputs, images.image_sizes):
             height = inputs.get("height", image_size[0])
             width = inputs.get("width", image_size[1])
             processed.append({"instances": detector_postprocess(result, height, width)})
         return processed
+
+    def run_heads(self, outputs: DINOTransformerOutput) -> None:
+        """Adds every extra head's outputs to ``outputs.extras``."""
+        for name, head in self.heads.items():
+            produced = head(outputs)
+            clash = sorted(set(produced) & set(outputs.extras))
+            if clash:
+                raise ValueError(f"head '{name}' returns {clash}, which another head returned")
+            outputs.extras.update(produced)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalizes the images and pads them into one (N, C, H, W) tensor."""
@@ -160,14 +186,8 @@ class DINO(nn.Module):
             features = [features[name] for name in self._levels]
         else:
             features = self._features_one_by_one(images)
-        masks = []
-        for feature, stride in zip(features, self._strides):
-            n, _, height, width = feature.shape
-            mask = torch.ones((n, height, width), dtype=torch.bool, device=feature.device)
-            for i, (h, w) in enumerate(sizes):
-                mask[i, : math.ceil(h / stride), : math.ceil(w / stride)] = False
-            masks.append(mask)
-        return features, masks
+        image_sizes = _as_size_tensor(sizes, features[0].device)
+        return features, padding_masks(features, self._strides, image_sizes)
 
     def _features_one_by_one(self, images: ImageList) -> List[torch.Tensor]:
         per_image = []
@@ -231,67 +251,121 @@ class DINO(nn.Module):
 
     def inference(
         self,
-        logits: torch.Tensor,
-        boxes: torch.Tensor,
+        outputs: DINOTransformerOutput,
         image_sizes: List[Tuple[int, int]],
         num_select: Optional[int] = None,
     ) -> List[Instances]:
-        """Top-k over queries x classes of the sigmoid scores; no NMS.
+        """Top-k over queries x classes of the last decoder layer's sigmoid scores; no NMS.
 
         Args:
-            logits: (N, Q, K) class logits of the last decoder layer.
-            boxes: (N, Q, 4) normalized cxcywh boxes.
+            outputs: the transformer's output (no denoising queries).
             image_sizes: (h, w) of each image before padding.
+            num_select: detections per image; None uses ``self.num_select``.
 
         Returns:
-            one Instances per image, boxes in absolute XYXY of that (h, w).
+            one Instances per image, boxes in absolute XYXY of that (h, w), plus one field per
+            extra head output (its last layer, at the selected queries).
         """
-        num_classes = logits.shape[-1]
-        k = min(num_select or self.num_select, logits.shape[1] * num_classes)
-        scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
-        labels = index % num_classes
-        query = torch.div(index, num_classes, rounding_mode="floor")
-        boxes = box_convert(boxes, "cxcywh", "xyxy")
+        sizes = _as_size_tensor(image_sizes, outputs.pred_boxes.device)
+        boxes, scores, classes, queries = select_top_detections(
+            outputs.pred_logits[-1], outputs.pred_boxes[-1], sizes, num_select or self.num_select
+        )
         results = []
         for i, (h, w) in enumerate(image_sizes):
-            scale = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
             result = Instances((h, w))
-            result.pred_boxes = Boxes(boxes[i, query[i]] * scale)
+            result.pred_boxes = Boxes(boxes[i])
             result.scores = scores[i]
-            result.pred_classes = labels[i]
+            result.pred_classes = classes[i]
+            for name, value in outputs.extras.items():
+                result.set(name, value[-1, i, queries[i]])
             results.append(result)
         return results
 
 
+def _as_size_tensor(sizes: Sequence[Tuple[int, int]], device: torch.device) -> Tensor:
+    """(N, 2) int64 ``(h, w)``; the sizes are ints, or 0-d tensors when the model is traced."""
+    if sizes and isinstance(sizes[0][0], Tensor):
+        return torch.stack([torch.stack(list(size)) for size in sizes]).to(device, torch.long)
+    return torch.as_tensor(sizes, dtype=torch.long, device=device)
+
+
+def padding_masks(
+    features: Sequence[Tensor], strides: Sequence[int], image_sizes: Tensor
+) -> List[Tensor]:
+    """One padding mask per level, from each image's real size.
+
+    Image i's valid region at stride s is its top-left ``ceil(h_i / s) x ceil(w_i / s)`` cells.
+
+    Args:
+        features: the levels, each (N, C, H_l, W_l).
+        strides: the stride of each level.
+        image_sizes: (N, 2) int64 ``(h, w)`` of each image before padding.
+
+    Returns:
+        list of (N, H_l, W_l) bool, True on padding.
+    """
+    masks = []
+    for feature, stride in zip(features, strides):
+        height, width = feature.shape[-2:]
+        valid = torch.div(image_sizes + (stride - 1), stride, rounding_mode="floor")
+        rows = torch.arange(height, device=feature.device)[None, :] >= valid[:, :1]
+        cols = torch.arange(width, device=feature.device)[None, :] >= valid[:, 1:]
+        masks.append(rows[:, :, None] | cols[:, None, :])
+    return masks
+
+
+def select_top_detections(
+    logits: Tensor, boxes: Tensor, image_sizes: Tensor, num_select: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DINO's detections: top-k over queries x classes of the sigmoid scores, no NMS.
+
+    Args:
+        logits: (N, Q, K) class logits of the last decoder layer.
+        boxes: (N, Q, 4) normalized cxcywh boxes.
+        image_sizes: (N, 2) int64 ``(h, w)`` each image's boxes are scaled to.
+        num_select: k; fewer when ``Q * K`` is smaller.
+
+    Returns:
+        ``(boxes, scores, classes, queries)``: (N, k, 4) absolute XYXY, (N, k) scores in
+        descending order, (N, k) int64 classes and (N, k) int64 query of each detection.
+    """
+    num_classes = logits.shape[-1]
+    k = min(num_select, logits.shape[1] * num_classes)
+    scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
+    classes = index % num_classes
+    queries = torch.div(index, num_classes, rounding_mode="floor")
+    selected = torch.gather(boxes, 1, queries[..., None].expand(-1, -1, 4))
+    scale = image_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)[:, None]
+    return box_convert(selected, "cxcywh", "xyxy") * scale, scores, classes, queries
+
+
 def _check_parts(model: DINO) -> None:
-    """Raises a ValueError naming the setting when the parts of a DINO do not fit together."""
+    """Raises a ValueError naming the setting when the parts of a DINO do not fit together.
+
+    Each part is asked through what it declares: the backbone's ``output_shape()``, the
+    transformer's ``num_levels``, ``embed_dim`` and ``num_classes`` and the ``num_classes`` of the
+    denoising part and the criterion.
+    """
     transformer = model.transformer
-    levels, channels = model._levels, model.backbone.output_shape()
+    levels, shapes = model._levels, model.backbone.output_shape()
     problems = []
     if len(levels) != transformer.num_levels:
         problems.append(
             f"the backbone gives {len(levels)} levels {levels} but transformer.num_levels is "
             f"{transformer.num_levels}"
         )
-    widths = {channels[name].channels for name in levels}
+    widths = {shapes[name].channels for name in levels}
     if widths != {transformer.embed_dim}:
         problems.append(
             f"the backbone's levels have {sorted(widths)} channels but transformer.embed_dim is "
             f"{transformer.embed_dim}"
         )
-    num_pos_feats = getattr(transformer.position_embedding, "num_pos_feats", None)
-    if num_pos_feats is not None and 2 * num_pos_feats != transformer.embed_dim:
-        problems.append(
-            f"position_embedding.num_pos_feats is {num_pos_feats}; it must be half of "
-            f"transformer.embed_dim ({transformer.embed_dim})"
-        )
-    heads = {
-        "transformer.decoder": transformer.decoder.class_embed[0].out_features,
-        "transformer.query_selection": transformer.query_selection.class_embed.out_features,
-        "denoising": model.denoising.label_enc.num_embeddings,
+    parts = {
+        "transformer": transformer.num_classes,
+        "denoising": model.denoising.num_classes,
         "criterion": model.criterion.num_classes,
     }
-    wrong = {k: v for k, v in heads.items() if v != model.num_classes}
+    wrong = {k: v for k, v in parts.items() if v != model.num_classes}
     if wrong:
         problems.append(f"num_classes is {model.num_classes} but {wrong} disagree")
     if problems:

@@ -1,25 +1,31 @@
 """DINO's deformable transformer: encoder, mixed query selection, decoder."""
 
-from .decoder import DeformableDecoder, DeformableDecoderLayer, build_box_head, build_class_head
-from .encoder import (
-    DeformableEncoder,
-    DeformableEncoderLayer,
-    get_encoder_reference_points,
-    get_valid_ratio,
+from .decoder import (
+    DecoderOutput,
+    DeformableDecoder,
+    DeformableDecoderLayer,
+    build_box_head,
+    build_class_head,
 )
-from .query_selection import MixedQuerySelection, gen_encoder_output_proposals
-from .transformer import DINOTransformer
+from .encoder import DeformableEncoder, DeformableEncoderLayer, get_encoder_reference_points
+from .levels import MultiScaleLevels, valid_extent
+from .query_selection import MixedQuerySelection, SelectedQueries, gen_encoder_output_proposals
+from .transformer import DINOTransformer, DINOTransformerOutput
 
 __all__ = [
     "DINOTransformer",
+    "DINOTransformerOutput",
+    "DecoderOutput",
     "DeformableEncoder",
     "DeformableEncoderLayer",
     "DeformableDecoder",
     "DeformableDecoderLayer",
     "MixedQuerySelection",
+    "MultiScaleLevels",
+    "SelectedQueries",
     "build_box_head",
     "build_class_head",
     "gen_encoder_output_proposals",
     "get_encoder_reference_points",
-    "get_valid_ratio",
+    "valid_extent",
 ]

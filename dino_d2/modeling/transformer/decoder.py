@@ -17,21 +17,47 @@ not the box handed to the next layer).
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch import Tensor, nn
 
 from dino_d2.layers.box_ops import inverse_sigmoid
+from dino_d2.layers.ffn import FFN
 from dino_d2.layers.mlp import MLP
 from dino_d2.layers.ms_deform_attn import MultiScaleDeformableAttention
 from dino_d2.layers.position_encoding import get_sine_pos_embed
 
-from .encoder import _xavier_init_except
+from .layer_stack import run_layer, stack_layers, xavier_init_except
+from .levels import MultiScaleLevels
 
-__all__ = ["DeformableDecoderLayer", "DeformableDecoder", "build_class_head", "build_box_head"]
+__all__ = [
+    "DecoderOutput",
+    "DeformableDecoderLayer",
+    "DeformableDecoder",
+    "build_class_head",
+    "build_box_head",
+]
+
+
+@dataclass
+class DecoderOutput:
+    """What every decoder layer produced, stacked over the layers (queries in input order).
+
+    Attributes:
+        hidden_states: (num_layers, N, Q, C) output of each layer after the decoder's final
+            ``norm`` (what the heads read).
+        reference_boxes: (num_layers, N, Q, 4) the box each layer attended around, normalized
+            cxcywh relative to the real image, detached.
+        pred_logits: (num_layers, N, Q, K) class logits of each layer.
+        pred_boxes: (num_layers, N, Q, 4) boxes predicted by each layer, normalized cxcywh.
+    """
+
+    hidden_states: Tensor
+    reference_boxes: Tensor
+    pred_logits: Tensor
+    pred_boxes: Tensor
 
 
 def build_class_head(embed_dim: int, num_classes: int, prior_prob: float = 0.01) -> nn.Linear:
@@ -51,10 +77,10 @@ def build_box_head(embed_dim: int) -> MLP:
 
 
 class DeformableDecoderLayer(nn.Module):
-    """Post-norm decoder layer: self-attention, deformable cross-attention, ReLU FFN.
+    """Post-norm decoder layer: self-attention, deformable cross-attention, ReLU :class:`FFN`.
 
-    Each sub-block is ``x = norm(x + dropout(block(x)))`` and its norm is named after it:
-    ``self_attn_norm``, ``cross_attn_norm``, ``ffn_norm``. The query position embedding is added
+    Each sub-block is ``x = norm(x + dropout(block(x)))``; the attention norms are named after
+    their block (``self_attn_norm``, ``cross_attn_norm``), the FFN keeps its own (``ffn.norm``). The query position embedding is added
     to the queries and keys of self-attention (not the values) and to the query of
     cross-attention; the memory gets no position embedding.
 
@@ -88,12 +114,8 @@ class DeformableDecoderLayer(nn.Module):
         )
         self.cross_attn_dropout = nn.Dropout(dropout)
         self.cross_attn_norm = nn.LayerNorm(embed_dim)
-        self.linear1 = nn.Linear(embed_dim, ffn_dim)
-        self.ffn_dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ffn_dim, embed_dim)
-        self.ffn_out_dropout = nn.Dropout(dropout)
-        self.ffn_norm = nn.LayerNorm(embed_dim)
-        _xavier_init_except(self, self.cross_attn)
+        self.ffn = FFN(embed_dim, ffn_dim, dropout)
+        xavier_init_except(self, self.cross_attn)
 
     def forward(
         self,
@@ -101,9 +123,7 @@ class DeformableDecoderLayer(nn.Module):
         query_pos: torch.Tensor,
         reference_points: torch.Tensor,
         memory: torch.Tensor,
-        memory_padding_mask: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        levels: MultiScaleLevels,
         attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Runs the layer.
@@ -114,9 +134,7 @@ class DeformableDecoderLayer(nn.Module):
             reference_points: (N, Q, L, 4) boxes, normalized cxcywh on each padded map (already
                 multiplied by the valid ratios).
             memory: (N, S, C) encoder output.
-            memory_padding_mask: (N, S) bool, True on padding.
-            spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
-            level_start_index: (L,) int64.
+            levels: the geometry of the memory (shapes, level starts, padding mask).
             attn_mask: optional (Q, Q) bool self-attention mask, True = may not attend.
 
         Returns:
@@ -129,13 +147,12 @@ class DeformableDecoderLayer(nn.Module):
             query=query + query_pos,
             reference_points=reference_points,
             value=memory,
-            spatial_shapes=spatial_shapes,
-            level_start_index=level_start_index,
-            value_padding_mask=memory_padding_mask,
+            spatial_shapes=levels.spatial_shapes,
+            level_start_index=levels.level_start_index,
+            value_padding_mask=levels.padding_mask,
         )
         query = self.cross_attn_norm(query + self.cross_attn_dropout(attn))
-        ffn = self.linear2(self.ffn_dropout(F.relu(self.linear1(query))))
-        return self.ffn_norm(query + self.ffn_out_dropout(ffn))
+        return self.ffn(query)
 
 
 class DeformableDecoder(nn.Module):
@@ -187,16 +204,15 @@ class DeformableDecoder(nn.Module):
         super().__init__()
         if embed_dim % 4:
             raise ValueError(f"embed_dim must be divisible by 4, got {embed_dim}")
-        self.layers = nn.ModuleList(
-            DeformableDecoderLayer(
-                embed_dim=embed_dim,
-                num_heads=num_heads,
-                ffn_dim=ffn_dim,
-                num_levels=num_levels,
-                num_points=num_points,
-                dropout=dropout,
-            )
-            for _ in range(num_layers)
+        self.layers = stack_layers(
+            DeformableDecoderLayer,
+            num_layers,
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            num_levels=num_levels,
+            num_points=num_points,
+            dropout=dropout,
         )
         self.ref_point_head = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
         for layer in self.ref_point_head.layers:
@@ -224,12 +240,9 @@ class DeformableDecoder(nn.Module):
         query: torch.Tensor,
         reference_points: torch.Tensor,
         memory: torch.Tensor,
-        memory_padding_mask: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        valid_ratios: torch.Tensor,
+        levels: MultiScaleLevels,
         attn_mask: Optional[torch.Tensor] = None,
-    ):
+    ) -> DecoderOutput:
         """Decodes the queries and predicts a class and a box with every layer.
 
         Args:
@@ -238,45 +251,43 @@ class DeformableDecoder(nn.Module):
                 each image's real size. Gradients flow into the layer-0 prediction only (through
                 look-forward-twice), never into the attention.
             memory: (N, S, C) encoder output.
-            memory_padding_mask: (N, S) bool, True on padding.
-            spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
-            level_start_index: (L,) int64.
-            valid_ratios: (N, L, 2) ``(w, h)`` fraction of each map that is not padding.
+            levels: the geometry of the memory (shapes, level starts, valid sizes, padding).
             attn_mask: optional (Q, Q) bool self-attention mask, True = may not attend.
 
         Returns:
-            pred_logits: (num_layers, N, Q, K) class logits.
-            pred_boxes: (num_layers, N, Q, 4) boxes, normalized cxcywh (sigmoid outputs).
+            A :class:`DecoderOutput` with one entry per layer.
         """
+        valid_ratios = levels.valid_ratios
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
-        run_checkpointed = self.use_checkpoint and self.training and torch.is_grad_enabled()
         output = query
         ref = reference_points.detach()
         prev_ref = reference_points
-        all_logits, all_boxes = [], []
+        hidden, refs, all_logits, all_boxes = [], [], [], []
         for i, layer in enumerate(self.layers):
             ref_input = ref[:, :, None] * ratios
             embed_ref = ref_input[:, :, 0] if self.scale_query_pos_by_valid_ratio else ref
             query_pos = self.ref_point_head(get_sine_pos_embed(embed_ref, self.embed_dim // 2))
-            args = (
+            output = run_layer(
+                layer,
                 output,
                 query_pos,
                 ref_input,
                 memory,
-                memory_padding_mask,
-                spatial_shapes,
-                level_start_index,
+                levels,
                 attn_mask,
+                use_checkpoint=self.use_checkpoint,
             )
-            if run_checkpointed:
-                output = checkpoint(layer, *args, use_reentrant=False)
-            else:
-                output = layer(*args)
-
             hs = self.norm(output)
+            hidden.append(hs)
+            refs.append(ref)
             all_logits.append(self.class_embed[i](hs))
             all_boxes.append((self.bbox_embed[i](hs) + inverse_sigmoid(prev_ref)).sigmoid())
             if i + 1 < self.num_layers:
                 prev_ref = (self.bbox_embed[i](output) + inverse_sigmoid(ref)).sigmoid()
                 ref = prev_ref.detach()
-        return torch.stack(all_logits), torch.stack(all_boxes)
+        return DecoderOutput(
+            hidden_states=torch.stack(hidden),
+            reference_boxes=torch.stack(refs),
+            pred_logits=torch.stack(all_logits),
+            pred_boxes=torch.stack(all_boxes),
+        )

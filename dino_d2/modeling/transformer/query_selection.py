@@ -7,19 +7,40 @@ learned embedding ("mixed": positions from the image, content static).
 Boxes are normalized cxcywh in [0, 1] relative to each image's real (unpadded) size.
 """
 
+from dataclasses import dataclass
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .decoder import build_box_head, build_class_head
+from .levels import MultiScaleLevels
 
-__all__ = ["MixedQuerySelection", "gen_encoder_output_proposals"]
+__all__ = ["MixedQuerySelection", "SelectedQueries", "gen_encoder_output_proposals"]
+
+
+@dataclass
+class SelectedQueries:
+    """The decoder's matching queries chosen from the encoder's proposals.
+
+    Attributes:
+        content: (N, k, C) learned content queries ``tgt_embed`` (the same for every image).
+        anchors: (N, k, 4) detached refined proposals of the selected tokens in logit space
+            (``sigmoid`` gives normalized cxcywh; +inf for a selected invalid token).
+        enc_logits: (N, k, K) class logits of the selected tokens (for the encoder loss).
+        enc_boxes: (N, k, 4) sigmoid of the refined proposals, NOT detached (for the encoder
+            loss).
+        indices: (N, k) int64 positions of the selected tokens in the flattened sequence.
+    """
+
+    content: Tensor
+    anchors: Tensor
+    enc_logits: Tensor
+    enc_boxes: Tensor
+    indices: Tensor
 
 
 def gen_encoder_output_proposals(
-    memory: torch.Tensor,
-    padding_mask: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    base_wh: float = 0.05,
+    memory: torch.Tensor, levels: MultiScaleLevels, base_wh: float = 0.05
 ):
     """One box proposal per encoder token, in logit space, as the DINO authors make them.
 
@@ -31,8 +52,7 @@ def gen_encoder_output_proposals(
 
     Args:
         memory: (N, S, C) encoder output.
-        padding_mask: (N, S) bool, True on padding.
-        spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
+        levels: the geometry of the batch (shapes, valid sizes, padding mask).
         base_wh: size of the level-0 proposals.
 
     Returns:
@@ -41,23 +61,19 @@ def gen_encoder_output_proposals(
         valid: (N, S) bool, True where the proposal is valid (padded tokens are never valid).
     """
     n = memory.shape[0]
+    padding_mask = levels.padding_mask
     proposals = []
-    start = 0
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        level_mask = padding_mask[:, start : start + h * w].view(n, h, w)
-        valid_h = torch.sum(~level_mask[:, :, 0], 1)
-        valid_w = torch.sum(~level_mask[:, 0, :], 1)
+    for lvl, (h, w) in enumerate(levels.shapes):
         grid_y, grid_x = torch.meshgrid(
             torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
             torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
             indexing="ij",
         )
         grid = torch.stack([grid_x, grid_y], -1)
-        scale = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)
+        scale = levels.valid_sizes[:, lvl].view(n, 1, 1, 2)
         grid = (grid.unsqueeze(0).expand(n, -1, -1, -1) + 0.5) / scale
         wh = torch.ones_like(grid) * base_wh * (2.0**lvl)
         proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
-        start += h * w
     proposals = torch.cat(proposals, 1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1) & ~padding_mask
     proposals = torch.log(proposals / (1 - proposals))
@@ -107,35 +123,25 @@ class MixedQuerySelection(nn.Module):
         self.tgt_embed = nn.Embedding(num_queries, embed_dim)
         nn.init.xavier_uniform_(self.tgt_embed.weight)
         self.embed_dim = embed_dim
+        self.num_classes = num_classes
         self.num_queries = num_queries
         self.base_wh = base_wh
         self.exclude_invalid = exclude_invalid
 
-    def forward(
-        self, memory: torch.Tensor, padding_mask: torch.Tensor, spatial_shapes: torch.Tensor
-    ):
+    def forward(self, memory: torch.Tensor, levels: MultiScaleLevels) -> SelectedQueries:
         """Selects the queries.
 
         Args:
             memory: (N, S, C) encoder output.
-            padding_mask: (N, S) bool, True on padding.
-            spatial_shapes: (L, 2) int64 ``(H_l, W_l)``.
+            levels: the geometry of the batch.
 
         Returns:
-            A tuple ``(content, anchors, enc_logits, enc_boxes)``:
-            content: (N, k, C) learned content queries ``tgt_embed`` (the same for every image).
-            anchors: (N, k, 4) detached refined proposals of the selected tokens in logit space
-                (``sigmoid`` gives normalized cxcywh; +inf for a selected invalid token).
-            enc_logits: (N, k, K) class logits of the selected tokens (for the encoder loss).
-            enc_boxes: (N, k, 4) sigmoid of the refined proposals, NOT detached (for the
-                encoder loss).
-            If an image has fewer than k selectable tokens, padded tokens fill the rest; if the
+            The :class:`SelectedQueries`. If an image has fewer than k selectable tokens, padded tokens fill the rest; if the
             maps have fewer than k tokens in all (tiny images), the selected tokens repeat
             cyclically so that every one of the k content queries still gets an anchor.
         """
-        output_memory, proposals, valid = gen_encoder_output_proposals(
-            memory, padding_mask, spatial_shapes, self.base_wh
-        )
+        output_memory, proposals, valid = gen_encoder_output_proposals(memory, levels, self.base_wh)
+        padding_mask = levels.padding_mask
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         logits = self.class_embed(output_memory)
         coords = self.bbox_embed(output_memory) + proposals
@@ -149,4 +155,10 @@ class MixedQuerySelection(nn.Module):
         enc_logits = torch.gather(logits, 1, topk[..., None].expand(-1, -1, logits.shape[-1]))
         selected = torch.gather(coords, 1, topk[..., None].expand(-1, -1, 4))
         content = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
-        return content, selected.detach(), enc_logits, selected.sigmoid()
+        return SelectedQueries(
+            content=content,
+            anchors=selected.detach(),
+            enc_logits=enc_logits,
+            enc_boxes=selected.sigmoid(),
+            indices=topk,
+        )

@@ -1,13 +1,54 @@
 """DINO's transformer: encoder, mixed query selection and decoder wired together."""
 
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dino_d2.layers.box_ops import inverse_sigmoid
 
-from .encoder import get_valid_ratio
+from .levels import MultiScaleLevels
 
-__all__ = ["DINOTransformer"]
+__all__ = ["DINOTransformer", "DINOTransformerOutput"]
+
+
+@dataclass
+class DINOTransformerOutput:
+    """Everything the transformer computed that a head, a loss or an exporter may need.
+
+    Decoder queries are ordered denoising queries first (``num_dn`` of them, 0 in inference),
+    then the ``Q`` matching queries. Boxes are normalized cxcywh in [0, 1] relative to each
+    image's real (unpadded) size.
+
+    Attributes:
+        hidden_states: (L_dec, N, Q_dn + Q, C) normed output of every decoder layer.
+        reference_boxes: (L_dec, N, Q_dn + Q, 4) the (detached) box each decoder layer attended
+            around.
+        pred_logits: (L_dec, N, Q_dn + Q, K) class logits of every decoder layer.
+        pred_boxes: (L_dec, N, Q_dn + Q, 4) boxes of every decoder layer.
+        memory: (N, S, C) encoder output (padded tokens hold meaningless values).
+        levels: the geometry of ``memory``: level shapes, start indices, valid sizes and ratios,
+            padding mask.
+        enc_logits: (N, Q, K) class logits of the selected encoder proposals.
+        enc_boxes: (N, Q, 4) their refined boxes, not detached.
+        selected_indices: (N, Q) int64 positions in ``memory`` of the selected proposals.
+        num_dn: number of denoising queries at the front of the decoder's query axis.
+        extras: per-query outputs of extra heads (``DINO(heads=...)``), by name, each
+            (L_dec, N, Q_dn + Q, ...).
+    """
+
+    hidden_states: Tensor
+    reference_boxes: Tensor
+    pred_logits: Tensor
+    pred_boxes: Tensor
+    memory: Tensor
+    levels: MultiScaleLevels
+    enc_logits: Tensor
+    enc_boxes: Tensor
+    selected_indices: Tensor
+    num_dn: int = 0
+    extras: Dict[str, Tensor] = field(default_factory=dict)
 
 
 class DINOTransformer(nn.Module):
@@ -47,13 +88,39 @@ class DINOTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
         self.num_levels = num_levels
         self.embed_dim = embed_dim
+        problems = []
+        if decoder.num_classes != query_selection.num_classes:
+            problems.append(
+                f"decoder.num_classes ({decoder.num_classes}) differs from "
+                f"query_selection.num_classes ({query_selection.num_classes})"
+            )
+        embed_width = getattr(position_embedding, "embed_dim", embed_dim)
+        if embed_width != embed_dim:
+            problems.append(
+                f"position_embedding gives {embed_width} channels (num_pos_feats is half of "
+                f"it); it must give embed_dim ({embed_dim})"
+            )
+        if problems:
+            raise ValueError("DINOTransformer: " + "; ".join(problems))
 
     @property
     def num_queries(self) -> int:
         """Number of matching (non-denoising) queries."""
         return self.query_selection.num_queries
 
-    def forward(self, features, masks, dn_content=None, dn_boxes=None, attn_mask=None):
+    @property
+    def num_classes(self) -> int:
+        """K, the classes of the decoder's and the query selection's heads."""
+        return self.decoder.num_classes
+
+    def forward(
+        self,
+        features: List[Tensor],
+        masks: List[Tensor],
+        dn_content: Optional[Tensor] = None,
+        dn_boxes: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+    ) -> DINOTransformerOutput:
         """Runs encoder, query selection and decoder.
 
         Args:
@@ -68,55 +135,40 @@ class DINOTransformer(nn.Module):
                 True = may not attend.
 
         Returns:
-            dict with
-            ``pred_logits``: (num_decoder_layers, N, Q_dn + Q, K) class logits, DN queries first;
-            ``pred_boxes``: (num_decoder_layers, N, Q_dn + Q, 4) normalized cxcywh;
-            ``enc_logits``: (N, Q, K) class logits of the selected encoder proposals;
-            ``enc_boxes``: (N, Q, 4) their refined boxes, normalized cxcywh, not detached.
+            A :class:`DINOTransformerOutput`.
         """
         if len(features) != self.num_levels or len(masks) != self.num_levels:
             raise ValueError(
                 f"expected {self.num_levels} feature maps and masks, "
                 f"got {len(features)} and {len(masks)}"
             )
-        src, pos, padding_mask, shapes = [], [], [], []
+        src, pos = [], []
         for lvl, (feat, mask) in enumerate(zip(features, masks)):
-            shapes.append(feat.shape[-2:])
             level_pos = self.position_embedding(mask).to(feat.dtype)
             src.append(feat.flatten(2).transpose(1, 2))
             pos.append(level_pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
-            padding_mask.append(mask.flatten(1))
         src = torch.cat(src, 1)
         pos = torch.cat(pos, 1)
-        padding_mask = torch.cat(padding_mask, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
-        level_start_index = torch.cat(
-            (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
-        )
-        valid_ratios = torch.stack([get_valid_ratio(m) for m in masks], 1)
+        levels = MultiScaleLevels.from_masks(masks)
 
-        memory = self.encoder(
-            src, pos, spatial_shapes, level_start_index, valid_ratios, padding_mask
-        )
-        content, anchors, enc_logits, enc_boxes = self.query_selection(
-            memory, padding_mask, spatial_shapes
-        )
+        memory = self.encoder(src, pos, levels)
+        selected = self.query_selection(memory, levels)
+        content, anchors = selected.content, selected.anchors
+        num_dn = 0
         if dn_content is not None:
+            num_dn = dn_content.shape[1]
             content = torch.cat([dn_content, content], 1)
             anchors = torch.cat([inverse_sigmoid(dn_boxes), anchors], 1)
-        pred_logits, pred_boxes = self.decoder(
-            content,
-            anchors.sigmoid(),
-            memory,
-            padding_mask,
-            spatial_shapes,
-            level_start_index,
-            valid_ratios,
-            attn_mask,
+        decoded = self.decoder(content, anchors.sigmoid(), memory, levels, attn_mask)
+        return DINOTransformerOutput(
+            hidden_states=decoded.hidden_states,
+            reference_boxes=decoded.reference_boxes,
+            pred_logits=decoded.pred_logits,
+            pred_boxes=decoded.pred_boxes,
+            memory=memory,
+            levels=levels,
+            enc_logits=selected.enc_logits,
+            enc_boxes=selected.enc_boxes,
+            selected_indices=selected.indices,
+            num_dn=num_dn,
         )
-        return {
-            "pred_logits": pred_logits,
-            "pred_boxes": pred_boxes,
-            "enc_logits": enc_logits,
-            "enc_boxes": enc_boxes,
-        }

@@ -5,10 +5,9 @@ import torch
 from dino_d2.layers.box_ops import inverse_sigmoid
 from dino_d2.layers.position_encoding import get_sine_pos_embed
 from dino_d2.modeling.transformer.decoder import DeformableDecoder
+from dino_d2.modeling.transformer.levels import MultiScaleLevels
 
 C, K, Q = 32, 3, 6
-SHAPES = torch.tensor([[4, 5], [2, 3]])
-START = torch.tensor([0, 20])
 
 
 def _decoder(**kwargs):
@@ -35,15 +34,22 @@ def _inputs():
     memory = torch.randn(2, 26, C, generator=g)
     mask = torch.zeros(2, 26, dtype=torch.bool)
     mask[1, 15:20] = True  # level 0 of image 1: last row padded
-    ratios = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 0.75], [1.0, 1.0]]])
     query = torch.randn(2, Q, C, generator=g)
     boxes = torch.rand(2, Q, 4, generator=g) * 0.5 + 0.25
-    return query, boxes, memory, mask, SHAPES, START, ratios
+    levels = MultiScaleLevels.from_masks([mask[:, :20].view(2, 4, 5), mask[:, 20:].view(2, 2, 3)])
+    return query, boxes, memory, levels
+
+
+def _run(decoder, *args):
+    out = decoder(*args)
+    return out.pred_logits, out.pred_boxes
 
 
 def test_output_shapes_and_ranges():
-    logits, boxes = _decoder()(*_inputs())
+    out = _decoder()(*_inputs())
+    logits, boxes = out.pred_logits, out.pred_boxes
     assert logits.shape == (3, 2, Q, K)
+    assert out.hidden_states.shape == (3, 2, Q, C) and out.reference_boxes.shape == (3, 2, Q, 4)
     assert boxes.shape == (3, 2, Q, 4)
     assert ((boxes > 0) & (boxes < 1)).all()
 
@@ -53,15 +59,20 @@ def test_matches_the_authors_recurrence():
     (undetached) box, query position from the sine embedding of the box times the level-0 valid
     ratio."""
     decoder = _decoder(share_heads=False)
-    query, ref, memory, mask, shapes, start, ratios = _inputs()
-    logits, boxes = decoder(query, ref, memory, mask, shapes, start, ratios)
+    query, ref, memory, levels = _inputs()
+    out_all = decoder(query, ref, memory, levels)
+    logits, boxes = out_all.pred_logits, out_all.pred_boxes
+    ratios = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 0.75], [1.0, 1.0]]])
+    torch.testing.assert_close(levels.valid_ratios, ratios)
     scale = torch.cat([ratios, ratios], -1)[:, None]
     out, prev = query, ref
     for i, layer in enumerate(decoder.layers):
         ref_input = ref[:, :, None] * scale
         pos = decoder.ref_point_head(get_sine_pos_embed(ref_input[:, :, 0], C // 2, 10000))
-        out = layer(out, pos, ref_input, memory, mask, shapes, start)
+        torch.testing.assert_close(out_all.reference_boxes[i], ref)
+        out = layer(out, pos, ref_input, memory, levels)
         hs = decoder.norm(out)
+        torch.testing.assert_close(out_all.hidden_states[i], hs)
         torch.testing.assert_close(logits[i], decoder.class_embed[i](hs))
         expected = (decoder.bbox_embed[i](hs) + inverse_sigmoid(prev)).sigmoid()
         torch.testing.assert_close(boxes[i], expected)
@@ -71,7 +82,7 @@ def test_matches_the_authors_recurrence():
 
 def test_look_forward_twice_gradients():
     decoder = _decoder(share_heads=False)
-    logits, boxes = decoder(*_inputs())
+    logits, boxes = _run(decoder, *_inputs())
     previous_head = list(decoder.bbox_embed[0].parameters())
     # Layer 1's box loss reaches layer 0's box head (through the undetached previous box) ...
     grads = torch.autograd.grad(boxes[1].sum(), previous_head, retain_graph=True, allow_unused=True)
@@ -88,7 +99,7 @@ def test_look_forward_twice_gradients():
     # The initial boxes only reach the layer-0 prediction, never the attention.
     query, ref, *rest = _inputs()
     ref.requires_grad_()
-    logits, boxes = decoder(query, ref, *rest)
+    logits, boxes = _run(decoder, query, ref, *rest)
     assert torch.autograd.grad(boxes[0].sum(), ref, retain_graph=True)[0].abs().sum() > 0
     grad = torch.autograd.grad(logits.sum() + boxes[1:].sum(), ref, allow_unused=True)[0]
     assert grad is None or grad.abs().sum() == 0
@@ -132,11 +143,11 @@ def test_self_attention_mask_isolates_queries():
     blocked = torch.zeros(Q, Q, dtype=torch.bool)
     blocked[2:, :2] = True  # queries 2.. may not see queries 0, 1
     with torch.no_grad():
-        logits, boxes = decoder(query, ref, *rest, blocked)
+        logits, boxes = _run(decoder, query, ref, *rest, blocked)
         query2, ref2 = query.clone(), ref.clone()
         query2[:, :2] += 1
         ref2[:, :2] = 0.5
-        logits2, boxes2 = decoder(query2, ref2, *rest, blocked)
+        logits2, boxes2 = _run(decoder, query2, ref2, *rest, blocked)
     torch.testing.assert_close(logits[:, :, 2:], logits2[:, :, 2:])
     torch.testing.assert_close(boxes[:, :, 2:], boxes2[:, :, 2:])
     assert (logits[:, :, :2] - logits2[:, :, :2]).abs().max() > 1e-3

@@ -10,6 +10,7 @@ from dino_d2.modeling.transformer import (
 )
 
 K, Q, Q_DN = 5, 10, 4
+KEYS = ("pred_logits", "pred_boxes", "enc_logits", "enc_boxes")
 SIZES = [(8, 10), (4, 5)]  # the padded batch: two levels
 SMALL = [(5, 6), (3, 3)]  # valid region of the smaller image on each level
 
@@ -56,6 +57,12 @@ def _batch(embed_dim, valid=((SIZES[0], SIZES[1]), (SMALL[0], SMALL[1])), seed=0
     return features, masks
 
 
+def _run(model, *args, **kwargs):
+    """The transformer's main predictions as a dict (the fields these tests compare)."""
+    out = model(*args, **kwargs)
+    return {key: getattr(out, key) for key in KEYS}
+
+
 def _dn_inputs(embed_dim, n=2):
     g = torch.Generator().manual_seed(1)
     content = torch.randn(n, Q_DN, embed_dim, generator=g)
@@ -76,7 +83,7 @@ def test_end_to_end_shapes(embed_dim, with_dn):
     if with_dn:
         content, boxes, attn_mask = _dn_inputs(embed_dim)
         kwargs = dict(dn_content=content, dn_boxes=boxes, attn_mask=attn_mask)
-    out = model(features, masks, **kwargs)
+    out = _run(model, features, masks, **kwargs)
     total = Q + (Q_DN if with_dn else 0)
     assert out["pred_logits"].shape == (2, 2, total, K)
     assert out["pred_boxes"].shape == (2, 2, total, 4)
@@ -96,9 +103,11 @@ def test_dn_queries_come_first_and_are_masked_out():
     features, masks = _batch(embed_dim)
     content, boxes, attn_mask = _dn_inputs(embed_dim)
     with torch.no_grad():
-        plain = model(features, masks)
-        out = model(features, masks, dn_content=content, dn_boxes=boxes, attn_mask=attn_mask)
-        out2 = model(features, masks, dn_content=content + 1, dn_boxes=boxes, attn_mask=attn_mask)
+        plain = _run(model, features, masks)
+        out = _run(model, features, masks, dn_content=content, dn_boxes=boxes, attn_mask=attn_mask)
+        out2 = _run(
+            model, features, masks, dn_content=content + 1, dn_boxes=boxes, attn_mask=attn_mask
+        )
     # The matching queries (last Q) are blind to the DN queries: same as without them.
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(out[key][:, :, Q_DN:], plain[key], atol=1e-5, rtol=1e-5)
@@ -122,9 +131,9 @@ def test_batched_equals_single():
         f[1, :, h:] = 50.0
         f[1, :, :, w:] = -50.0
     with torch.no_grad():
-        batched = model(features, masks)
-        single_a = model(*_crop(features, masks, 1, SMALL))
-        single_b = model(*_crop(features, masks, 0, SIZES))
+        batched = _run(model, features, masks)
+        single_a = _run(model, *_crop(features, masks, 1, SMALL))
+        single_b = _run(model, *_crop(features, masks, 0, SIZES))
     for key, value in batched.items():
         index = (slice(None), 1) if key.startswith("pred") else (1,)
         torch.testing.assert_close(
@@ -141,7 +150,7 @@ def test_query_pos_option_only_matters_with_padding():
     fixed.load_state_dict(authors.state_dict())
     features, masks = _batch(embed_dim)
     with torch.no_grad():
-        a, f = authors(features, masks), fixed(features, masks)
+        a, f = _run(authors, features, masks), _run(fixed, features, masks)
     # Image 0 is unpadded: identical. Image 1 is padded: the authors' embedding differs.
     torch.testing.assert_close(a["pred_boxes"][:, 0], f["pred_boxes"][:, 0])
     torch.testing.assert_close(a["enc_boxes"], f["enc_boxes"])
@@ -161,7 +170,7 @@ def test_gradient_checkpointing():
     results = []
     for model in (plain, ckpt):
         feats = [f.clone().requires_grad_() for f in features]
-        out = model(feats, masks, dn_content=content, dn_boxes=boxes, attn_mask=attn_mask)
+        out = _run(model, feats, masks, dn_content=content, dn_boxes=boxes, attn_mask=attn_mask)
         g = torch.Generator().manual_seed(2)
         loss = sum((v * torch.randn(v.shape, generator=g)).sum() for v in out.values())
         loss.backward()
@@ -175,5 +184,41 @@ def test_gradient_checkpointing():
         torch.testing.assert_close(a, b)
     starts.clear()
     with torch.no_grad():
-        ckpt(features, masks)
+        _run(ckpt, features, masks)
     assert len(starts) == 4
+
+
+def test_output_carries_what_heads_and_losses_need():
+    embed_dim = 64
+    model = _build(embed_dim).eval()
+    features, masks = _batch(embed_dim)
+    content, boxes, attn_mask = _dn_inputs(embed_dim)
+    with torch.no_grad():
+        out = model(features, masks, dn_content=content, dn_boxes=boxes, attn_mask=attn_mask)
+    total = Q_DN + Q
+    num_tokens = sum(h * w for h, w in SIZES)
+    assert out.num_dn == Q_DN
+    assert out.hidden_states.shape == (2, 2, total, embed_dim)
+    assert out.reference_boxes.shape == (2, 2, total, 4)
+    assert out.memory.shape == (2, num_tokens, embed_dim)
+    assert out.levels.shapes == SIZES
+    assert out.levels.spatial_shapes.tolist() == [list(s) for s in SIZES]
+    assert out.levels.level_start_index.tolist() == [0, SIZES[0][0] * SIZES[0][1]]
+    assert out.levels.padding_mask.shape == (2, num_tokens)
+    torch.testing.assert_close(
+        out.levels.valid_ratios[1],
+        torch.tensor([[w / W, h / H] for (h, w), (H, W) in zip(SMALL, SIZES)]),
+    )
+    # The selected proposals are valid tokens of each image, and their class logits are the
+    # encoder head's at those tokens.
+    assert out.selected_indices.shape == (2, Q) and out.selected_indices.dtype == torch.int64
+    assert not torch.gather(out.levels.padding_mask, 1, out.selected_indices).any()
+    qs = model.query_selection
+    memory = out.memory[1, out.selected_indices[1]]
+    torch.testing.assert_close(
+        out.enc_logits[1], qs.class_embed(qs.enc_output_norm(qs.enc_output(memory)))
+    )
+    # The heads read the normed hidden states.
+    torch.testing.assert_close(
+        out.pred_logits[-1], model.decoder.class_embed[-1](out.hidden_states[-1])
+    )

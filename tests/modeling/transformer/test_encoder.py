@@ -1,11 +1,8 @@
 import torch
 
 from dino_d2.layers.position_encoding import PositionEmbeddingSine
-from dino_d2.modeling.transformer.encoder import (
-    DeformableEncoder,
-    get_encoder_reference_points,
-    get_valid_ratio,
-)
+from dino_d2.modeling.transformer.encoder import DeformableEncoder, get_encoder_reference_points
+from dino_d2.modeling.transformer.levels import MultiScaleLevels, valid_extent
 
 C = 32
 
@@ -25,25 +22,27 @@ def _level_masks(valid, sizes):
 def _flatten(features, masks, pe):
     src = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)
     pos = torch.cat([pe(m).flatten(2).transpose(1, 2) for m in masks], 1)
-    mask = torch.cat([m.flatten(1) for m in masks], 1)
-    shapes = torch.tensor([f.shape[-2:] for f in features], dtype=torch.long)
-    start = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
-    ratios = torch.stack([get_valid_ratio(m) for m in masks], 1)
-    return src, pos, shapes, start, ratios, mask
+    return src, pos, MultiScaleLevels.from_masks(masks)
 
 
-def test_valid_ratio():
+def test_valid_extent_and_ratio():
     mask = torch.ones(2, 4, 5, dtype=torch.bool)
     mask[0, :3, :2] = False
     mask[1] = False
-    torch.testing.assert_close(get_valid_ratio(mask), torch.tensor([[0.4, 0.75], [1.0, 1.0]]))
+    torch.testing.assert_close(valid_extent(mask), torch.tensor([[2.0, 3.0], [5.0, 4.0]]))
+    levels = MultiScaleLevels.from_masks([mask, torch.zeros(2, 2, 3, dtype=torch.bool)])
+    torch.testing.assert_close(
+        levels.valid_ratios, torch.tensor([[[0.4, 0.75], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    )
+    assert levels.shapes == [(4, 5), (2, 3)]
+    assert levels.level_start_index.tolist() == [0, 20]
+    assert levels.padding_mask.shape == (2, 26)
 
 
 def test_reference_points_hand_computation():
     # Two levels; the image covers 2 of 4 columns and 1 of 2 rows of level 0, 1 x 1 of level 1.
-    shapes = torch.tensor([[2, 4], [1, 2]])
-    ratios = torch.tensor([[[0.5, 0.5], [0.5, 1.0]]])
-    ref = get_encoder_reference_points(shapes, ratios)
+    masks = _level_masks([[(1, 2), (1, 1)]], [(2, 4), (1, 2)])
+    ref = get_encoder_reference_points(MultiScaleLevels.from_masks(masks))
     assert ref.shape == (1, 8 + 2, 2, 2)
     # Level-0 pixel (row 0, col 1): centre (1.5 / 2, 0.5 / 1) relative to the valid region,
     # then scaled by each level's valid ratio.
@@ -66,13 +65,14 @@ def test_valid_outputs_ignore_padded_features():
     masks = _level_masks([[(4, 5), (2, 3)], [(6, 7), (3, 4)]], sizes)
     pe = PositionEmbeddingSine(num_pos_feats=C // 2, temperature=20)
     features = [torch.randn(2, C, h, w) for h, w in sizes]
-    src, pos, shapes, start, ratios, mask = _flatten(features, masks, pe)
+    src, pos, levels = _flatten(features, masks, pe)
+    mask = levels.padding_mask
     with torch.no_grad():
-        out = encoder(src, pos, shapes, start, ratios, mask)
+        out = encoder(src, pos, levels)
         garbage = (
             src.masked_fill(mask[..., None], 0) + torch.randn_like(src) * 100 * mask[..., None]
         )
-        out2 = encoder(garbage, pos, shapes, start, ratios, mask)
+        out2 = encoder(garbage, pos, levels)
     valid = ~mask
     assert not torch.equal(garbage, src)
     torch.testing.assert_close(out[valid], out2[valid], atol=1e-5, rtol=1e-5)
@@ -80,7 +80,7 @@ def test_valid_outputs_ignore_padded_features():
     with torch.no_grad():
         changed = src.clone()
         changed[0, 0] += 1
-        out3 = encoder(changed, pos, shapes, start, ratios, mask)
+        out3 = encoder(changed, pos, levels)
     assert (out3[valid] - out[valid]).abs().max() > 1e-3
 
 
@@ -93,16 +93,14 @@ def test_checkpointing_same_result_and_recomputes():
     sizes = [(4, 5), (2, 3)]
     masks = _level_masks([[(3, 4), (2, 2)], [(4, 5), (2, 3)]], sizes)
     pe = PositionEmbeddingSine(num_pos_feats=C // 2, temperature=20)
-    src, pos, shapes, start, ratios, mask = _flatten(
-        [torch.randn(2, C, h, w) for h, w in sizes], masks, pe
-    )
+    src, pos, levels = _flatten([torch.randn(2, C, h, w) for h, w in sizes], masks, pe)
     calls = []
     for layer in ckpt.layers:
         layer.register_forward_pre_hook(lambda *_: calls.append(1))
     results = []
     for model in (plain, ckpt):
         x = src.clone().requires_grad_()
-        out = model(x, pos, shapes, start, ratios, mask)
+        out = model(x, pos, levels)
         (out * torch.arange(C)).sum().backward()
         grads = [p.grad for p in model.parameters()]
         results.append((out.detach(), x.grad, grads))
@@ -116,7 +114,7 @@ def test_checkpointing_same_result_and_recomputes():
 
     calls.clear()
     with torch.no_grad():
-        ckpt(src, pos, shapes, start, ratios, mask)
+        ckpt(src, pos, levels)
     ckpt.eval()
-    ckpt(src, pos, shapes, start, ratios, mask)
+    ckpt(src, pos, levels)
     assert len(calls) == 4  # not checkpointed: one call per layer and forward

@@ -3,12 +3,31 @@ import math
 import torch
 import torch.nn.functional as F
 
+from dino_d2.modeling.transformer.levels import MultiScaleLevels
 from dino_d2.modeling.transformer.query_selection import (
     MixedQuerySelection,
     gen_encoder_output_proposals,
 )
 
 C, K = 16, 3
+
+
+def _levels(mask, shapes):
+    """MultiScaleLevels of a flat (N, S) padding mask and (L, 2) level shapes."""
+    masks, start = [], 0
+    for h, w in shapes.tolist():
+        masks.append(mask[:, start : start + h * w].view(-1, h, w))
+        start += h * w
+    return MultiScaleLevels.from_masks(masks)
+
+
+def _proposals(memory, mask, shapes):
+    return gen_encoder_output_proposals(memory, _levels(mask, shapes))
+
+
+def _select(selection, memory, mask, shapes):
+    out = selection(memory, _levels(mask, shapes))
+    return out.content, out.anchors, out.enc_logits, out.enc_boxes
 
 
 def _logit(p):
@@ -21,7 +40,7 @@ def test_proposals_hand_computation():
     mask = torch.zeros(2, 8, dtype=torch.bool)
     mask[1, [2, 5]] = True
     memory = torch.randn(2, 8, C)
-    out_memory, proposals, valid = gen_encoder_output_proposals(memory, mask, shapes)
+    out_memory, proposals, valid = _proposals(memory, mask, shapes)
     assert proposals.shape == (2, 8, 4) and valid.shape == (2, 8)
     # Image 1, level 0, pixel (row 1, col 1): centre (1.5 / 2, 1.5 / 2), size 0.05.
     expected = torch.tensor([_logit(0.75), _logit(0.75), _logit(0.05), _logit(0.05)])
@@ -38,7 +57,7 @@ def test_proposals_hand_computation():
 
 def test_border_proposals_are_invalid():
     # A 1 x 60 map: 0.5 / 60 < 0.01 and 59.5 / 60 > 0.99, so both end columns are invalid.
-    _, proposals, valid = gen_encoder_output_proposals(
+    _, proposals, valid = _proposals(
         torch.randn(1, 60, C), torch.zeros(1, 60, dtype=torch.bool), torch.tensor([[1, 60]])
     )
     assert valid[0, 1:59].all() and not valid[0, 0] and not valid[0, 59]
@@ -59,7 +78,7 @@ def _favour_zeroed_memory(selection):
 
 
 def _all_scores(selection, memory, mask, shapes):
-    out_memory, _, _ = gen_encoder_output_proposals(memory, mask, shapes)
+    out_memory, _, _ = _proposals(memory, mask, shapes)
     feats = selection.enc_output_norm(selection.enc_output(out_memory))
     return selection.class_embed(feats).max(-1)[0]
 
@@ -78,7 +97,7 @@ def test_never_selects_padded_tokens():
     memory = torch.randn(2, 26, C)
     with torch.no_grad():
         scores = _all_scores(selection, memory, mask, shapes)
-        content, anchors, enc_logits, enc_boxes = selection(memory, mask, shapes)
+        content, anchors, enc_logits, enc_boxes = _select(selection, memory, mask, shapes)
     # Precondition: without the exclusion the padded tokens would win.
     assert mask[1][scores[1].topk(5).indices].all()
     # Padded tokens have +inf proposals; none was selected.
@@ -98,12 +117,12 @@ def test_exclude_invalid_option():
     memory = torch.randn(1, 60, C)
     authors = _favour_zeroed_memory(MixedQuerySelection(embed_dim=C, num_classes=K, num_queries=2))
     with torch.no_grad():
-        _, anchors, _, _ = authors(memory, mask, shapes)
+        _, anchors, _, _ = _select(authors, memory, mask, shapes)
     # The authors' behaviour: the two border tokens (invalid, zeroed memory) are selected.
     assert torch.isinf(anchors).all()
     authors.exclude_invalid = True
     with torch.no_grad():
-        _, anchors, _, _ = authors(memory, mask, shapes)
+        _, anchors, _, _ = _select(authors, memory, mask, shapes)
     assert torch.isfinite(anchors).all()
 
 
@@ -113,8 +132,8 @@ def test_gradients():
     with torch.no_grad():
         selection.bbox_embed.layers[-1].weight.normal_()
     memory = torch.randn(1, 6, C, requires_grad=True)
-    content, anchors, enc_logits, enc_boxes = selection(
-        memory, torch.zeros(1, 6, dtype=torch.bool), torch.tensor([[2, 3]])
+    content, anchors, enc_logits, enc_boxes = _select(
+        selection, memory, torch.zeros(1, 6, dtype=torch.bool), torch.tensor([[2, 3]])
     )
     assert not anchors.requires_grad
     assert enc_boxes.requires_grad and enc_logits.requires_grad and content.requires_grad
@@ -129,7 +148,7 @@ def test_fewer_tokens_than_queries_repeats_the_selection():
     memory = torch.randn(2, 6, 16)
     mask = torch.zeros(2, 6, dtype=torch.bool)
     shapes = torch.tensor([[2, 2], [1, 2]])
-    content, anchors, enc_logits, enc_boxes = selection(memory, mask, shapes)
+    content, anchors, enc_logits, enc_boxes = _select(selection, memory, mask, shapes)
     assert content.shape == (2, 10, 16) and anchors.shape == (2, 10, 4)
     assert enc_logits.shape == (2, 10, 3) and enc_boxes.shape == (2, 10, 4)
     torch.testing.assert_close(enc_logits[:, :4], enc_logits[:, 6:10])

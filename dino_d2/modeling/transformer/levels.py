@@ -1,0 +1,75 @@
+"""The geometry of a padded batch's multi-scale token sequence, computed once per forward pass.
+
+The L feature maps of a batch are flattened level after level (each row-major) into one
+sequence of ``S = sum_l H_l * W_l`` tokens. Every image's real content is the top-left
+rectangle of each padded map; the rest is padding.
+"""
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["MultiScaleLevels", "valid_extent"]
+
+
+def valid_extent(mask: Tensor) -> Tensor:
+    """Number of valid (non-padding) columns and rows of each image of a padded map.
+
+    Args:
+        mask: (N, H, W) bool, True on padding; the valid region is the top-left rectangle.
+
+    Returns:
+        (N, 2) float32 ``(valid_width, valid_height)``, counted along the first row and column.
+    """
+    valid_h = torch.sum(~mask[:, :, 0], 1)
+    valid_w = torch.sum(~mask[:, 0, :], 1)
+    return torch.stack([valid_w, valid_h], -1).float()
+
+
+@dataclass
+class MultiScaleLevels:
+    """Where each level sits in the flattened sequence and how much of it is real.
+
+    Attributes:
+        shapes: ``(H_l, W_l)`` of every level as Python integers (symbolic integers when the
+            model is traced for export), for code that loops over levels.
+        spatial_shapes: (L, 2) int64 ``(H_l, W_l)``, for the deformable attention kernels.
+        level_start_index: (L,) int64 offset of each level in the sequence.
+        valid_sizes: (N, L, 2) float32 ``(valid_width, valid_height)`` of each image on each
+            level, in cells.
+        padding_mask: (N, S) bool, True on padded tokens.
+    """
+
+    shapes: List[Tuple[int, int]]
+    spatial_shapes: Tensor
+    level_start_index: Tensor
+    valid_sizes: Tensor
+    padding_mask: Tensor
+
+    @classmethod
+    def from_masks(cls, masks: Sequence[Tensor]) -> "MultiScaleLevels":
+        """Builds the geometry from one (N, H_l, W_l) bool padding mask per level."""
+        shapes = [(mask.shape[-2], mask.shape[-1]) for mask in masks]
+        device = masks[0].device
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        level_start_index = torch.cat(
+            (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
+        )
+        return cls(
+            shapes=shapes,
+            spatial_shapes=spatial_shapes,
+            level_start_index=level_start_index,
+            valid_sizes=torch.stack([valid_extent(mask) for mask in masks], 1),
+            padding_mask=torch.cat([mask.flatten(1) for mask in masks], 1),
+        )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.shapes)
+
+    @property
+    def valid_ratios(self) -> Tensor:
+        """(N, L, 2) float32 ``(valid_width / W_l, valid_height / H_l)``."""
+        return self.valid_sizes / self.spatial_shapes.flip(-1).to(self.valid_sizes.dtype)
