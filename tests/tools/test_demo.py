@@ -1,6 +1,5 @@
 """tools/demo.py on generated images with a tiny randomly initialised DINO (CPU)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,15 +14,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 
+from dino_d2.cli import demo
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "demo.py")
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("dino_d2_tools_demo", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +79,6 @@ def test_writes_one_png_per_image_and_the_detections(setup):
 
 
 def test_score_threshold_and_no_silent_overwrite(setup):
-    demo = _load_tool()
     out = setup["root"] / "strict"
     args = ["--config-file", setup["config"], "--checkpoint", setup["checkpoint"]]
     args += ["--input", str(setup["root"] / "images"), "--output", str(out)]
@@ -100,7 +93,6 @@ def test_score_threshold_and_no_silent_overwrite(setup):
 
 
 def test_unreadable_image_is_named_or_skipped(setup, capsys):
-    demo = _load_tool()
     broken = str(setup["root"] / "bad" / "broken.jpg")
     good = str(setup["root"] / "images" / "a.jpg")
     args = ["--config-file", setup["config"], "--checkpoint", setup["checkpoint"]]
@@ -128,7 +120,6 @@ def test_unreadable_image_is_named_or_skipped(setup, capsys):
 
 
 def test_inputs_expand_and_names_do_not_collide(tmp_path):
-    demo = _load_tool()
     for folder in ("x", "y"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "img.jpg").write_bytes(b"")
@@ -147,7 +138,6 @@ def test_inputs_expand_and_names_do_not_collide(tmp_path):
 
 
 def test_labels_are_class_ids_without_class_names(tiny_dino_config):
-    demo = _load_tool()
     cfg = tiny_dino_config()
     assert (
         demo.load_metadata(cfg, 80).thing_classes

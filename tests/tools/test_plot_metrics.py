@@ -1,6 +1,5 @@
 """tools/plot_metrics.py on synthetic Detectron2 metrics.json files."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,15 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dino_d2.cli import plot_metrics as tool
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "plot_metrics.py")
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("dino_d2_tools_plot_metrics", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write(path, records, tail=""):
@@ -48,7 +42,6 @@ def _training_log(path):
 
 
 def test_writes_a_png_with_both_panels(tmp_path):
-    tool = _load_tool()
     output = tmp_path / "plots" / "curves.png"
     curves = tool.plot_metrics(
         _training_log(tmp_path / "metrics.json"),
@@ -84,7 +77,6 @@ def test_command_line(tmp_path):
 
 
 def test_clear_errors(tmp_path):
-    tool = _load_tool()
     no_keys = _write(
         tmp_path / "timing.json", [{"iteration": i, "data_time": 0.1} for i in range(3)]
     )
@@ -110,7 +102,6 @@ def test_clear_errors(tmp_path):
 
 
 def test_moving_average_is_centred_and_exact_on_a_line():
-    tool = _load_tool()
     line = np.arange(10, dtype=float)
     smoothed = tool.moving_average(line, 3)
     np.testing.assert_allclose(smoothed[1:-1], line[1:-1])
@@ -120,6 +111,5 @@ def test_moving_average_is_centred_and_exact_on_a_line():
 
 
 def test_default_window_keeps_short_runs_readable():
-    tool = _load_tool()
     # The digits demo logs 50 points: a window of 5 (100 iterations), not 20 (400).
     assert [tool.default_window(n) for n in (0, 9, 50, 199, 200, 4500)] == [1, 1, 5, 19, 20, 20]

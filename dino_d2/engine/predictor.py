@@ -1,0 +1,72 @@
+"""A predictor for LazyConfigs: Detectron2's ``DefaultPredictor``, one image in, ``Instances``
+out, resized as the config's test data loader resizes."""
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import instantiate
+from detectron2.data import transforms as T
+
+from .defaults import resolve_device
+
+__all__ = ["Predictor"]
+
+logger = logging.getLogger(__name__)
+
+
+class Predictor:
+    """Detectron2's ``DefaultPredictor`` for a LazyConfig: one image in, ``Instances`` out.
+
+    Builds ``cfg.model`` in eval mode on ``device``, loads ``checkpoint`` (default
+    ``cfg.train.init_checkpoint``) with ``DetectionCheckpointer`` and resizes each image with
+    ``cfg.dataloader.test.mapper.augmentations`` (no resize when the config has none).
+
+    Args:
+        cfg: a loaded LazyConfig.
+        checkpoint: weights to load; None reads ``cfg.train.init_checkpoint``; "" loads nothing.
+        device: e.g. "cpu"; None reads ``cfg.train.device`` (None there: CUDA if available).
+    """
+
+    def __init__(self, cfg, checkpoint: Optional[str] = None, device: Optional[str] = None):
+        if device is None:
+            device = resolve_device(OmegaConf.select(cfg, "train.device", default=None))
+        self.device = torch.device(device)
+        self.model = instantiate(cfg.model).to(self.device).eval()
+        if checkpoint is None:
+            checkpoint = OmegaConf.select(cfg, "train.init_checkpoint", default="") or ""
+        self.checkpoint = checkpoint
+        if checkpoint:
+            DetectionCheckpointer(self.model).load(checkpoint)
+        else:
+            logger.warning("No checkpoint given: the model keeps its random initial weights")
+        self.input_format = getattr(self.model, "input_format", "RGB")
+        augmentations = OmegaConf.select(cfg, "dataloader.test.mapper.augmentations")
+        if augmentations is None:
+            logger.warning("The config has no dataloader.test.mapper.augmentations: no resize")
+            self.augmentations = T.AugmentationList([])
+        else:
+            self.augmentations = T.AugmentationList(list(instantiate(augmentations)))
+
+    def __call__(self, image: np.ndarray):
+        """Detects objects in one image.
+
+        Args:
+            image: (H, W, 3) uint8 in the model's ``input_format`` channel order.
+
+        Returns:
+            ``Instances`` on the CPU with ``pred_boxes`` (absolute XYXY pixels of ``image``),
+            ``scores`` and ``pred_classes``.
+        """
+        height, width = image.shape[:2]
+        aug_input = T.AugInput(image)
+        self.augmentations(aug_input)
+        resized = np.ascontiguousarray(aug_input.image.transpose(2, 0, 1), dtype=np.float32)
+        inputs = {"image": torch.as_tensor(resized), "height": height, "width": width}
+        with torch.no_grad():
+            (output,) = self.model([inputs])
+        return output["instances"].to("cpu")
