@@ -13,8 +13,16 @@ import re
 import shutil
 import subprocess
 
-import torch
 from setuptools import find_packages, setup
+
+try:
+    import torch
+except ImportError as error:
+    raise SystemExit(
+        "dino_d2: setup.py compiles a PyTorch extension against the installed torch, and this "
+        "build does not see one. Install torch and Detectron2 first, then run "
+        "`pip install --no-build-isolation .` (pip's default build isolation hides them)."
+    ) from error
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.join("dino_d2", "layers", "csrc")
