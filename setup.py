@@ -13,8 +13,16 @@ import re
 import shutil
 import subprocess
 
-import torch
 from setuptools import find_packages, setup
+
+try:
+    import torch
+except ImportError as error:
+    raise SystemExit(
+        "dino_d2: setup.py compiles a PyTorch extension against the installed torch, and this "
+        "build does not see one. Install torch and Detectron2 first, then run "
+        "`pip install --no-build-isolation .` (pip's default build isolation hides them)."
+    ) from error
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.join("dino_d2", "layers", "csrc")
@@ -131,7 +139,26 @@ setup(
     # The LazyConfigs ship inside the package as dino_d2/configs (see dino_d2.model_zoo).
     packages=find_packages(include=["dino_d2", "dino_d2.*"]) + _config_packages(),
     package_dir={"dino_d2.configs": "configs"},
-    install_requires=["torch", "fvcore", "pycocotools", "timm>=1.0.20,<1.1", "scipy"],
+    # Every distribution that dino_d2 and its configs import (tests/test_packaging.py checks this
+    # list against the imports), plus pycocotools for the COCOEvaluator the configs build.
+    # Detectron2 is required as well but cannot be declared: it is not published on PyPI under
+    # its own name (it installs from its git source, or offline as PyPI's pb1-detectron2 sdist of
+    # v0.6), and a requirement would make pip fail or build another copy against another torch.
+    # Install torch and Detectron2 first (`make` runs tools/install_detectron2.py), then
+    # `pip install --no-build-isolation .` so that the extension builds against that torch.
+    install_requires=[
+        "torch",
+        "torchvision",
+        "numpy",
+        "Pillow",
+        "scipy",
+        "timm>=1.0.20,<1.1",
+        "fvcore",
+        "omegaconf",
+        "tabulate",
+        "pycocotools",
+        "scikit-learn",
+    ],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -29,10 +29,17 @@ Every difference is detected by looking for the feature, never by comparing vers
   accepts ``?query`` options in the path; dino_d2 does not override ``load``.)
 * ``comm.all_gather``/``gather``: v0.6 serializes through ``torch.ByteStorage`` (works with
   current PyTorch, with a TypedStorage deprecation warning); main uses ``all_gather_object``.
+* ViTDet's ``ViT`` and ``SimpleFeaturePyramid`` (``detectron2.modeling.backbone.vit``) exist on
+  main only. :data:`ViT` and :data:`SimpleFeaturePyramid` here are Detectron2's classes on main
+  and, on v0.6, stand-ins that raise an ImportError saying what is missing and how to get it when
+  a config builds them (see :func:`detectron2_has_vitdet`). Main's ``SimpleFeaturePyramid``
+  spells its padding key ``size_divisiblity``, which main's own ``from_tensors`` ignores;
+  :func:`image_list_from_tensors` reads it as ``size_divisibility``.
 """
 
 import functools
 import importlib
+import importlib.util
 import logging
 import os
 import socket
@@ -60,6 +67,9 @@ __all__ = [
     "image_list_from_tensors",
     "build_detection_test_loader",
     "build_detection_train_loader",
+    "detectron2_has_vitdet",
+    "ViT",
+    "SimpleFeaturePyramid",
 ]
 
 logger = logging.getLogger(__name__)
@@ -269,8 +279,13 @@ def image_list_from_tensors(
         pad_value: value of the padding.
         padding_constraints: optional ``{"size_divisibility": int, "square_size": int}``; its
             size_divisibility overrides the argument, a positive square_size pads every image to
-            a ``square_size`` square (before the divisibility rounding).
+            a ``square_size`` square (before the divisibility rounding). The key
+            ``size_divisiblity`` (main's ``SimpleFeaturePyramid``) counts as size_divisibility.
     """
+    if padding_constraints and "size_divisiblity" in padding_constraints:
+        padding_constraints = dict(padding_constraints)
+        misspelled = padding_constraints.pop("size_divisiblity")
+        padding_constraints.setdefault("size_divisibility", misspelled)
     if "padding_constraints" in _from_tensors_parameters():
         return ImageList.from_tensors(
             tensors, size_divisibility, pad_value, padding_constraints=padding_constraints
@@ -401,3 +416,42 @@ class _SkippingMapDataset(MapDataset):
                 logger.warning(f"Failed to map element {idx} after {attempt} attempts")
             index = self._rng.sample(sorted(self._fallback_candidates), k=1)[0]
         raise RuntimeError("the mapper skipped every element of the dataset")
+
+
+_VITDET_MODULE = "detectron2.modeling.backbone.vit"
+
+
+@functools.lru_cache(maxsize=None)
+def detectron2_has_vitdet() -> bool:
+    """Whether the installed Detectron2 has ViTDet's ``ViT`` and ``SimpleFeaturePyramid`` (main)."""
+    return importlib.util.find_spec(_VITDET_MODULE) is not None
+
+
+def _vitdet_missing(name: str) -> ImportError:
+    import detectron2
+
+    distributions = metadata.packages_distributions().get("detectron2") or ["detectron2"]
+    return ImportError(
+        f"{name} ({_VITDET_MODULE}.{name}) is missing from the installed Detectron2 "
+        f"{detectron2.__version__} at {os.path.dirname(detectron2.__file__)}: ViTDet's ViT and "
+        "SimpleFeaturePyramid are only in Detectron2 main, not in the v0.6 release. Install "
+        f"Detectron2 from its git source instead: pip uninstall {' '.join(distributions)}, then "
+        "pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git' "
+        "(python tools/install_detectron2.py does the same when GitHub is reachable). "
+        "configs/dino_timm_vit_small_4scale_12ep.py builds a ViT with a simple feature pyramid "
+        "on any Detectron2."
+    )
+
+
+if detectron2_has_vitdet():
+    from detectron2.modeling.backbone.vit import SimpleFeaturePyramid, ViT
+else:
+
+    def ViT(*args, **kwargs):
+        """Stand-in for Detectron2 main's ``ViT``; building it raises an explanatory ImportError."""
+        raise _vitdet_missing("ViT")
+
+    def SimpleFeaturePyramid(*args, **kwargs):
+        """Stand-in for Detectron2 main's ``SimpleFeaturePyramid``; building it raises an
+        explanatory ImportError."""
+        raise _vitdet_missing("SimpleFeaturePyramid")

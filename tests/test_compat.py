@@ -94,3 +94,24 @@ def test_image_list_padding_constraints():
     )
     assert square.tensor.shape == (2, 3, 10, 10) and square.image_sizes == [(5, 7), (6, 4)]
     assert square.tensor[0, :, :5, :7].eq(1).all() and square.tensor[0, :, 5:].eq(-1).all()
+
+
+@pytest.mark.parametrize("key", ["size_divisibility", "size_divisiblity"])
+def test_padding_constraints_divisibility_in_either_spelling(key):
+    """Detectron2 main's SimpleFeaturePyramid declares ``size_divisiblity``."""
+    images = [torch.ones(3, 70, 90), torch.ones(3, 40, 100)]
+    padded = _compat.image_list_from_tensors(images, 0, padding_constraints={key: 32})
+    assert padded.tensor.shape == (2, 3, 96, 128)
+    assert padded.image_sizes == [(70, 90), (40, 100)]
+    assert padded.tensor[0, :, :70, :90].eq(1).all() and padded.tensor[0, :, 70:].eq(0).all()
+
+
+def test_vitdet_parts_follow_the_installed_detectron2():
+    if _compat.detectron2_has_vitdet():
+        from detectron2.modeling.backbone import vit
+
+        assert _compat.ViT is vit.ViT and _compat.SimpleFeaturePyramid is vit.SimpleFeaturePyramid
+    else:
+        for name in ("ViT", "SimpleFeaturePyramid"):
+            with pytest.raises(ImportError, match=f"{name} .* only in Detectron2 main"):
+                getattr(_compat, name)(in_feature="last_feat")

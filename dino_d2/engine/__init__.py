@@ -15,11 +15,13 @@ from .defaults import (
     resolve_device,
 )
 from .ema import EMAHook, ModelEMA
+from .lr_decay import ViTLayerDecay
 from .optimizer import get_optimizer_params
 from .trainer import Trainer, amp_settings, check_losses_finite
 
 __all__ = [
     "get_optimizer_params",
+    "ViTLayerDecay",
     "Trainer",
     "amp_settings",
     "check_losses_finite",

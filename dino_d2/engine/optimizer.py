@@ -1,6 +1,6 @@
 """Optimizer parameter groups for DINO: a smaller learning rate for the pretrained backbone."""
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from torch import nn
 
@@ -28,6 +28,7 @@ def get_optimizer_params(
     weight_decay_norm: Optional[float] = None,
     backbone_lr_factor: float = 0.1,
     backbone_prefix: str = "backbone.bottom_up.",
+    lr_factor_func: Optional[Callable[[str], float]] = None,
 ) -> List[Dict[str, Any]]:
     """One parameter group per trainable parameter, as Detectron2's optimizers take them.
 
@@ -43,6 +44,11 @@ def get_optimizer_params(
             ``weight_decay`` for them (the authors); detrex uses 0.0.
         backbone_lr_factor: multiplier of the backbone's learning rate.
         backbone_prefix: parameter-name prefix of the backbone proper (not the neck).
+        lr_factor_func: optional function of a parameter's full name (e.g.
+            ``"backbone.bottom_up.net.blocks.3.attn.qkv.weight"``) returning a further factor of
+            its learning rate, as in Detectron2 main's ``get_default_optimizer_params``; it
+            multiplies with ``backbone_lr_factor`` (layer-wise decay: see
+            :class:`dino_d2.engine.ViTLayerDecay`).
     """
     groups = []
     seen = set()
@@ -54,6 +60,8 @@ def get_optimizer_params(
             seen.add(id(param))
             full_name = f"{module_name}.{name}" if module_name else name
             lr = base_lr * (backbone_lr_factor if full_name.startswith(backbone_prefix) else 1.0)
+            if lr_factor_func is not None:
+                lr *= lr_factor_func(full_name)
             decay = weight_decay_norm if is_norm and weight_decay_norm is not None else weight_decay
             groups.append({"params": [param], "lr": lr, "weight_decay": decay})
     return groups

@@ -34,10 +34,12 @@ EPOCHS = {"12ep": (12, 11), "24ep": (24, 20), "36ep": (36, 30)}
 
 # Configs that are not published recipes (tested on their own).
 DEMOS = ["dino_r18_digits"]
+# DINO on plain ViTs, with layer-wise lr decay (tests/configs/test_vit_configs.py).
+VIT = ["dino_timm_vit_small_4scale_12ep", "dino_vitdet_b_4scale_12ep"]
 
 
 def test_every_required_variant_ships():
-    assert sorted(REQUIRED + DEMOS) == sorted(name[:-3] for name in list_configs())
+    assert sorted(REQUIRED + DEMOS + VIT) == sorted(name[:-3] for name in list_configs())
 
 
 @pytest.mark.parametrize("name", REQUIRED)

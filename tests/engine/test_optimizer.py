@@ -35,3 +35,32 @@ def test_norms_keep_the_weight_decay_by_default():
     model = _Model()
     groups = get_optimizer_params(model, base_lr=1.0, weight_decay=0.5)
     assert {g["weight_decay"] for g in groups} == {0.5}
+
+
+def test_lr_factor_func_multiplies_the_backbone_factor():
+    model = _Model()
+    seen = []
+
+    def factor(name):
+        seen.append(name)
+        return 0.5 if name.startswith("backbone.bottom_up.0.") else 1.0
+
+    groups = get_optimizer_params(model, base_lr=1.0, weight_decay=0.0, lr_factor_func=factor)
+    by_param = {id(g["params"][0]): g["lr"] for g in groups}
+    assert by_param[id(model.backbone.bottom_up[0].weight)] == 0.1 * 0.5
+    assert by_param[id(model.backbone.bottom_up[1].weight)] == 0.1
+    assert by_param[id(model.heads[0].weight)] == 1.0
+    # Called once per trainable parameter with its full name; shared ones under their first name.
+    assert sorted(seen) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert "heads.0.weight" in seen and "heads.1.weight" not in seen
+
+
+def test_without_lr_factor_func_nothing_changes():
+    model = _Model()
+    plain = get_optimizer_params(model, base_lr=1e-4, weight_decay=1e-4)
+    ones = get_optimizer_params(
+        model, base_lr=1e-4, weight_decay=1e-4, lr_factor_func=lambda n: 1.0
+    )
+    assert [(g["lr"], g["weight_decay"]) for g in plain] == [
+        (g["lr"], g["weight_decay"]) for g in ones
+    ]
