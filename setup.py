@@ -158,6 +158,8 @@ setup(
         "tabulate",
         "pycocotools",
         "scikit-learn",
+        # dino_d2.cli.plot_metrics draws the curves.
+        "matplotlib",
     ],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
