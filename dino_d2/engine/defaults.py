@@ -10,6 +10,8 @@ dataset from the command line, without writing Python::
 
 registers the two datasets as ``custom_train`` and ``custom_test``, points the config's data
 loaders (and so the evaluator) at them and sets ``model.num_classes`` from the json's categories.
+``dataset.skip_bad_annotations=True`` skips their malformed annotations with one warning instead
+of stopping (see :mod:`dino_d2.data.coco_json`).
 """
 
 import logging
@@ -41,7 +43,15 @@ __all__ = [
     "check_num_classes",
 ]
 
-DATASET_OVERRIDE_KEYS = ("train_json", "train_images", "test_json", "test_images")
+DATASET_OVERRIDE_KEYS = (
+    "train_json",
+    "train_images",
+    "test_json",
+    "test_images",
+    "skip_bad_annotations",
+)
+_BOOLEAN_DATASET_KEYS = {"skip_bad_annotations"}
+_BOOLEANS = {"true": True, "false": False}
 CUSTOM_TRAIN_DATASET = "custom_train"
 CUSTOM_TEST_DATASET = "custom_test"
 
@@ -103,11 +113,11 @@ def pop_dataset_overrides(opts: Sequence[str]) -> Tuple[List[str], Dict[str, str
 
     Returns:
         the other overrides (for ``LazyConfig.apply_overrides``), and ``{key: value}`` of the
-        dataset ones.
+        dataset ones (a bool for ``skip_bad_annotations``, strings for the paths).
 
     Raises:
         ValueError: a ``dataset.*`` key other than :data:`DATASET_OVERRIDE_KEYS`, a repeated
-            one, or one without a value.
+            one, one without a value, or a ``skip_bad_annotations`` that is not true or false.
     """
     remaining, datasets = [], {}
     for opt in opts or ():
@@ -121,7 +131,11 @@ def pop_dataset_overrides(opts: Sequence[str]) -> Tuple[List[str], Dict[str, str
                 f"unknown dataset override '{key}'; valid: "
                 + ", ".join(f"dataset.{k}" for k in DATASET_OVERRIDE_KEYS)
             )
-        if not sep or not value:
+        if name in _BOOLEAN_DATASET_KEYS:
+            if value.lower() not in _BOOLEANS:
+                raise ValueError(f"'{key}' takes True or False, got {opt!r}")
+            value = _BOOLEANS[value.lower()]
+        elif not sep or not value:
             raise ValueError(f"'{key}' needs a value: {key}=<path>")
         if name in datasets:
             raise ValueError(f"'{key}' is given twice")
@@ -140,14 +154,22 @@ def apply_dataset_overrides(cfg: DictConfig, overrides: Dict[str, str]) -> None:
     ``train_json`` + ``train_images`` register :data:`CUSTOM_TRAIN_DATASET` and set
     ``dataloader.train.dataset.names``; ``test_json`` + ``test_images`` register
     :data:`CUSTOM_TEST_DATASET` and set ``dataloader.test.dataset.names`` (the evaluator follows
-    it in dino_d2's configs). ``model.num_classes`` is set to the number of categories. Call it in
+    it in dino_d2's configs). ``model.num_classes`` is set to the number of categories.
+    ``skip_bad_annotations`` is passed on to :func:`register_coco_format_dataset`. Call it in
     every process (registrations are per process).
 
     Raises:
-        ValueError: a json without its image folder (or the reverse), or train and test jsons
-            whose categories (ids and names) differ.
+        ValueError: a json without its image folder (or the reverse), ``skip_bad_annotations``
+            without a json, or train and test jsons whose categories (ids and names) differ.
     """
+    overrides = dict(overrides)
+    skip_bad_annotations = overrides.pop("skip_bad_annotations", None)
     if not overrides:
+        if skip_bad_annotations is not None:
+            raise ValueError(
+                "dataset.skip_bad_annotations applies to the datasets of dataset.train_json and "
+                "dataset.test_json; give them too"
+            )
         return
     logger = logging.getLogger(__name__)
     splits = {}
@@ -158,7 +180,9 @@ def apply_dataset_overrides(cfg: DictConfig, overrides: Dict[str, str]) -> None:
             raise ValueError(f"dataset.{split}_json and dataset.{split}_images go together")
         if json_file is None:
             continue
-        num_classes = register_coco_format_dataset(dataset_name, json_file, image_root)
+        num_classes = register_coco_format_dataset(
+            dataset_name, json_file, image_root, skip_bad_annotations=bool(skip_bad_annotations)
+        )
         OmegaConf.update(cfg, f"dataloader.{split}.dataset.names", dataset_name, merge=False)
         splits[split] = (dataset_name, num_classes)
     if "train" in splits and "test" in splits:
