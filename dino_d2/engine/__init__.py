@@ -16,6 +16,7 @@ from .defaults import (
 )
 from .ema import EMAHook, ModelEMA
 from .optimizer import get_optimizer_params
+from .train_keys import SCRIPT_TRAIN_KEYS, check_train_keys, declare_train_keys, known_train_keys
 from .trainer import Trainer, amp_settings, check_losses_finite
 
 __all__ = [
@@ -35,4 +36,8 @@ __all__ = [
     "config_dataset_names",
     "register_config_datasets",
     "check_num_classes",
+    "SCRIPT_TRAIN_KEYS",
+    "declare_train_keys",
+    "known_train_keys",
+    "check_train_keys",
 ]
