@@ -9,7 +9,7 @@ checkpointer: Detectron2's, with files that a killed job never leaves half-writt
 that say how much space a failed write needed.
 """
 
-from .atomic import OutputWriteError, append_or_roll_back, atomic_write, write_error
+from .atomic import OutputWriteError, append_or_roll_back, atomic_write, write_error, write_json
 from .checkpointer import AtomicCheckpointer
 from .convert import (
     SOURCES,
@@ -29,6 +29,7 @@ __all__ = [
     "atomic_write",
     "append_or_roll_back",
     "write_error",
+    "write_json",
     "SOURCES",
     "ConversionError",
     "ConversionResult",

@@ -4,6 +4,7 @@
   disk (``fsync``) and renamed over the final name (``os.replace``, atomic on POSIX and
   Windows): a reader sees the old file or the complete new one. On an error the temporary file
   is removed; a killed process leaves a ``.<name>.<12 hex digits>.tmp`` file, which nothing reads.
+* :func:`write_json` writes a JSON file with :func:`atomic_write`.
 * :func:`append_or_roll_back` appends to a file (``metrics.json``) and, if the write fails part
   way, truncates the file back to its previous length, so it never ends in half a line.
 * :func:`write_error` turns the ``OSError`` of a failed write (the disk is full, the folder is
@@ -18,20 +19,23 @@ delay. Do not set it outside tests.
 """
 
 import errno
+import json
 import logging
 import os
 import re
 import shutil
 import time
 import uuid
-from typing import IO, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 __all__ = [
     "OutputWriteError",
     "atomic_write",
     "append_or_roll_back",
+    "write_json",
     "write_error",
     "os_error_of",
+    "fsync_dir",
     "format_size",
     "TEMPORARY_FILE",
     "WRITE_DELAY_ENV",
@@ -221,3 +225,17 @@ def append_or_roll_back(path: str, data: bytes) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON with :func:`atomic_write`.
+
+    Raises:
+        OutputWriteError: the write failed; ``path`` is as it was before the call.
+    """
+    text = json.dumps(obj, indent=2)
+    try:
+        atomic_write(path, lambda f: f.write(text), mode="w")
+    except OSError as error:
+        kept = f"{os.path.basename(path)} is as it was before." if os.path.exists(path) else ""
+        raise write_error(error, path, needed_bytes=len(text.encode("utf-8")), kept=kept) from error
