@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from detectron2.config import LazyConfig
 from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -29,6 +28,8 @@ from detectron2.utils.logger import setup_logger
 
 from .. import _compat
 from ..data import register_builtin_datasets, register_coco_format_dataset
+from .output_dir import check_writable, prepare_output_dir
+from .train_keys import check_train_keys
 
 __all__ = [
     "default_setup",
@@ -59,22 +60,33 @@ CUSTOM_TEST_DATASET = "custom_test"
 def default_setup(cfg: DictConfig, args) -> None:
     """Sets up a job like Detectron2's ``default_setup``, for LazyConfigs.
 
-    1. creates ``cfg.train.output_dir`` and logs the ``detectron2``, ``dino_d2`` and ``fvcore``
-       loggers to the console (main process) and to ``output_dir/log.txt`` (``.rankN`` for others);
+    1. creates ``cfg.train.output_dir`` and checks that it is writable (main process), then logs
+       the ``detectron2``, ``dino_d2`` and ``fvcore`` loggers to the console (main process) and
+       to ``output_dir/log.txt`` (``.rankN`` for others);
     2. logs the rank, the environment, the command line and the config file;
-    3. saves the config as ``output_dir/config.yaml`` (``LazyConfig.save``; main process);
-    4. seeds every random generator with ``train.seed + rank`` (a random seed when negative);
-    5. sets ``torch.backends.cudnn.benchmark`` from ``train.cudnn_benchmark`` (default False)
+    3. checks that the folder does not hold another config's checkpoints (a warning, or an
+       error with ``--resume``) and saves the config as ``output_dir/config.yaml``, atomically
+       (main process; see :func:`dino_d2.engine.output_dir.prepare_output_dir`);
+    4. warns about keys under ``train`` that nothing reads (:func:`check_train_keys`);
+    5. seeds every random generator with ``train.seed + rank`` (a random seed when negative);
+    6. sets ``torch.backends.cudnn.benchmark`` from ``train.cudnn_benchmark`` (default False)
        unless evaluating only.
 
     Args:
         cfg: the LazyConfig, with overrides applied.
-        args: the parsed command line (``config_file`` and ``eval_only`` are read if present).
+        args: the parsed command line (``config_file``, ``resume`` and ``eval_only`` are read if
+            present).
+
+    Raises:
+        dino_d2.checkpoint.OutputWriteError: the output folder is not writable.
+        dino_d2.engine.output_dir.OutputDirConflictError: ``--resume`` in a folder holding the
+            checkpoints of another model or other training datasets.
     """
     output_dir = cfg.train.output_dir
     rank = comm.get_rank()
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
+        check_writable(output_dir)
     setup_logger(output_dir, distributed_rank=rank, name="fvcore")
     setup_logger(output_dir, distributed_rank=rank, name="dino_d2", abbrev_name="dino_d2")
     logger = setup_logger(output_dir, distributed_rank=rank)
@@ -88,9 +100,9 @@ def default_setup(cfg: DictConfig, args) -> None:
             logger.info(f"Contents of args.config_file={config_file}:\n{f.read()}")
 
     if comm.is_main_process() and output_dir:
-        path = os.path.join(output_dir, "config.yaml")
-        LazyConfig.save(cfg, path)
+        path = prepare_output_dir(cfg, resume=bool(getattr(args, "resume", False)))
         logger.info(f"Full config saved to {path}")
+    check_train_keys(cfg.train)
 
     seed = cfg.train.get("seed", -1)
     seed_all_rng(None if seed < 0 else seed + rank)
