@@ -98,12 +98,14 @@ def write_error(
     needed_bytes: Optional[int] = None,
     kept: str = "",
     advice: str = "",
+    name: Optional[str] = None,
 ) -> OutputWriteError:
     """An :class:`OutputWriteError` for a failed write of ``path``.
 
     Args:
         error: the error of the write.
         path: the file being written.
+        name: what to call it in the message; default: the file's name.
         needed_bytes: the size of the whole file, when known.
         kept: a sentence saying what is unchanged on disk.
         advice: a sentence saying how to go on (after the space or permission fix).
@@ -114,23 +116,26 @@ def write_error(
     folder = os.path.dirname(os.path.abspath(path))
     free = _free_bytes(folder)
     reason = error.strerror or str(error)
-    message = f"Could not write {os.path.basename(path)} in {folder}: {reason}"
+    message = f"Could not write {name or os.path.basename(path)} in {folder}: {reason}"
     if error.errno in _FULL:
         message += " (the disk is full)."
         if needed_bytes is not None and free is not None:
             missing = max(needed_bytes - free, 0)
             message += (
-                f" The file needs {format_size(needed_bytes)} and the folder's file system has "
+                f" Writing it needs {format_size(needed_bytes)} and the folder's file system has "
                 f"{format_size(free)} free: free at least {format_size(missing)} more, or use a "
                 "folder on another disk."
             )
         else:
             message += f" The folder's file system has {format_size(free)} free."
     elif error.errno in _NOT_WRITABLE:
-        message += " (the folder is read-only or not writable by this user)."
+        if error.errno == errno.EROFS:
+            message += " (the folder's file system is mounted read-only)."
+        else:
+            message += " (this user may not write in that folder)."
         if needed_bytes is not None:
             message += (
-                f" The file needs {format_size(needed_bytes)}; the folder's file system has "
+                f" Writing it needs {format_size(needed_bytes)}; the folder's file system has "
                 f"{format_size(free)} free."
             )
     else:

@@ -149,20 +149,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
             if os_error is None:
                 raise
             raise write_error(
-                os_error,
-                path,
-                needed_bytes=_serialized_size(data),
-                kept=self._kept(),
-                advice=self._ADVICE,
+                os_error, path, needed_bytes=_serialized_size(data), kept=self._kept()
             ) from error
         self.tag_last_checkpoint(basename)
         if not self._stale_files_removed:
             self._remove_stale_temporary_files()
-
-    _ADVICE = (
-        "Make room or make the folder writable (or set train.output_dir to another folder), "
-        "then continue with --resume."
-    )
 
     def _last_tagged(self):
         """The checkpoint ``last_checkpoint`` names, or None."""
@@ -179,7 +170,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
             return "The partial file was removed; the folder has no earlier checkpoint."
         return (
             f"The partial file was removed; last_checkpoint still names {last}, which is "
-            "complete, and --resume continues from it."
+            "complete: --resume continues from it once the folder can take the file (or copy "
+            "the folder elsewhere and set train.output_dir there)."
         )
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
@@ -197,7 +189,6 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 needed_bytes=len(last_filename_basename),
                 kept=(
                     f"{last_filename_basename} is complete, but last_checkpoint still names "
-                    f"{self._last_tagged()}, and --resume continues from that one."
+                    f"{self._last_tagged()}: --resume continues from that one."
                 ),
-                advice=self._ADVICE,
             ) from error

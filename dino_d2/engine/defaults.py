@@ -14,8 +14,10 @@ loaders (and so the evaluator) at them and sets ``model.num_classes`` from the j
 of stopping (see :mod:`dino_d2.data.coco_json`).
 """
 
+import functools
 import logging
 import os
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,6 +35,7 @@ from .train_keys import check_train_keys
 
 __all__ = [
     "default_setup",
+    "drop_log_files_on_error",
     "resolve_device",
     "DATASET_OVERRIDE_KEYS",
     "CUSTOM_TRAIN_DATASET",
@@ -62,7 +65,7 @@ def default_setup(cfg: DictConfig, args) -> None:
 
     1. creates ``cfg.train.output_dir`` and checks that it is writable (main process), then logs
        the ``detectron2``, ``dino_d2`` and ``fvcore`` loggers to the console (main process) and
-       to ``output_dir/log.txt`` (``.rankN`` for others);
+       to ``output_dir/log.txt`` (``.rankN`` for others; see :func:`drop_log_files_on_error`);
     2. logs the rank, the environment, the command line and the config file;
     3. checks that the folder does not hold another config's checkpoints (a warning, or an
        error with ``--resume``) and saves the config as ``output_dir/config.yaml``, atomically
@@ -87,9 +90,13 @@ def default_setup(cfg: DictConfig, args) -> None:
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
         check_writable(output_dir)
-    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
-    setup_logger(output_dir, distributed_rank=rank, name="dino_d2", abbrev_name="dino_d2")
-    logger = setup_logger(output_dir, distributed_rank=rank)
+    loggers = [
+        setup_logger(output_dir, distributed_rank=rank, name="fvcore"),
+        setup_logger(output_dir, distributed_rank=rank, name="dino_d2", abbrev_name="dino_d2"),
+        setup_logger(output_dir, distributed_rank=rank),
+    ]
+    drop_log_files_on_error(*loggers)
+    logger = loggers[-1]
 
     logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
     logger.info("Environment info:\n" + _compat.collect_env_info())
@@ -108,6 +115,32 @@ def default_setup(cfg: DictConfig, args) -> None:
     seed_all_rng(None if seed < 0 else seed + rank)
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = bool(cfg.train.get("cudnn_benchmark", False))
+
+
+def _drop_handler(logger: logging.Logger, handler: logging.Handler, record) -> None:
+    error = sys.exc_info()[1]
+    logger.removeHandler(handler)
+    name = getattr(handler.stream, "name", "the log file")
+    sys.stderr.write(
+        f"dino_d2: {name} cannot be written ({error}); logger '{logger.name}' logs to the "
+        "console only from here on\n"
+    )
+
+
+def drop_log_files_on_error(*loggers: logging.Logger) -> None:
+    """Makes a log file that cannot be written (a full disk) leave its logger with one message.
+
+    Python's logging prints a traceback for every line that fails to reach a file; with a full
+    disk, those hide the error that stops the job. After this call a file handler of
+    ``loggers`` whose write fails is removed, with one line on stderr; the console handlers
+    go on.
+    """
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if stream is None or stream in (sys.stdout, sys.stderr):
+                continue
+            handler.handleError = functools.partial(_drop_handler, logger, handler)
 
 
 def resolve_device(device: Optional[str]) -> str:

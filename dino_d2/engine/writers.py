@@ -1,4 +1,5 @@
-"""Detectron2's event writers with a ``metrics.json`` that a failed write never damages.
+"""Detectron2's event writers with a ``metrics.json`` that a failed write never damages, and
+errors that name the folder when the disk is full.
 
 Detectron2's ``JSONWriter`` appends to ``metrics.json`` through a buffered file: when the disk
 fills up, the file can end in half a line (``tools/plot_metrics.py`` and any JSON-lines reader
@@ -8,6 +9,11 @@ lines Detectron2's writer produces and appends them with
 :class:`~dino_d2.checkpoint.atomic.OutputWriteError` naming the folder and the free space. After
 a failed write it writes nothing more; a failure while training is already stopping on another
 error (the hooks' ``after_train``) is logged, so that it does not hide that error.
+
+:class:`TensorboardXWriter` is Detectron2's, with the bare ``OSError`` of TensorBoard's writer
+thread turned into an :class:`~dino_d2.checkpoint.atomic.OutputWriteError` the same way (the
+event file keeps what was written before; TensorBoard reads a file that ends in a partial
+record up to that record).
 """
 
 import logging
@@ -15,12 +21,13 @@ import os
 import sys
 from typing import List, Optional
 
-from detectron2.utils.events import CommonMetricPrinter, EventWriter, TensorboardXWriter
+from detectron2.utils.events import CommonMetricPrinter, EventWriter
 from detectron2.utils.events import JSONWriter as _DetectronJSONWriter
+from detectron2.utils.events import TensorboardXWriter as _DetectronTensorboardXWriter
 
 from ..checkpoint.atomic import append_or_roll_back, write_error
 
-__all__ = ["JSONWriter", "default_writers"]
+__all__ = ["JSONWriter", "TensorboardXWriter", "default_writers"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +92,48 @@ class JSONWriter(_DetectronJSONWriter):
             raise failure from error
 
 
+class TensorboardXWriter(_DetectronTensorboardXWriter):
+    """Detectron2's ``TensorboardXWriter`` (same arguments) with clear write errors."""
+
+    def __init__(self, log_dir: str, window_size: int = 20, **kwargs):
+        super().__init__(log_dir, window_size, **kwargs)
+        self._log_dir = log_dir
+        self._failed = False
+
+    def _error(self, error: OSError, failing) -> None:
+        self._failed = True
+        failure = write_error(
+            error,
+            os.path.join(self._log_dir, "events"),
+            name="the TensorBoard event file",
+            kept="It keeps the events written before.",
+        )
+        if failing is not None:
+            logger.error(str(failure))
+            return
+        raise failure from error
+
+    def write(self) -> None:
+        failing = sys.exc_info()[1]  # as in JSONWriter.write
+        if self._failed:
+            return
+        try:
+            super().write()
+        except OSError as error:
+            self._error(error, failing)
+
+    def close(self) -> None:
+        failing = sys.exc_info()[1]
+        try:
+            super().close()
+        except OSError as error:
+            if not self._failed:
+                self._error(error, failing)
+
+
 def default_writers(output_dir: str, max_iter: Optional[int] = None) -> List[EventWriter]:
-    """Detectron2's ``default_writers`` with :class:`JSONWriter` for ``metrics.json``.
+    """Detectron2's ``default_writers`` with this module's :class:`JSONWriter` and
+    :class:`TensorboardXWriter`.
 
     Args:
         output_dir: the folder of ``metrics.json`` and the TensorBoard events.

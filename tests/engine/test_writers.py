@@ -4,6 +4,7 @@ import errno
 import json
 import logging
 import os
+import sys
 
 import pytest
 
@@ -11,7 +12,8 @@ from detectron2.utils.events import EventStorage
 from detectron2.utils.events import JSONWriter as DetectronJSONWriter
 
 from dino_d2.checkpoint import OutputWriteError, atomic
-from dino_d2.engine.writers import JSONWriter, default_writers
+from dino_d2.engine.defaults import drop_log_files_on_error
+from dino_d2.engine.writers import JSONWriter, TensorboardXWriter, default_writers
 
 
 def _log_three_iterations(writers):
@@ -47,7 +49,7 @@ def test_default_writers_use_the_atomic_json_writer(tmp_path):
         "JSONWriter",
         "TensorboardXWriter",
     ]
-    assert isinstance(writers[1], JSONWriter)
+    assert isinstance(writers[1], JSONWriter) and isinstance(writers[2], TensorboardXWriter)
     for writer in writers:
         writer.close()
 
@@ -97,3 +99,53 @@ def test_a_failure_while_training_already_failed_is_logged_not_raised(
                 writer.write()  # as the hooks' after_train does
     assert any("Could not write metrics.json" in r.getMessage() for r in caplog.records)
     assert path.read_text() == ""
+
+
+def test_tensorboard_write_errors_name_the_folder(tmp_path, monkeypatch):
+    writer = TensorboardXWriter(str(tmp_path))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer._writer, "add_scalar", disk_full)
+    with EventStorage(start_iter=0) as storage:
+        storage.put_scalar("total_loss", 2.0)
+        with pytest.raises(OutputWriteError) as error:
+            writer.write()
+        writer.write()  # nothing more after a failure
+    assert str(error.value).startswith(
+        f"Could not write the TensorBoard event file in {tmp_path}: No space left on device"
+    )
+    monkeypatch.undo()
+    writer.close()
+
+
+class _FullFile:
+    name = "/somewhere/log.txt"
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self):
+        pass
+
+
+def test_a_log_file_that_cannot_be_written_leaves_with_one_message(capsys):
+    logger = logging.getLogger("test_writers.drop")
+    logger.propagate = False
+    console = logging.StreamHandler(sys.stdout)
+    log_file = logging.StreamHandler(_FullFile())
+    logger.handlers = [console, log_file]
+    try:
+        drop_log_files_on_error(logger)
+        for k in range(3):
+            logger.warning(f"line {k}")
+    finally:
+        logger.handlers = []
+    captured = capsys.readouterr()
+    assert captured.out == "line 0\nline 1\nline 2\n"
+    assert captured.err == (
+        "dino_d2: /somewhere/log.txt cannot be written ([Errno 28] No space left on device); "
+        "logger 'test_writers.drop' logs to the console only from here on\n"
+    )
+    assert "Logging error" not in captured.err
