@@ -80,15 +80,9 @@ class JobFailedError(RuntimeError):
     """Another process of the job failed; this machine's processes were stopped."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
 def _tcp_address(dist_url: str) -> Optional[Tuple[str, int]]:
     url = urlparse(dist_url)
-    if url.scheme != "tcp" or not url.hostname or not url.port:
+    if url.scheme != "tcp" or not url.hostname or url.port is None:
         return None
     return url.hostname, url.port
 
@@ -136,8 +130,6 @@ def launch(
         logger.warning(f"{dist_url}: only tcp:// URLs let one failing process stop other machines")
         if num_machines > 1 and dist_url.startswith("file://"):
             logger.warning("file:// is not a reliable init_method in multi-machine jobs")
-        if dist_url.endswith(":0"):
-            dist_url = dist_url[:-1] + str(_free_port())
     else:
         store = _connect(address, machine_rank == 0, timeout)
         address = (address[0], store.port)

@@ -202,3 +202,11 @@ def test_a_machine_whose_launcher_stops_beating_is_reported(monkeypatch):
         supervisor._beat()
     store.values["dino_d2/finished/1"] = "1"  # a machine that finished is not watched
     supervisor._beat()
+
+
+def test_the_store_address_comes_from_tcp_urls_only():
+    assert launch_module._tcp_address("tcp://127.0.0.1:0") == ("127.0.0.1", 0)  # "auto"
+    assert launch_module._tcp_address("tcp://10.0.0.2:50152") == ("10.0.0.2", 50152)
+    assert launch_module._tcp_address("tcp://[::1]:50152") == ("::1", 50152)
+    assert launch_module._tcp_address("file:///tmp/rendezvous") is None
+    assert launch_module._tcp_address("env://") is None
