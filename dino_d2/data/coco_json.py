@@ -132,7 +132,9 @@ def read_coco_json(json_file: str, dataset_name: Optional[str] = None) -> Dict:
         content = json.loads(text)
     except json.JSONDecodeError as error:
         truncated = not text.rstrip().endswith("}")
-        hint = "\nThe file does not end with '}': is it truncated (an interrupted copy or download)?"
+        hint = (
+            "\nThe file does not end with '}': is it truncated (an interrupted copy or download)?"
+        )
         raise CocoFormatError(
             f"{where} is not valid JSON: {error.msg}: line {error.lineno}, column {error.colno} "
             f"(character {error.pos} of {len(text)}):\n{_excerpt(text, error.pos)}"
