@@ -4,9 +4,10 @@ Every difference is detected by looking for the feature, never by comparing vers
 (main still reports ``0.6``). What differs, and what this module does about it:
 
 * ``engine.launch``: v0.6's worker asserts CUDA and always uses NCCL; main uses Gloo without a
-  GPU. :func:`launch` here runs one process per GPU with NCCL, or that many CPU processes with
-  Gloo, on both. v0.6 keeps the per-machine process group in ``comm._LOCAL_PROCESS_GROUP``,
-  which its launcher fills in; main creates it with ``comm.create_local_process_group``.
+  GPU. :func:`dino_d2.engine.launch` runs one process per GPU with NCCL, or that many CPU
+  processes with Gloo, on both. v0.6 keeps the per-machine process group in
+  ``comm._LOCAL_PROCESS_GROUP``, which its launcher fills in; main creates it with
+  ``comm.create_local_process_group``. See :func:`create_local_process_group`.
 * ``detectron2._C``: the PyPI v0.6 wheel ships an empty extension, so the fast COCO evaluation
   (``COCOeval_opt``) fails when it runs and ``collect_env_info`` raises. Main falls back to the
   slow evaluation by itself but has the same ``collect_env_info`` problem with an empty ``_C``.
@@ -42,15 +43,12 @@ import importlib
 import importlib.util
 import logging
 import os
-import socket
 import sys
-from datetime import timedelta
 from importlib import metadata
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from detectron2.data.common import DatasetFromList, MapDataset
@@ -58,8 +56,6 @@ from detectron2.structures import ImageList
 from detectron2.utils import comm
 
 __all__ = [
-    "DEFAULT_TIMEOUT",
-    "launch",
     "create_local_process_group",
     "fast_coco_eval_available",
     "collect_env_info",
@@ -73,111 +69,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TIMEOUT = timedelta(minutes=30)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-def launch(
-    main_func: Callable,
-    num_gpus_per_machine: int,
-    num_machines: int = 1,
-    machine_rank: int = 0,
-    dist_url: Optional[str] = None,
-    args: Sequence = (),
-    timeout: timedelta = DEFAULT_TIMEOUT,
-) -> None:
-    """Runs ``main_func(*args)`` in one process, or in ``num_gpus_per_machine`` spawned ones.
-
-    Same arguments as Detectron2's ``launch``. With more than one process in total, each is
-    started with ``torch.multiprocessing`` (spawn) and joins a process group: NCCL with one GPU
-    per process when CUDA is available, otherwise Gloo, so ``num_gpus_per_machine`` is then
-    the number of CPU processes (they share the CPU threads equally). Detectron2's per-machine
-    process group (``comm.get_local_rank`` and friends) is set up as the installed Detectron2
-    expects.
-
-    Args:
-        main_func: the function to run; it must be picklable (defined at a module's top level).
-        num_gpus_per_machine: processes per machine (GPUs when CUDA is available).
-        num_machines: number of machines.
-        machine_rank: rank of this machine, ``0..num_machines-1``.
-        dist_url: the rendezvous URL, e.g. ``"tcp://127.0.0.1:50152"``; ``"auto"`` (or None on
-            one machine) picks a free local port.
-        args: arguments of ``main_func``.
-        timeout: timeout of the collective operations.
-    """
-    world_size = num_machines * num_gpus_per_machine
-    if world_size <= 1:
-        main_func(*args)
-        return
-    if dist_url is None or dist_url == "auto":
-        if num_machines != 1:
-            raise ValueError("dist_url must be given explicitly for a multi-machine job")
-        dist_url = f"tcp://127.0.0.1:{_free_port()}"
-    if num_machines > 1 and dist_url.startswith("file://"):
-        logger.warning("file:// is not a reliable init_method in multi-machine jobs; prefer tcp://")
-    mp.start_processes(
-        _distributed_worker,
-        nprocs=num_gpus_per_machine,
-        args=(
-            main_func,
-            world_size,
-            num_gpus_per_machine,
-            machine_rank,
-            dist_url,
-            tuple(args),
-            timeout,
-        ),
-        daemon=False,
-        start_method="spawn",
-    )
-
-
-def _distributed_worker(
-    local_rank: int,
-    main_func: Callable,
-    world_size: int,
-    num_gpus_per_machine: int,
-    machine_rank: int,
-    dist_url: str,
-    args: tuple,
-    timeout: timedelta,
-) -> None:
-    use_cuda = torch.cuda.is_available()
-    if use_cuda and num_gpus_per_machine > torch.cuda.device_count():
-        raise RuntimeError(
-            f"{num_gpus_per_machine} processes per machine requested but only "
-            f"{torch.cuda.device_count()} GPUs are visible"
-        )
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    else:
-        # The processes share the machine's cores.
-        torch.set_num_threads(max(1, torch.get_num_threads() // num_gpus_per_machine))
-    global_rank = machine_rank * num_gpus_per_machine + local_rank
-    try:
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            init_method=dist_url,
-            world_size=world_size,
-            rank=global_rank,
-            timeout=timeout,
-        )
-    except Exception:
-        logger.error(f"Process group URL: {dist_url}")
-        raise
-    create_local_process_group(num_gpus_per_machine)
-    # One barrier before the work starts: a late process could otherwise time out a collective.
-    comm.synchronize()
-    try:
-        main_func(*args)
-    finally:
-        dist.destroy_process_group()
 
 
 def create_local_process_group(num_workers_per_machine: int) -> None:

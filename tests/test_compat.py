@@ -1,58 +1,8 @@
 import importlib
 
-import pytest
 import torch
 
 from dino_d2 import _compat
-
-
-def _distributed_probe(queue):
-    """Runs in each launched process: reports what Detectron2's comm sees."""
-    import torch.distributed as dist
-
-    from detectron2.utils import comm
-
-    gathered = comm.all_gather(comm.get_rank())
-    queue.put(
-        {
-            "rank": comm.get_rank(),
-            "world_size": comm.get_world_size(),
-            "local_rank": comm.get_local_rank(),
-            "local_size": comm.get_local_size(),
-            "backend": dist.get_backend(),
-            "gathered": gathered,
-        }
-    )
-
-
-def _run_in_single_process(results):
-    results.append("ran")
-
-
-def test_launch_one_process_runs_in_place():
-    results = []
-    _compat.launch(_run_in_single_process, 1, args=(results,))
-    assert results == ["ran"]
-
-
-@pytest.mark.skipif(
-    torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs 2 GPUs or none"
-)
-def test_launch_two_processes_sets_up_detectron2_comm():
-    context = torch.multiprocessing.get_context("spawn")
-    queue = context.SimpleQueue()
-    _compat.launch(_distributed_probe, 2, dist_url="auto", args=(queue,))
-    reports = sorted((queue.get() for _ in range(2)), key=lambda r: r["rank"])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    for rank, report in enumerate(reports):
-        assert report == {
-            "rank": rank,
-            "world_size": 2,
-            "local_rank": rank,
-            "local_size": 2,
-            "backend": backend,
-            "gathered": [0, 1],
-        }
 
 
 def test_fast_coco_eval_matches_the_extension():

@@ -33,12 +33,12 @@ GradScaler, bfloat16 on the CPU). ``--eval-only`` evaluates ``train.init_checkpo
 checkpoint of ``train.output_dir`` with ``--resume``) and writes ``output_dir/eval_results.json``.
 
 Checkpoints are written atomically (``dino_d2.checkpoint.AtomicCheckpointer``): a job killed at any
-moment resumes with ``--resume`` from its last complete checkpoint. ``model.num_classes`` is
-checked against the datasets' categories at start-up. See README.md, "What to expect when things
-go wrong".
+moment resumes with ``--resume`` from its last complete checkpoint; a full disk loses nothing.
+``model.num_classes`` is checked against the datasets' categories at start-up; a process that
+fails stops every process of the job (``dino_d2.engine.launch``). See README.md, "What to expect
+when things go wrong".
 """
 
-import json
 import logging
 import os
 from contextlib import nullcontext
@@ -47,22 +47,25 @@ import torch
 from omegaconf import ListConfig
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import default_argument_parser, default_writers, hooks
+from detectron2.engine import default_argument_parser, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
-from dino_d2._compat import fast_coco_eval_available, launch
-from dino_d2.checkpoint import AtomicCheckpointer
+from dino_d2._compat import fast_coco_eval_available
+from dino_d2.checkpoint import AtomicCheckpointer, write_json
 from dino_d2.engine import (
     EMAHook,
+    EvalHook,
     ModelEMA,
     Trainer,
     amp_settings,
     apply_dataset_overrides,
     check_num_classes,
     default_setup,
+    default_writers,
+    launch,
     pop_dataset_overrides,
     register_config_datasets,
     resolve_device,
@@ -75,6 +78,8 @@ dino_d2 additions:
   --num-gpus N without CUDA runs N CPU processes (Gloo).
   dataset.train_json=... dataset.train_images=... dataset.test_json=... dataset.test_images=...
       train/evaluate on COCO-format datasets; model.num_classes follows their categories.
+  dataset.skip_bad_annotations=True
+      skip their malformed annotations with one warning instead of stopping.
 Examples:
   %(prog)s --config-file configs/dino_r18_digits.py
   %(prog)s --config-file configs/dino_r18_digits.py --resume
@@ -159,7 +164,7 @@ def do_train(args, cfg, device):
                 if comm.is_main_process()
                 else None
             ),
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, eval_ema)),
+            EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, eval_ema)),
             (
                 hooks.PeriodicWriter(
                     default_writers(cfg.train.output_dir, cfg.train.max_iter),
@@ -197,8 +202,7 @@ def do_eval_only(args, cfg, device):
     results = do_test(cfg, model, ema)
     if comm.is_main_process():
         path = os.path.join(cfg.train.output_dir, "eval_results.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(path, results)
         logger.info(f"Evaluation results written to {path}")
     return results
 

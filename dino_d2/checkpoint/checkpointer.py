@@ -3,39 +3,36 @@
 Detectron2's ``DetectionCheckpointer`` (fvcore's ``Checkpointer.save``, the same on Detectron2
 v0.6 and main) writes ``model_XXXXXXX.pth`` and then ``last_checkpoint`` in place: a job killed
 during either write leaves a truncated checkpoint, or a ``last_checkpoint`` that is empty or names
-one, and ``--resume`` then fails. :class:`AtomicCheckpointer` writes each file to a temporary file
-in the same folder, flushes it to disk (``fsync``) and renames it over the final name
-(``os.replace``, atomic on POSIX and Windows), so a reader sees either the old file or the complete
-new one. ``last_checkpoint`` is only updated, the same way, after the checkpoint it names is in
-place. A killed job leaves at most a ``.<name>.<12 hex digits>.tmp`` file behind, which nothing
-reads; the next job saving to that folder removes such files (those last written more than a
-second before it started) after its first complete save.
+one, and ``--resume`` then fails. :class:`AtomicCheckpointer` writes each file with
+:func:`dino_d2.checkpoint.atomic.atomic_write` (a temporary file in the same folder, flushed to
+disk, renamed over the final name), so a reader sees either the old file or the complete new one.
+``last_checkpoint`` is only updated, the same way, after the checkpoint it names is in place. A
+killed job leaves at most a ``.<name>.<12 hex digits>.tmp`` file behind, which nothing reads; the
+next job saving to that folder removes such files (those last written more than a second before
+it started) after its first complete save.
 
-Test seam: the environment variable ``DINO_D2_CHECKPOINT_WRITE_DELAY`` (seconds, a float) makes
-:meth:`AtomicCheckpointer.save` sleep after the temporary file is complete and before it is
-renamed, so that a test can kill the process in that window. It is read at every save; unset or
-empty means no delay. Do not set it outside tests.
+A write that fails (a full disk, a folder that became read-only) removes its temporary file,
+leaves the previous checkpoint and ``last_checkpoint`` as they were, and raises
+:class:`dino_d2.checkpoint.atomic.OutputWriteError` naming the folder, the checkpoint's size and
+the free space, and the checkpoint ``last_checkpoint`` still names.
 """
 
+import io
 import logging
 import os
-import re
 import time
-import uuid
-from typing import IO, Any, Callable, Dict
+from typing import Any, Dict
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .atomic import TEMPORARY_FILE, WRITE_DELAY_ENV, atomic_write, os_error_of, write_error
+
 __all__ = ["AtomicCheckpointer", "atomic_write", "WRITE_DELAY_ENV"]
 
 logger = logging.getLogger(__name__)
 
-WRITE_DELAY_ENV = "DINO_D2_CHECKPOINT_WRITE_DELAY"
-
-# The temporary files of atomic_write: ".<final name>.<12 hex digits>.tmp".
-_TEMPORARY_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 _MTIME_MARGIN = 1.0  # seconds
 
 
@@ -45,52 +42,27 @@ def _is_class_head(name: str) -> bool:
     return ".class_embed." in f".{name}" or name.endswith("label_enc.weight")
 
 
-def _write_delay() -> float:
-    value = os.environ.get(WRITE_DELAY_ENV, "")
-    return float(value) if value else 0.0
+class _ByteCounter(io.RawIOBase):
+    """A write-only sink that counts the bytes written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self.size += size
+        return size
 
 
-def _fsync_dir(folder: str) -> None:
-    """Makes a rename in ``folder`` durable (POSIX; directories cannot be opened on Windows)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write: Callable[[IO], None], *, mode: str = "wb") -> None:
-    """Writes ``path`` through a temporary file in its folder, then renames it into place.
-
-    Args:
-        path: the final local file path.
-        write: called with the open temporary file; writes the whole content.
-        mode: ``"wb"`` or ``"w"``.
-
-    On any error (or a kill) before the rename, ``path`` is left as it was; on an error the
-    temporary file is removed.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp_path = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    # Permissions as for a file opened normally (the umask applies), unlike tempfile's 0600.
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        delay = _write_delay()
-        if delay > 0:
-            logger.warning(f"{WRITE_DELAY_ENV}: sleeping {delay}s before renaming {path}")
-            time.sleep(delay)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_dir(folder)
+def _serialized_size(data: Dict[str, Any]) -> int:
+    """The size of ``torch.save(data)``, measured without writing a file."""
+    counter = _ByteCounter()
+    torch.save(data, counter)
+    return counter.size
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
@@ -140,7 +112,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _remove_stale_temporary_files(self) -> None:
         """Removes the temporary files of writes killed before this checkpointer was created."""
         for entry in os.scandir(self.save_dir):
-            if not (_TEMPORARY_FILE.match(entry.name) and entry.is_file()):
+            if not (TEMPORARY_FILE.match(entry.name) and entry.is_file()):
                 continue
             # File times come from a coarse clock that lags time.time() by up to a tick: a
             # margin keeps a file written just after this checkpointer's creation.
@@ -170,18 +142,53 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if os.path.basename(path) != basename:
             raise ValueError(f"checkpoint name {name!r} must be a plain file name")
         self.logger.info(f"Saving checkpoint to {path}")
-        atomic_write(path, lambda f: torch.save(data, f))
+        try:
+            atomic_write(path, lambda f: torch.save(data, f))
+        except (OSError, RuntimeError) as error:
+            os_error = os_error_of(error)
+            if os_error is None:
+                raise
+            raise write_error(
+                os_error, path, needed_bytes=_serialized_size(data), kept=self._kept()
+            ) from error
         self.tag_last_checkpoint(basename)
         if not self._stale_files_removed:
             self._remove_stale_temporary_files()
+
+    def _last_tagged(self):
+        """The checkpoint ``last_checkpoint`` names, or None."""
+        try:
+            with open(os.path.join(self.save_dir, "last_checkpoint")) as f:
+                return f.read().strip() or None
+        except OSError:
+            return None
+
+    def _kept(self) -> str:
+        """What a failed checkpoint write left as it was."""
+        last = self._last_tagged()
+        if last is None:
+            return "The partial file was removed; the folder has no earlier checkpoint."
+        return (
+            f"The partial file was removed; last_checkpoint still names {last}, which is "
+            "complete: --resume continues from it once the folder can take the file (or copy "
+            "the folder elsewhere and set train.output_dir there)."
+        )
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Atomically writes ``save_dir/last_checkpoint`` naming ``last_filename_basename``."""
         if not self._is_local():
             super().tag_last_checkpoint(last_filename_basename)
             return
-        atomic_write(
-            os.path.join(self.save_dir, "last_checkpoint"),
-            lambda f: f.write(last_filename_basename),
-            mode="w",
-        )
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        try:
+            atomic_write(path, lambda f: f.write(last_filename_basename), mode="w")
+        except OSError as error:
+            raise write_error(
+                error,
+                path,
+                needed_bytes=len(last_filename_basename),
+                kept=(
+                    f"{last_filename_basename} is complete, but last_checkpoint still names "
+                    f"{self._last_tagged()}: --resume continues from that one."
+                ),
+            ) from error

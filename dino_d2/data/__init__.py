@@ -1,10 +1,12 @@
 """Data: DETR-style augmentation, a DatasetMapper with clear errors for unreadable images, the
-digits demo dataset and dataset registration (including the builtin datasets registered on demand
-by name)."""
+digits demo dataset, dataset registration (including the builtin datasets registered on demand
+by name) and COCO jsons read with errors that name the file, annotation and field."""
 
 from .builtin import builtin_dataset_names, register_builtin, register_builtin_datasets
+from .coco_json import CocoFormatError
 from .datasets import (
     default_datasets_root,
+    load_coco_format_json,
     log_degenerate_boxes,
     register_coco_format_dataset,
     register_digits,
@@ -32,6 +34,8 @@ __all__ = [
     "default_datasets_root",
     "register_digits",
     "register_coco_format_dataset",
+    "load_coco_format_json",
+    "CocoFormatError",
     "log_degenerate_boxes",
     "register_builtin",
     "builtin_dataset_names",

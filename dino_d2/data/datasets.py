@@ -1,20 +1,29 @@
 """Registration of the digits demo dataset and of any COCO-format dataset with Detectron2.
 
-Both go through Detectron2's ``register_coco_instances``, so the registered metadata carries
+Both are registered as Detectron2's ``register_coco_instances`` registers: the metadata carries
 ``json_file``, ``image_root`` and ``evaluator_type="coco"`` and ``COCOEvaluator`` works unchanged;
 ``DatasetCatalog.get(name)`` returns Detectron2 dataset dicts with contiguous category ids
 ``0..K-1`` (the json's category ids in increasing order). ``thing_classes`` and
 ``thing_dataset_id_to_contiguous_id`` are set at registration time, with the values
 ``load_coco_json`` computes when the dataset is loaded, so they are available before that.
 
+The json is read by :mod:`dino_d2.data.coco_json` instead of Detectron2's ``load_coco_json``
+(the same dataset dicts for boxes), so that a malformed file or annotation is reported with the
+file, the dataset, the annotation id and the field. :func:`register_coco_format_dataset` checks
+the file when it registers it, so a job stops at start-up rather than when the data loaders are
+built. With ``skip_bad_annotations=True`` malformed annotations are skipped instead; the
+metadata then has no ``json_file``, so that ``COCOEvaluator`` evaluates against the annotations
+that were kept (Detectron2 converts them to a COCO json in the evaluator's output folder) rather
+than reading the malformed file. ``coco_json_file`` always names the file.
+
 Registration is idempotent: registering a name again with the same files does nothing, and with
 other files replaces the earlier registration (with a warning).
 
-Loading a dataset registered here counts its degenerate boxes (see :func:`log_degenerate_boxes`)
-and logs them once per dataset and process; the DatasetMapper then clips or drops them.
+Loading a dataset registered here logs, once per dataset and process, the annotations skipped or
+dropped (an ``image_id`` that is not among the images) and the degenerate boxes (see
+:func:`log_degenerate_boxes`); the DatasetMapper then clips or drops those boxes.
 """
 
-import json
 import logging
 import math
 import os
@@ -22,14 +31,15 @@ from collections import Counter
 from typing import Dict, List, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json
 
+from .coco_json import check_coco_json, coco_to_dataset_dicts, log_coco_problems, read_coco_json
 from .digits import DIGIT_CLASSES
 
 __all__ = [
     "default_datasets_root",
     "register_digits",
     "register_coco_format_dataset",
+    "load_coco_format_json",
     "log_degenerate_boxes",
 ]
 
@@ -45,29 +55,76 @@ def default_datasets_root() -> str:
     return os.environ.get("DETECTRON2_DATASETS", "datasets")
 
 
-def _register(name: str, json_file: str, image_root: str, metadata: Dict) -> None:
+def _register(
+    name: str,
+    json_file: str,
+    image_root: str,
+    metadata: Dict,
+    *,
+    skip_bad_annotations: bool = False,
+    evaluate_from_json: bool = True,
+) -> None:
     """Registers ``name`` unless it is registered with these files already (see module doc)."""
+    metadata = dict(
+        metadata,
+        coco_json_file=json_file,
+        image_root=image_root,
+        skip_bad_annotations=skip_bad_annotations,
+        evaluator_type="coco",
+    )
+    if evaluate_from_json:
+        metadata["json_file"] = json_file
     if name in DatasetCatalog.list():
         previous = MetadataCatalog.get(name)
-        same_files = (
-            previous.get("json_file") == json_file and previous.get("image_root") == image_root
-        )
-        if same_files and all(previous.get(k) == v for k, v in metadata.items()):
+        same = all(previous.get(k) == v for k, v in metadata.items())
+        if same and previous.get("json_file") == metadata.get("json_file"):
             return
         logger.warning(
-            f"Dataset '{name}' was registered with json_file={previous.get('json_file')}, "
+            f"Dataset '{name}' was registered with json_file="
+            f"{previous.get('coco_json_file', previous.get('json_file'))}, "
             f"image_root={previous.get('image_root')}; replacing it with {json_file}, {image_root}"
         )
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     _REPORTED.discard(name)
-    # Detectron2's register_coco_instances, with the box check on loading.
     DatasetCatalog.register(
-        name, lambda: log_degenerate_boxes(load_coco_json(json_file, image_root, name), name)
+        name,
+        lambda: load_coco_format_json(
+            json_file, image_root, name, skip_bad_annotations=skip_bad_annotations
+        ),
     )
-    MetadataCatalog.get(name).set(
-        json_file=json_file, image_root=image_root, evaluator_type="coco", **metadata
+    MetadataCatalog.get(name).set(**metadata)
+
+
+def load_coco_format_json(
+    json_file: str, image_root: str, name: str, *, skip_bad_annotations: bool = False
+) -> List[Dict]:
+    """Loads a COCO instances json as Detectron2 dataset dicts (boxes only), checked.
+
+    The first load of ``name`` in a process logs the skipped and dropped annotations and the
+    degenerate boxes (:func:`log_degenerate_boxes`).
+
+    Args:
+        json_file: the COCO json.
+        image_root: the folder its ``file_name`` entries are relative to.
+        name: the dataset name, for the messages.
+        skip_bad_annotations: skip malformed annotations instead of raising.
+
+    Returns:
+        the dataset dicts (see :func:`dino_d2.data.coco_json.coco_to_dataset_dicts`).
+
+    Raises:
+        dino_d2.data.coco_json.CocoFormatError: a malformed file (see that module).
+    """
+    checked = check_coco_json(
+        read_coco_json(json_file, name), json_file, name, skip_bad_annotations=skip_bad_annotations
     )
+    if name not in _REPORTED:
+        log_coco_problems(checked, json_file, name)
+    id_map = _category_metadata(checked.categories)["thing_dataset_id_to_contiguous_id"]
+    dicts = coco_to_dataset_dicts(checked, image_root, id_map)
+    logger.info(f"Loaded {len(dicts)} images in COCO format from {json_file}")
+    return log_degenerate_boxes(dicts, name)
 
 
 def _box_problem(annotation: Dict, width: float, height: float) -> str:
@@ -153,14 +210,18 @@ def register_digits(
     return names
 
 
-def register_coco_format_dataset(name: str, json_file: str, image_root: str) -> int:
+def register_coco_format_dataset(
+    name: str, json_file: str, image_root: str, *, skip_bad_annotations: bool = False
+) -> int:
     """Registers a dataset in COCO instances format under ``name``.
 
     Args:
         name: the dataset name for ``DatasetCatalog`` / ``MetadataCatalog``.
-        json_file: the COCO json (``images``, ``annotations``, ``categories``); it is read once
-            here to get the categories (a few seconds for a COCO-sized file).
+        json_file: the COCO json (``images``, ``annotations``, ``categories``); it is read and
+            checked once here (a few seconds for a COCO-sized file).
         image_root: the folder the json's ``file_name`` entries are relative to.
+        skip_bad_annotations: skip malformed annotations (with one warning when the dataset is
+            loaded) instead of raising; see the module docstring for the evaluation.
 
     Returns:
         the number of classes, i.e. of entries in the json's ``categories``.
@@ -168,6 +229,8 @@ def register_coco_format_dataset(name: str, json_file: str, image_root: str) -> 
     Raises:
         FileNotFoundError: ``json_file`` or ``image_root`` does not exist.
         ValueError: the json has no ``categories``.
+        dino_d2.data.coco_json.CocoFormatError: the file is not valid JSON, or has a malformed
+            entry (see :mod:`dino_d2.data.coco_json`).
     """
     json_file = os.path.abspath(os.fspath(json_file))
     image_root = os.path.abspath(os.fspath(image_root))
@@ -175,10 +238,16 @@ def register_coco_format_dataset(name: str, json_file: str, image_root: str) -> 
         raise FileNotFoundError(f"COCO json file for dataset '{name}' not found: {json_file}")
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"image folder for dataset '{name}' not found: {image_root}")
-    with open(json_file) as f:
-        content = json.load(f)
-    categories = content.get("categories") if isinstance(content, dict) else None
-    if not categories:
+    content = read_coco_json(json_file, name)
+    if not content.get("categories"):
         raise ValueError(f"{json_file} has no 'categories'; a COCO instances json needs them")
-    _register(name, json_file, image_root, _category_metadata(categories))
-    return len(categories)
+    checked = check_coco_json(content, json_file, name, skip_bad_annotations=skip_bad_annotations)
+    _register(
+        name,
+        json_file,
+        image_root,
+        _category_metadata(checked.categories),
+        skip_bad_annotations=skip_bad_annotations,
+        evaluate_from_json=not checked.skipped,
+    )
+    return len(checked.categories)

@@ -1,6 +1,6 @@
 """Training: optimizer parameter groups, a trainer with gradient clipping and mixed precision on
-any device, a model EMA, and the job setup the training script uses. The CPU-capable launcher is
-:func:`dino_d2._compat.launch`."""
+any device, a model EMA, the job setup the training script uses, and a CPU-capable launcher in
+which one failing process stops the whole job."""
 
 from .defaults import (
     CUSTOM_TEST_DATASET,
@@ -15,9 +15,14 @@ from .defaults import (
     resolve_device,
 )
 from .ema import EMAHook, ModelEMA
+from .hooks import EvalHook
+from .launch import DEFAULT_TIMEOUT, JobFailedError, launch
 from .lr_decay import ViTLayerDecay
 from .optimizer import get_optimizer_params
+from .output_dir import OutputDirConflictError, prepare_output_dir
+from .train_keys import SCRIPT_TRAIN_KEYS, check_train_keys, declare_train_keys, known_train_keys
 from .trainer import Trainer, amp_settings, check_losses_finite
+from .writers import JSONWriter, default_writers
 
 __all__ = [
     "get_optimizer_params",
@@ -37,4 +42,16 @@ __all__ = [
     "config_dataset_names",
     "register_config_datasets",
     "check_num_classes",
+    "SCRIPT_TRAIN_KEYS",
+    "declare_train_keys",
+    "known_train_keys",
+    "check_train_keys",
+    "EvalHook",
+    "launch",
+    "DEFAULT_TIMEOUT",
+    "JobFailedError",
+    "OutputDirConflictError",
+    "prepare_output_dir",
+    "JSONWriter",
+    "default_writers",
 ]

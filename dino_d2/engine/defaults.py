@@ -10,16 +10,19 @@ dataset from the command line, without writing Python::
 
 registers the two datasets as ``custom_train`` and ``custom_test``, points the config's data
 loaders (and so the evaluator) at them and sets ``model.num_classes`` from the json's categories.
+``dataset.skip_bad_annotations=True`` skips their malformed annotations with one warning instead
+of stopping (see :mod:`dino_d2.data.coco_json`).
 """
 
+import functools
 import logging
 import os
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from detectron2.config import LazyConfig
 from detectron2.data import MetadataCatalog
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
@@ -27,9 +30,12 @@ from detectron2.utils.logger import setup_logger
 
 from .. import _compat
 from ..data import register_builtin_datasets, register_coco_format_dataset
+from .output_dir import check_writable, prepare_output_dir
+from .train_keys import check_train_keys
 
 __all__ = [
     "default_setup",
+    "drop_log_files_on_error",
     "resolve_device",
     "DATASET_OVERRIDE_KEYS",
     "CUSTOM_TRAIN_DATASET",
@@ -41,7 +47,15 @@ __all__ = [
     "check_num_classes",
 ]
 
-DATASET_OVERRIDE_KEYS = ("train_json", "train_images", "test_json", "test_images")
+DATASET_OVERRIDE_KEYS = (
+    "train_json",
+    "train_images",
+    "test_json",
+    "test_images",
+    "skip_bad_annotations",
+)
+_BOOLEAN_DATASET_KEYS = {"skip_bad_annotations"}
+_BOOLEANS = {"true": True, "false": False}
 CUSTOM_TRAIN_DATASET = "custom_train"
 CUSTOM_TEST_DATASET = "custom_test"
 
@@ -49,25 +63,40 @@ CUSTOM_TEST_DATASET = "custom_test"
 def default_setup(cfg: DictConfig, args) -> None:
     """Sets up a job like Detectron2's ``default_setup``, for LazyConfigs.
 
-    1. creates ``cfg.train.output_dir`` and logs the ``detectron2``, ``dino_d2`` and ``fvcore``
-       loggers to the console (main process) and to ``output_dir/log.txt`` (``.rankN`` for others);
+    1. creates ``cfg.train.output_dir`` and checks that it is writable (main process), then logs
+       the ``detectron2``, ``dino_d2`` and ``fvcore`` loggers to the console (main process) and
+       to ``output_dir/log.txt`` (``.rankN`` for others; see :func:`drop_log_files_on_error`);
     2. logs the rank, the environment, the command line and the config file;
-    3. saves the config as ``output_dir/config.yaml`` (``LazyConfig.save``; main process);
-    4. seeds every random generator with ``train.seed + rank`` (a random seed when negative);
-    5. sets ``torch.backends.cudnn.benchmark`` from ``train.cudnn_benchmark`` (default False)
+    3. checks that the folder does not hold another config's checkpoints (a warning, or an
+       error with ``--resume``) and saves the config as ``output_dir/config.yaml``, atomically
+       (main process; see :func:`dino_d2.engine.output_dir.prepare_output_dir`);
+    4. warns about keys under ``train`` that nothing reads (:func:`check_train_keys`);
+    5. seeds every random generator with ``train.seed + rank`` (a random seed when negative);
+    6. sets ``torch.backends.cudnn.benchmark`` from ``train.cudnn_benchmark`` (default False)
        unless evaluating only.
 
     Args:
         cfg: the LazyConfig, with overrides applied.
-        args: the parsed command line (``config_file`` and ``eval_only`` are read if present).
+        args: the parsed command line (``config_file``, ``resume`` and ``eval_only`` are read if
+            present).
+
+    Raises:
+        dino_d2.checkpoint.OutputWriteError: the output folder is not writable.
+        dino_d2.engine.output_dir.OutputDirConflictError: ``--resume`` in a folder holding the
+            checkpoints of another model or other training datasets.
     """
     output_dir = cfg.train.output_dir
     rank = comm.get_rank()
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
-    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
-    setup_logger(output_dir, distributed_rank=rank, name="dino_d2", abbrev_name="dino_d2")
-    logger = setup_logger(output_dir, distributed_rank=rank)
+        check_writable(output_dir)
+    loggers = [
+        setup_logger(output_dir, distributed_rank=rank, name="fvcore"),
+        setup_logger(output_dir, distributed_rank=rank, name="dino_d2", abbrev_name="dino_d2"),
+        setup_logger(output_dir, distributed_rank=rank),
+    ]
+    drop_log_files_on_error(*loggers)
+    logger = loggers[-1]
 
     logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
     logger.info("Environment info:\n" + _compat.collect_env_info())
@@ -78,14 +107,40 @@ def default_setup(cfg: DictConfig, args) -> None:
             logger.info(f"Contents of args.config_file={config_file}:\n{f.read()}")
 
     if comm.is_main_process() and output_dir:
-        path = os.path.join(output_dir, "config.yaml")
-        LazyConfig.save(cfg, path)
+        path = prepare_output_dir(cfg, resume=bool(getattr(args, "resume", False)))
         logger.info(f"Full config saved to {path}")
+    check_train_keys(cfg.train)
 
     seed = cfg.train.get("seed", -1)
     seed_all_rng(None if seed < 0 else seed + rank)
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = bool(cfg.train.get("cudnn_benchmark", False))
+
+
+def _drop_handler(logger: logging.Logger, handler: logging.Handler, record) -> None:
+    error = sys.exc_info()[1]
+    logger.removeHandler(handler)
+    name = getattr(handler.stream, "name", "the log file")
+    sys.stderr.write(
+        f"dino_d2: {name} cannot be written ({error}); logger '{logger.name}' logs to the "
+        "console only from here on\n"
+    )
+
+
+def drop_log_files_on_error(*loggers: logging.Logger) -> None:
+    """Makes a log file that cannot be written (a full disk) leave its logger with one message.
+
+    Python's logging prints a traceback for every line that fails to reach a file; with a full
+    disk, those hide the error that stops the job. After this call a file handler of
+    ``loggers`` whose write fails is removed, with one line on stderr; the console handlers
+    go on.
+    """
+    for logger in loggers:
+        for handler in logger.handlers:
+            stream = getattr(handler, "stream", None)
+            if stream is None or stream in (sys.stdout, sys.stderr):
+                continue
+            handler.handleError = functools.partial(_drop_handler, logger, handler)
 
 
 def resolve_device(device: Optional[str]) -> str:
@@ -103,11 +158,11 @@ def pop_dataset_overrides(opts: Sequence[str]) -> Tuple[List[str], Dict[str, str
 
     Returns:
         the other overrides (for ``LazyConfig.apply_overrides``), and ``{key: value}`` of the
-        dataset ones.
+        dataset ones (a bool for ``skip_bad_annotations``, strings for the paths).
 
     Raises:
         ValueError: a ``dataset.*`` key other than :data:`DATASET_OVERRIDE_KEYS`, a repeated
-            one, or one without a value.
+            one, one without a value, or a ``skip_bad_annotations`` that is not true or false.
     """
     remaining, datasets = [], {}
     for opt in opts or ():
@@ -121,7 +176,11 @@ def pop_dataset_overrides(opts: Sequence[str]) -> Tuple[List[str], Dict[str, str
                 f"unknown dataset override '{key}'; valid: "
                 + ", ".join(f"dataset.{k}" for k in DATASET_OVERRIDE_KEYS)
             )
-        if not sep or not value:
+        if name in _BOOLEAN_DATASET_KEYS:
+            if value.lower() not in _BOOLEANS:
+                raise ValueError(f"'{key}' takes True or False, got {opt!r}")
+            value = _BOOLEANS[value.lower()]
+        elif not sep or not value:
             raise ValueError(f"'{key}' needs a value: {key}=<path>")
         if name in datasets:
             raise ValueError(f"'{key}' is given twice")
@@ -140,14 +199,22 @@ def apply_dataset_overrides(cfg: DictConfig, overrides: Dict[str, str]) -> None:
     ``train_json`` + ``train_images`` register :data:`CUSTOM_TRAIN_DATASET` and set
     ``dataloader.train.dataset.names``; ``test_json`` + ``test_images`` register
     :data:`CUSTOM_TEST_DATASET` and set ``dataloader.test.dataset.names`` (the evaluator follows
-    it in dino_d2's configs). ``model.num_classes`` is set to the number of categories. Call it in
+    it in dino_d2's configs). ``model.num_classes`` is set to the number of categories.
+    ``skip_bad_annotations`` is passed on to :func:`register_coco_format_dataset`. Call it in
     every process (registrations are per process).
 
     Raises:
-        ValueError: a json without its image folder (or the reverse), or train and test jsons
-            whose categories (ids and names) differ.
+        ValueError: a json without its image folder (or the reverse), ``skip_bad_annotations``
+            without a json, or train and test jsons whose categories (ids and names) differ.
     """
+    overrides = dict(overrides)
+    skip_bad_annotations = overrides.pop("skip_bad_annotations", None)
     if not overrides:
+        if skip_bad_annotations is not None:
+            raise ValueError(
+                "dataset.skip_bad_annotations applies to the datasets of dataset.train_json and "
+                "dataset.test_json; give them too"
+            )
         return
     logger = logging.getLogger(__name__)
     splits = {}
@@ -158,7 +225,9 @@ def apply_dataset_overrides(cfg: DictConfig, overrides: Dict[str, str]) -> None:
             raise ValueError(f"dataset.{split}_json and dataset.{split}_images go together")
         if json_file is None:
             continue
-        num_classes = register_coco_format_dataset(dataset_name, json_file, image_root)
+        num_classes = register_coco_format_dataset(
+            dataset_name, json_file, image_root, skip_bad_annotations=bool(skip_bad_annotations)
+        )
         OmegaConf.update(cfg, f"dataloader.{split}.dataset.names", dataset_name, merge=False)
         splits[split] = (dataset_name, num_classes)
     if "train" in splits and "test" in splits:

@@ -66,6 +66,31 @@ def test_pop_dataset_overrides():
         pop_dataset_overrides(["dataset.train_json="])
     with pytest.raises(ValueError, match="twice"):
         pop_dataset_overrides(["dataset.train_json=a", "dataset.train_json=b"])
+    _, datasets = pop_dataset_overrides(["dataset.skip_bad_annotations=True"])
+    assert datasets == {"skip_bad_annotations": True}
+    _, datasets = pop_dataset_overrides(["dataset.skip_bad_annotations=false"])
+    assert datasets == {"skip_bad_annotations": False}
+    with pytest.raises(ValueError, match="takes True or False"):
+        pop_dataset_overrides(["dataset.skip_bad_annotations=yes"])
+
+
+def test_skip_bad_annotations_override_reaches_the_registration(
+    digits_root, tmp_path, custom_names
+):
+    with open(os.path.join(digits_root, "annotations", "train.json")) as f:
+        content = json.load(f)
+    content["annotations"][0]["bbox"] = "1,2,3,4"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(content))
+    cfg = get_config("dino_r18_digits.py")
+    overrides = _overrides(digits_root, train_json=str(bad))
+    with pytest.raises(ValueError, match="'bbox' is \"1,2,3,4\""):
+        apply_dataset_overrides(cfg, overrides)
+    apply_dataset_overrides(cfg, dict(overrides, skip_bad_annotations=True))
+    kept = sum(len(r["annotations"]) for r in DatasetCatalog.get(CUSTOM_TRAIN_DATASET))
+    assert kept == len(content["annotations"]) - 1
+    with pytest.raises(ValueError, match="applies to the datasets of dataset.train_json"):
+        apply_dataset_overrides(cfg, {"skip_bad_annotations": True})
 
 
 def test_dataset_overrides_register_and_set_num_classes(digits_root, custom_names):

@@ -2,11 +2,11 @@ from omegaconf import OmegaConf
 
 from detectron2.config import LazyCall as L
 from detectron2.data import get_detection_dataset_dicts
-from detectron2.evaluation import COCOEvaluator
 
 from dino_d2._compat import build_detection_test_loader, build_detection_train_loader
 from dino_d2.data.mapper import DatasetMapper
 from dino_d2.data.transforms import detr_test_augmentation, detr_train_augmentation
+from dino_d2.evaluation import COCOEvaluator
 
 dataloader = OmegaConf.create()
 
@@ -40,4 +40,5 @@ dataloader.test = L(build_detection_test_loader)(
     num_workers=4,
 )
 
+# Detectron2's COCOEvaluator whose output files a failed write (full disk) never truncates.
 dataloader.evaluator = L(COCOEvaluator)(dataset_name="${..test.dataset.names}")
