@@ -1,5 +1,7 @@
 import importlib
 
+import pytest
+
 import torch
 
 from dino_d2 import _compat
