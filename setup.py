@@ -156,6 +156,7 @@ setup(
         "fvcore",
         "omegaconf",
         "tabulate",
+        "cloudpickle",
         "pycocotools",
         "scikit-learn",
         # dino_d2.cli.plot_metrics draws the curves.

@@ -1,7 +1,6 @@
 import importlib
 
 import pytest
-
 import torch
 
 from dino_d2 import _compat

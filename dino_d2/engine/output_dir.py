@@ -140,6 +140,13 @@ def _loadable_pickle(path: str) -> bool:
     return True
 
 
+def _same_keys(a, b) -> bool:
+    """Whether two nested containers have the same keys at every level (values not compared)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_keys(a[k], b[k]) for k in a)
+    return isinstance(a, dict) == isinstance(b, dict)
+
+
 def _describe(differences: List[Tuple[str, object, object]]) -> str:
     shown = [f"{key} ({old!r} -> {new!r})" for key, old, new in differences[:_SHOWN_DIFFERENCES]]
     more = len(differences) - len(shown)
@@ -209,6 +216,8 @@ def prepare_output_dir(cfg: DictConfig, resume: bool) -> str:
         # LazyConfig.save logs its errors instead of raising: judge by what it wrote.
         LazyConfig.save(cfg, staged)
         new = _load_container(staged) if os.path.isfile(staged) else None
+        if new is not None and not _same_keys(new, OmegaConf.to_container(cfg, resolve=False)):
+            new = None  # a write cut short can still parse, without the keys after the cut
         if new is None and not _loadable_pickle(pickled):
             free = _free(output_dir)
             raise OutputWriteError(
