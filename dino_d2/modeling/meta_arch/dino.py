@@ -14,6 +14,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 
 from dino_d2._compat import image_list_from_tensors
 from dino_d2.config import dino_kwargs_from_yacs
+from dino_d2.layers.frozen_bn import fold_frozen_batchnorm
 
 from ..transformer import DINOTransformerOutput
 
@@ -60,6 +61,7 @@ class DINO(nn.Module):
         num_select: int = 300,
         exact_batched_inference: bool = True,
         heads: Optional[Mapping[str, nn.Module]] = None,
+        fuse_frozen_batchnorm: bool = True,
     ):
         """
         Args:
@@ -74,8 +76,14 @@ class DINO(nn.Module):
             num_select: detections kept per image (top-k over queries x classes).
             exact_batched_inference: see the class docstring.
             heads: optional extra heads by name (see the class docstring).
+            fuse_frozen_batchnorm: run the backbone's convolutions that are followed by a
+                ``FrozenBatchNorm2d`` as one convolution (:mod:`dino_d2.layers.frozen_bn`):
+                the same results without a pass over the activations; parameters and
+                checkpoints are unchanged.
         """
         super().__init__()
+        if fuse_frozen_batchnorm:
+            fold_frozen_batchnorm(backbone)
         self.backbone = backbone
         self.transformer = transformer
         self.denoising = denoising

@@ -1,0 +1,52 @@
+"""Convolutions followed by a frozen batch norm, run as one convolution.
+
+Detectron2's backbones (ResNet, RegNet) build every convolution as ``detectron2.layers.Conv2d``
+with a ``norm``; with ``FrozenBatchNorm2d`` that norm is a fixed per-channel affine map
+``y * scale + shift``, and applying it is a full pass over the activations in the forward (and,
+in training, the backward) pass. Folded into the convolution, ``conv(x, w * scale) + shift``
+gives the same result (up to float rounding) without that pass. The folded weight is computed
+from the current parameters on every call, so training the convolution, loading a checkpoint or
+moving the model need nothing more, and the module keeps its parameters, buffers and
+state-dict keys.
+"""
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+
+__all__ = ["FrozenBNConv2d", "fold_frozen_batchnorm"]
+
+
+class FrozenBNConv2d(Conv2d):
+    """A Detectron2 ``Conv2d`` whose ``norm`` is a ``FrozenBatchNorm2d``, run as one convolution.
+
+    Same parameters, buffers and state-dict keys as the ``Conv2d`` it replaces (see
+    :func:`fold_frozen_batchnorm`).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = self.norm
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        shift = norm.bias - norm.running_mean * scale
+        bias = shift if self.bias is None else self.bias * scale + shift
+        weight = self.weight * scale.view(-1, 1, 1, 1)
+        x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
+def fold_frozen_batchnorm(module: nn.Module) -> int:
+    """Turns every ``detectron2.layers.Conv2d`` of ``module`` whose ``norm`` is a
+    ``FrozenBatchNorm2d`` into a :class:`FrozenBNConv2d`, in place.
+
+    Returns:
+        the number of convolutions folded.
+    """
+    folded = 0
+    for child in module.modules():
+        if type(child) is Conv2d and isinstance(child.norm, FrozenBatchNorm2d):
+            child.__class__ = FrozenBNConv2d
+            folded += 1
+    return folded
