@@ -132,6 +132,9 @@ setup(
     packages=find_packages(include=["dino_d2", "dino_d2.*"]) + _config_packages(),
     package_dir={"dino_d2.configs": "configs"},
     install_requires=["torch", "fvcore", "pycocotools", "timm>=1.0.20,<1.1", "scipy"],
+    # `pip install -e .[export]`: ONNX export (onnxscript drives torch.onnx.export(dynamo=True))
+    # and onnxruntime to run and verify the exported graphs (dino_d2.export).
+    extras_require={"export": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
