@@ -189,7 +189,7 @@ def _op_types(model):
 def test_onnx_graphs_hold_the_chosen_decomposition(onnx_programs):
     types, proto = _op_types(onnx_programs["grid_sample"])
     assert "GridSample" in types
-    assert proto.opset_import[0].version == 17
+    assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {17}
     check_onnx_graph(proto, "grid_sample")
     with pytest.raises(ValueError, match="GridSample nodes"):
         check_onnx_graph(proto, "gather")
@@ -249,7 +249,7 @@ def test_aoti_package_runs_the_kernel(tmp_path):
 
     batch, queries = torch.export.Dim("batch", max=64), torch.export.Dim("queries", max=10000)
     exported = torch.export.export(
-        _Op(),
+        _Op().eval(),
         inputs(2, 7),
         dynamic_shapes=({0: batch}, {0: batch, 1: queries}, {0: batch, 1: queries}),
     )
@@ -280,7 +280,7 @@ def test_onnx_op_alone_matches_the_kernel(impl):
     )
     batch, queries = torch.export.Dim("batch", max=64), torch.export.Dim("queries", max=10000)
     program = export_onnx(
-        _Op(),
+        _Op().eval(),
         args,
         msda_impl=impl,
         dynamic_shapes=({0: batch}, {0: batch, 1: queries}, {0: batch, 1: queries}),
