@@ -161,6 +161,9 @@ setup(
         # dino_d2.cli.plot_metrics draws the curves.
         "matplotlib",
     ],
+    # `pip install -e .[export]`: ONNX export (onnxscript drives torch.onnx.export(dynamo=True))
+    # and onnxruntime to run and verify the exported graphs (dino_d2.export).
+    extras_require={"export": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -27,8 +27,8 @@ import dino_d2.modeling  # noqa: F401  (registers DINO and the backbones)
 
 logger = logging.getLogger("dino_d2.analyze_model")
 
-# Name fvcore gives the traced autograd.Function of the compiled deformable attention.
-_MSDA_OP = "prim::PythonOp._MultiScaleDeformableAttnFunction"
+# The compiled deformable attention, as the JIT tracer records the custom op.
+_MSDA_OP = "dino_d2::ms_deform_attn_forward"
 # Ops of the pure-PyTorch deformable attention path.
 _GRID_SAMPLE_OP = "aten::grid_sampler"
 

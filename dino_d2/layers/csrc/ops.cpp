@@ -2,7 +2,9 @@
 //
 // Schemas live in the `dino_d2` namespace of the dispatcher; this file registers the CPU
 // kernels, and csrc/cuda/ms_deform_attn_cuda.cu registers the CUDA ones when it is compiled.
-// Importing dino_d2._C from Python runs these registrations.
+// Importing dino_d2._C from Python runs these registrations. The fake (meta) kernels that
+// torch.export and torch.compile trace with, and the autograd formula, are registered in Python by
+// the module named in set_python_module below.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -24,6 +26,7 @@ bool compiled_with_cuda() {
 }  // namespace dino_d2
 
 TORCH_LIBRARY(dino_d2, m) {
+  m.set_python_module("dino_d2.layers.ms_deform_attn");
   m.def(
       "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights) -> Tensor");

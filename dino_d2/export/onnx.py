@@ -1,0 +1,167 @@
+"""ONNX export with dino_d2's deformable attention written as standard ONNX operators.
+
+The compiled op ``torch.ops.dino_d2.ms_deform_attn_forward`` has no ONNX form, so
+:func:`export_onnx` runs ``torch.onnx.export(..., dynamo=True)`` inside
+:func:`~dino_d2.layers.ms_deform_attn.msda_implementation` and the attention is traced as one of
+its pure-PyTorch implementations:
+
+* ``"grid_sample"`` (the default): ``GridSample`` nodes (ONNX opset 16 or newer; dino_d2 asks
+  for 17 or newer);
+* ``"gather"``: ``Floor`` / ``Where`` / ``Gather`` arithmetic and no ``GridSample`` at all, for
+  runtimes that mishandle ``GridSample`` (TensorRT has compiled grid_sample-based deformable
+  attention into silently wrong detections).
+
+Both give the kernel's results up to float rounding. The written graph is then checked: every
+node must be a standard ONNX operator, and with ``"gather"`` none may be ``GridSample``.
+
+The dynamo-based exporter (torch.export, then onnxscript's translation) is used rather than the
+TorchScript one: it keeps dynamic sizes symbolic (``dynamic_shapes``), which the level sizes of
+deformable attention need, and it is the exporter torch develops. It needs ``onnx`` and
+``onnxscript`` (``pip install dino_d2[export]``); :func:`run_onnxruntime` needs ``onnxruntime``.
+"""
+
+import importlib
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from dino_d2.layers.ms_deform_attn import msda_implementation
+
+__all__ = [
+    "MIN_OPSET",
+    "MSDA_ONNX_IMPLEMENTATIONS",
+    "check_onnx_graph",
+    "export_onnx",
+    "run_onnxruntime",
+]
+
+# Implementations of deformable attention that ONNX can hold (see the module docstring).
+MSDA_ONNX_IMPLEMENTATIONS = ("grid_sample", "gather")
+# Oldest opset accepted: GridSample exists from 16; 17 is the oldest dino_d2 tests.
+MIN_OPSET = 17
+# Domains of the standard ONNX operators.
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def _require(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"ONNX export needs {module!r} ({e}); install the export extra: "
+            "pip install -e '.[export]' (onnx, onnxruntime, onnxscript)"
+        ) from e
+
+
+def check_onnx_graph(model_proto: Any, msda_impl: str) -> None:
+    """Checks that an exported graph only holds standard ONNX operators.
+
+    Args:
+        model_proto: an ``onnx.ModelProto``.
+        msda_impl: the implementation it was exported with; with ``"gather"`` a ``GridSample``
+            node is an error too.
+
+    Raises:
+        ValueError: naming the offending operators (and their node names).
+    """
+    nodes = list(model_proto.graph.node)
+    for function in model_proto.functions:
+        nodes.extend(function.node)
+    problems = []
+    custom = sorted(
+        {f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in _STANDARD_DOMAINS}
+    )
+    if custom:
+        problems.append(f"non-standard operators {custom}")
+    if msda_impl == "gather":
+        grid_samples = [n.name for n in nodes if n.op_type == "GridSample"]
+        if grid_samples:
+            problems.append(
+                f"GridSample nodes {grid_samples[:5]} although msda_impl='gather' (does the "
+                "model call F.grid_sample outside dino_d2's deformable attention?)"
+            )
+    if problems:
+        raise ValueError("the exported ONNX graph has " + " and ".join(problems))
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    args: tuple,
+    f: Optional[str] = None,
+    *,
+    msda_impl: str = "grid_sample",
+    opset_version: Optional[int] = None,
+    dynamic_shapes: Optional[Union[Dict[str, Any], Sequence[Any]]] = None,
+    input_names: Optional[Sequence[str]] = None,
+    output_names: Optional[Sequence[str]] = None,
+) -> Any:
+    """Exports ``model`` to ONNX with deformable attention decomposed by ``msda_impl``.
+
+    Args:
+        model: the module to export, in eval mode.
+        args: example positional inputs.
+        f: path of the ``.onnx`` file to write (weights inside it, or beside it as external data
+            above 2 GB), or None to only return the program.
+        msda_impl: ``"grid_sample"`` or ``"gather"`` (see the module docstring).
+        opset_version: ONNX opset, at least :data:`MIN_OPSET`; None takes torch's default.
+        dynamic_shapes: as for ``torch.export.export``, e.g. ``{"image": {0: Dim("N"), 2: ...}}``.
+        input_names, output_names: names of the graph's inputs and outputs.
+
+    Returns:
+        The ``torch.onnx.ONNXProgram`` (its ``model_proto`` is the ``onnx.ModelProto``).
+
+    Raises:
+        ValueError: for an unknown ``msda_impl``, an opset below :data:`MIN_OPSET`, or a graph that
+            fails :func:`check_onnx_graph`.
+        ImportError: when onnx or onnxscript is missing.
+    """
+    if msda_impl not in MSDA_ONNX_IMPLEMENTATIONS:
+        raise ValueError(
+            f"msda_impl must be one of {list(MSDA_ONNX_IMPLEMENTATIONS)}, got {msda_impl!r}"
+        )
+    if opset_version is not None and opset_version < MIN_OPSET:
+        raise ValueError(f"opset_version must be at least {MIN_OPSET}, got {opset_version}")
+    _require("onnx")
+    _require("onnxscript")
+    with msda_implementation(msda_impl):
+        program = torch.onnx.export(
+            model,
+            args,
+            dynamo=True,
+            opset_version=opset_version,
+            dynamic_shapes=dynamic_shapes,
+            input_names=input_names,
+            output_names=output_names,
+            verbose=False,
+        )
+    check_onnx_graph(program.model_proto, msda_impl)
+    if f is not None:
+        program.save(f)
+    return program
+
+
+def run_onnxruntime(
+    model: Any, inputs: Sequence[Union[torch.Tensor, np.ndarray]]
+) -> List[np.ndarray]:
+    """Runs an ONNX model on the CPU with onnxruntime.
+
+    Args:
+        model: a path to an ``.onnx`` file or an ``onnx.ModelProto``.
+        inputs: one array per graph input, in the graph's order.
+
+    Returns:
+        The graph's outputs, in order, as numpy arrays.
+    """
+    ort = _require("onnxruntime")
+    if not isinstance(model, str):
+        model = model.SerializeToString()
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        raise ValueError(f"the ONNX model takes {len(names)} inputs {names}, got {len(inputs)}")
+    feed = {
+        name: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        for name, x in zip(names, inputs)
+    }
+    return session.run(None, feed)
