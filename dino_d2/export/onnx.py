@@ -134,6 +134,7 @@ def export_onnx(
             input_names=input_names,
             output_names=output_names,
             verbose=False,
+            optimize=False,
         )
     check_onnx_graph(program.model_proto, msda_impl)
     if f is not None:

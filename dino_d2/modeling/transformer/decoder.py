@@ -150,6 +150,7 @@ class DeformableDecoderLayer(nn.Module):
             spatial_shapes=levels.spatial_shapes,
             level_start_index=levels.level_start_index,
             value_padding_mask=levels.padding_mask,
+            level_shapes=levels.shapes,
         )
         query = self.cross_attn_norm(query + self.cross_attn_dropout(attn))
         return self.ffn(query)
@@ -281,9 +282,11 @@ class DeformableDecoder(nn.Module):
             hidden.append(hs)
             refs.append(ref)
             all_logits.append(self.class_embed[i](hs))
-            all_boxes.append((self.bbox_embed[i](hs) + inverse_sigmoid(prev_ref)).sigmoid())
+            # ref is prev_ref detached: its logit is prev_logit detached, computed once.
+            prev_logit = inverse_sigmoid(prev_ref)
+            all_boxes.append((self.bbox_embed[i](hs) + prev_logit).sigmoid())
             if i + 1 < self.num_layers:
-                prev_ref = (self.bbox_embed[i](output) + inverse_sigmoid(ref)).sigmoid()
+                prev_ref = (self.bbox_embed[i](output) + prev_logit.detach()).sigmoid()
                 ref = prev_ref.detach()
         return DecoderOutput(
             hidden_states=torch.stack(hidden),

@@ -35,9 +35,11 @@ def get_encoder_reference_points(levels: MultiScaleLevels) -> torch.Tensor:
     device = valid_ratios.device
     points = []
     for lvl, (h, w) in enumerate(levels.shapes):
+        # Pixel centres i + 0.5 (what the authors' linspace(0.5, h - 0.5, h) gives, bit for bit;
+        # arange keeps the sizes symbolic when the model is exported).
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device),
+            torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+            torch.arange(w, dtype=torch.float32, device=device) + 0.5,
             indexing="ij",
         )
         ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
@@ -105,6 +107,7 @@ class DeformableEncoderLayer(nn.Module):
             spatial_shapes=levels.spatial_shapes,
             level_start_index=levels.level_start_index,
             value_padding_mask=levels.padding_mask,
+            level_shapes=levels.shapes,
         )
         src = self.self_attn_norm(src + self.self_attn_dropout(attn))
         return self.ffn(src)

@@ -11,6 +11,8 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from dino_d2.layers.ms_deform_attn import level_index_tensors
+
 __all__ = ["MultiScaleLevels", "valid_extent"]
 
 
@@ -52,11 +54,7 @@ class MultiScaleLevels:
     def from_masks(cls, masks: Sequence[Tensor]) -> "MultiScaleLevels":
         """Builds the geometry from one (N, H_l, W_l) bool padding mask per level."""
         shapes = [(mask.shape[-2], mask.shape[-1]) for mask in masks]
-        device = masks[0].device
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
-        level_start_index = torch.cat(
-            (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
-        )
+        spatial_shapes, level_start_index = level_index_tensors(shapes, masks[0].device)
         return cls(
             shapes=shapes,
             spatial_shapes=spatial_shapes,

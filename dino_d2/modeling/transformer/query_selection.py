@@ -65,8 +65,8 @@ def gen_encoder_output_proposals(
     proposals = []
     for lvl, (h, w) in enumerate(levels.shapes):
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-            torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+            torch.arange(h, dtype=torch.float32, device=memory.device),
+            torch.arange(w, dtype=torch.float32, device=memory.device),
             indexing="ij",
         )
         grid = torch.stack([grid_x, grid_y], -1)
@@ -148,10 +148,12 @@ class MixedQuerySelection(nn.Module):
 
         excluded = ~valid if self.exclude_invalid else padding_mask
         scores = logits.max(-1)[0].masked_fill(excluded, float("-inf"))
-        topk = torch.topk(scores, min(self.num_queries, scores.shape[1]), dim=1)[1]
-        if topk.shape[1] < self.num_queries:
-            repeat = torch.arange(self.num_queries, device=topk.device) % topk.shape[1]
-            topk = topk[:, repeat]
+        # sym_min and an unconditional cyclic index keep an exported graph free of a branch on
+        # the number of tokens (the index is the identity when there are enough tokens).
+        k = torch.sym_min(self.num_queries, scores.shape[1])
+        topk = torch.topk(scores, k, dim=1)[1]
+        positions = torch.arange(self.num_queries, device=topk.device)
+        topk = topk[:, positions % torch.full_like(positions[:1], k)]
         enc_logits = torch.gather(logits, 1, topk[..., None].expand(-1, -1, logits.shape[-1]))
         selected = torch.gather(coords, 1, topk[..., None].expand(-1, -1, 4))
         content = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)

@@ -1,0 +1,277 @@
+"""Export a DINO to ONNX, an ExportedProgram (``.pt2``) or an AOTInductor package, and prove it.
+
+:func:`export_model` writes the model and the pre-processing JSON a runtime needs beside it,
+then loads what it wrote and runs it next to the PyTorch model on new images (other sizes than
+the one traced, a size that is not a multiple of 32, an extreme aspect ratio, one image and a
+batch of three of different real sizes) and reports the differences (:mod:`.verify`).
+
+* ``onnx``: ``torch.onnx.export(dynamo=True)``; deformable attention decomposed into
+  ``GridSample`` (``msda_impl="grid_sample"``) or gathers (``"gather"``); run with onnxruntime.
+* ``pt2``: ``torch.export`` with dino_d2's compiled deformable attention kept as one op; saved
+  with ``torch.export.save``, run with ``torch.export.load(...).module()`` (after
+  ``dino_d2.layers.ms_deform_attn.load_extension()``).
+* ``aoti``: the same program compiled ahead of time by AOTInductor into a ``.pt2`` package, run
+  with ``torch._inductor.aoti_load_package`` (the compiled op must be loaded in that process).
+
+Batch size, height and width are dynamic in every format; the padded height and width must be
+larger than the coarsest stride (at least 65 for DINO's stride-64 level, so that every level has
+two rows and columns): a smaller batch is padded up by the runtime (the JSON gives
+``min_input_size``).
+"""
+
+import json
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dino_d2.layers.ms_deform_attn import load_extension
+
+from .graph import InferenceGraph
+from .onnx import MSDA_ONNX_IMPLEMENTATIONS, export_onnx
+from .verify import (
+    DetectionComparison,
+    compare_detections,
+    detections_of_outputs,
+    eager_detections,
+    verification_batches,
+)
+
+__all__ = [
+    "FORMATS",
+    "ExportError",
+    "ExportResult",
+    "dynamic_shapes",
+    "export_model",
+    "load_exported",
+    "output_paths",
+]
+
+FORMATS = ("onnx", "pt2", "aoti")
+INPUT_NAMES = ("images", "image_sizes")
+OUTPUT_NAMES = ("boxes", "scores", "classes")
+_EXTENSIONS = {"onnx": "model.onnx", "pt2": "model.pt2", "aoti": "model_aoti.pt2"}
+
+
+class ExportError(Exception):
+    """An export that cannot be made or cannot be trusted; the message says why."""
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote and measured."""
+
+    path: str
+    preprocessing_path: str
+    verification: DetectionComparison
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+
+def output_paths(output_dir: str, fmt: str) -> Tuple[str, str]:
+    """``(model file, pre-processing JSON)`` of a format in ``output_dir``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    model = os.path.join(output_dir, _EXTENSIONS[fmt])
+    return model, os.path.splitext(model)[0] + ".json"
+
+
+def min_input_size(graph: InferenceGraph) -> int:
+    """The smallest padded height and width the exported graph accepts."""
+    return max(graph.model._strides) + 1
+
+
+def dynamic_shapes(graph: InferenceGraph) -> Dict[str, Dict[int, Any]]:
+    """Dynamic batch, height and width of the graph's inputs, for ``torch.export``."""
+    size = min_input_size(graph)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    height = torch.export.Dim("height", min=size, max=16384)
+    width = torch.export.Dim("width", min=size, max=16384)
+    return {"images": {0: batch, 2: height, 3: width}, "image_sizes": {0: batch}}
+
+
+def _module_names(model: nn.Module) -> Dict[int, str]:
+    return {id(module): name or "model" for name, module in model.named_modules()}
+
+
+def failing_module(error: BaseException, model: nn.Module) -> Optional[str]:
+    """The innermost module of ``model`` on the stack where ``error`` (or its causes) arose."""
+    names = _module_names(model)
+    found, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for frame, _ in traceback.walk_tb(error.__traceback__):
+            module = frame.f_locals.get("self")
+            if isinstance(module, nn.Module) and id(module) in names:
+                found = f"{names[id(module)]} ({type(module).__name__})"
+        if found:
+            return found
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _root_reason(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _export(graph: InferenceGraph, sample, fmt: str, path: str, msda_impl: str, opset: int):
+    shapes = dynamic_shapes(graph)
+    if fmt == "onnx":
+        export_onnx(
+            graph,
+            sample,
+            path,
+            msda_impl=msda_impl,
+            opset_version=opset,
+            dynamic_shapes=shapes,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+        )
+        return
+    load_extension()
+    program = torch.export.export(graph, sample, dynamic_shapes=shapes, strict=False)
+    if fmt == "pt2":
+        torch.export.save(program, path)
+    else:
+        torch._inductor.aoti_compile_and_package(program, package_path=path)
+
+
+def load_exported(path: str, fmt: str) -> Callable[[Tensor, Tensor], Sequence]:
+    """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running the export."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+        def run_onnx(images: Tensor, image_sizes: Tensor):
+            feed = {"images": images.numpy(), "image_sizes": image_sizes.numpy()}
+            return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
+
+        return run_onnx
+    load_extension()
+    if fmt == "pt2":
+        module = torch.export.load(path).module()
+    else:
+        module = torch._inductor.aoti_load_package(path)
+
+    def run_torch(images: Tensor, image_sizes: Tensor):
+        with torch.no_grad():
+            return module(images, image_sizes)
+
+    return run_torch
+
+
+def verification_sizes(short: int, long: int, minimum: int) -> List[List[Tuple[int, int]]]:
+    """Image sizes of the verification batches for a model resized to ``short`` x ``long``.
+
+    Three single images of other sizes than the traced one (one of them not a multiple of 32 on
+    either side, one of an extreme aspect ratio) and a batch of three of different real sizes.
+    """
+
+    def clamp(h: int, w: int) -> Tuple[int, int]:
+        return max(h, minimum), max(w, minimum)
+
+    return [
+        [clamp(short - 13, long - 29)],
+        [clamp(short * 3 // 4 + 5, short + 11)],
+        [clamp(max(short // 3, minimum) + 7, long)],
+        [clamp(short - 13, long - 29), clamp(short * 3 // 4 + 5, short + 11), clamp(short, short)],
+    ]
+
+
+def export_model(
+    graph: InferenceGraph,
+    sample: Tuple[Tensor, Tensor],
+    fmt: str,
+    output_dir: str,
+    *,
+    preprocessing: Dict[str, Any],
+    verification: Sequence[Tuple[Tensor, Tensor]],
+    msda_impl: str = "grid_sample",
+    opset: int = 18,
+    overwrite: bool = False,
+    score_tolerance: float = 1e-4,
+    box_tolerance: float = 1e-2,
+) -> ExportResult:
+    """Exports ``graph``, writes its pre-processing JSON and verifies the export.
+
+    Args:
+        graph: the :class:`InferenceGraph` of the model.
+        sample: ``(images, image_sizes)`` to trace with: at least two images (a batch of one
+            would fix the batch size).
+        fmt: one of :data:`FORMATS`.
+        output_dir: the folder; the file names come from :func:`output_paths`.
+        preprocessing: the runtime's pre-processing (written to the JSON, see the CLI).
+        verification: ``(images, image_sizes)`` batches to compare on.
+        msda_impl: the ONNX decomposition of deformable attention (``onnx`` only).
+        opset: ONNX opset (``onnx`` only).
+        overwrite: replace existing files; otherwise an existing output is an error.
+        score_tolerance, box_tolerance: the largest differences accepted (scores; box
+            coordinates in pixels).
+
+    Raises:
+        ExportError: an existing output without ``overwrite``, a model that cannot be exported
+            (naming the module and the reason), or a verification that fails.
+    """
+    import time
+
+    if msda_impl not in MSDA_ONNX_IMPLEMENTATIONS:
+        raise ValueError(f"msda_impl must be one of {list(MSDA_ONNX_IMPLEMENTATIONS)}")
+    path, json_path = output_paths(output_dir, fmt)
+    existing = [p for p in (path, json_path) if os.path.exists(p)]
+    if existing and not overwrite:
+        raise ExportError(f"{', '.join(existing)} exist(s); use --overwrite to replace")
+    if sample[0].shape[0] < 2:
+        raise ExportError("the sample batch needs at least two images (one fixes the batch size)")
+    os.makedirs(output_dir, exist_ok=True)
+    seconds = {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        try:
+            _export(graph, sample, fmt, path, msda_impl, opset)
+        except Exception as e:  # torch.export and the ONNX exporter raise many kinds
+            where = failing_module(e, graph.model)
+            raise ExportError(
+                f"cannot export to {fmt}: "
+                + (f"module {where} failed: " if where else "")
+                + _root_reason(e)
+            ) from e
+    seconds["export"] = time.perf_counter() - start
+    with open(json_path, "w") as f:
+        json.dump({**preprocessing, "format": fmt, "model": os.path.basename(path)}, f, indent=2)
+
+    start = time.perf_counter()
+    run = load_exported(path, fmt)
+    pairs = []
+    for images, image_sizes in verification:
+        reference = eager_detections(graph.model, images, image_sizes)
+        exported = detections_of_outputs(run(images, image_sizes), image_sizes)
+        label = "batch of " + ", ".join(f"{h}x{w}" for h, w in image_sizes.tolist())
+        pairs.extend(
+            (ref, out, f"{label}, image {i}")
+            for i, (ref, out) in enumerate(zip(reference, exported))
+        )
+    comparison = compare_detections(
+        pairs, score_tolerance=score_tolerance, box_tolerance=box_tolerance
+    )
+    seconds["verify"] = time.perf_counter() - start
+    return ExportResult(path, json_path, comparison, seconds)
+
+
+def random_verification(
+    graph: InferenceGraph, short: int, long: int, seed: int = 1
+) -> List[Tuple[Tensor, Tensor]]:
+    """The verification batches of :func:`verification_sizes`, with random images."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def make_image(height: int, width: int) -> Tensor:
+        image = torch.randint(0, 256, (3, height, width), generator=generator)
+        return image.to(graph.dtype)
+
+    return verification_batches(make_image, verification_sizes(short, long, min_input_size(graph)))

@@ -1,0 +1,185 @@
+"""Proof of an export: the exported graph's detections against the PyTorch model's own.
+
+The reference is DINO itself, run as Detectron2 runs it (``preprocess_image``,
+``extract_features``, the transformer and ``inference``; no ``detector_postprocess``), with
+``exact_batched_inference=False`` for a batch (the graph sends the padded batch through the
+backbone as one tensor) and the model as configured for a single image.
+
+Detections are compared as sets, not rank by rank: two detections whose scores differ by less
+than the tolerance may come out of top-k in either order, and the one at the top-k cut may be a
+different one. Each reference detection is paired with an unused one of the same class whose
+score is within ``score_tolerance``, closest box first; the differences of the pairs are reported
+and every detection must be paired except ties at the cut.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from dino_d2.modeling.meta_arch.dino import DINO
+
+__all__ = [
+    "DetectionComparison",
+    "compare_detections",
+    "eager_detections",
+    "pair_detections",
+    "verification_batches",
+]
+
+Detections = Tuple[Tensor, Tensor, Tensor]  # boxes (K, 4), scores (K,), classes (K,)
+
+
+def pair_detections(
+    ours: Detections, theirs: Detections, score_tolerance: float, box_tolerance: float
+):
+    """Pairs each of our detections with an unused one of theirs of the same class and a score
+    within ``score_tolerance``, closest box first (a box further than ``box_tolerance`` in any
+    coordinate does not pair).
+
+    Args:
+        ours, theirs: ``(boxes (K, 4), scores (K,), classes (K,))``.
+
+    Returns:
+        ``(score_diffs, box_diffs, unpaired, their_unpaired)``: the absolute differences of the
+        pairs, and the unpaired detections of each side as ``(score, class)`` lists.
+    """
+    boxes, scores, classes = ours
+    their_boxes, their_scores, their_classes = theirs
+    free = torch.ones(len(their_scores), dtype=torch.bool)
+    score_diffs, box_diffs, unpaired = [], [], []
+    for box, score, label in zip(boxes, scores, classes):
+        candidates = free & (their_classes == label)
+        candidates &= (their_scores - score).abs() <= score_tolerance
+        if not candidates.any():
+            unpaired.append((float(score), int(label)))
+            continue
+        distance = (their_boxes - box).abs().amax(1).masked_fill(~candidates, float("inf"))
+        j = int(distance.argmin())
+        if float(distance[j]) > box_tolerance:
+            unpaired.append((float(score), int(label)))
+            continue
+        free[j] = False
+        score_diffs.append(float((their_scores[j] - score).abs()))
+        box_diffs.append(float(distance[j]))
+    their_unpaired = [(float(s), int(c)) for s, c in zip(their_scores[free], their_classes[free])]
+    return score_diffs, box_diffs, unpaired, their_unpaired
+
+
+@dataclass
+class DetectionComparison:
+    """The differences between two runs' detections over several images."""
+
+    score_tolerance: float
+    box_tolerance: float
+    num_detections: int = 0
+    num_paired: int = 0
+    max_score_diff: float = 0.0
+    max_box_diff: float = 0.0
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and self.num_paired > 0
+
+    def add(self, reference: Detections, candidate: Detections, what: str) -> None:
+        """Compares one image's detections (absolute XYXY boxes, scores, classes)."""
+        reference = tuple(t.detach().float().cpu() for t in reference)
+        candidate = tuple(t.detach().float().cpu() for t in candidate)
+        if reference[1].shape != candidate[1].shape:
+            self.problems.append(
+                f"{what}: {len(candidate[1])} detections instead of {len(reference[1])}"
+            )
+            return
+        scores, boxes, unpaired, theirs = pair_detections(
+            candidate, reference, self.score_tolerance, self.box_tolerance
+        )
+        self.num_detections += len(reference[1])
+        self.num_paired += len(scores)
+        self.max_score_diff = max([self.max_score_diff, *scores])
+        self.max_box_diff = max([self.max_box_diff, *boxes])
+        # Only a tie at the top-k cut may leave a detection unpaired.
+        cut = min(float(reference[1].min()), float(candidate[1].min()))
+        bad = [d for d in unpaired + theirs if d[0] > cut + self.score_tolerance]
+        if bad:
+            self.problems.append(f"{what}: detections without a counterpart {bad[:3]}")
+
+    def summary(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        line = (
+            f"{self.num_paired} of {self.num_detections} detections paired, max |score diff| "
+            f"{self.max_score_diff:.2e} (<= {self.score_tolerance:g}), max |box diff| "
+            f"{self.max_box_diff:.2e} px (<= {self.box_tolerance:g}): {verdict}"
+        )
+        return "\n".join([line, *(f"  {p}" for p in self.problems)])
+
+
+def compare_detections(
+    pairs: Sequence[Tuple[Detections, Detections, str]],
+    *,
+    score_tolerance: float = 1e-4,
+    box_tolerance: float = 1e-2,
+) -> DetectionComparison:
+    """Compares ``(reference, candidate, label)`` triples of per-image detections."""
+    comparison = DetectionComparison(score_tolerance, box_tolerance)
+    for reference, candidate, what in pairs:
+        comparison.add(reference, candidate, what)
+    return comparison
+
+
+@torch.no_grad()
+def eager_detections(model: DINO, images: Tensor, image_sizes: Tensor) -> List[Detections]:
+    """DINO's own top-k detections of a padded batch, one ``(boxes, scores, classes)`` per image.
+
+    Args:
+        model: the DINO in eval mode.
+        images: (N, 3, H, W) 0-255 images in the model's input format, image i in the top-left
+            ``image_sizes[i]`` of its slot.
+        image_sizes: (N, 2) int64 (height, width).
+    """
+    inputs = [
+        {"image": images[i, :, :h, :w].float()} for i, (h, w) in enumerate(image_sizes.tolist())
+    ]
+    exact = model.exact_batched_inference
+    model.exact_batched_inference = exact and len(inputs) == 1
+    try:
+        batch = model.preprocess_image(inputs)
+        features, masks = model.extract_features(batch)
+        outputs = model.transformer(features, masks)
+        results = model.inference(outputs, batch.image_sizes)
+    finally:
+        model.exact_batched_inference = exact
+    return [(r.pred_boxes.tensor, r.scores, r.pred_classes) for r in results]
+
+
+def verification_batches(
+    make_image: Callable[[int, int], Tensor], sizes: Sequence[Sequence[Tuple[int, int]]]
+) -> List[Tuple[Tensor, Tensor]]:
+    """Padded batches of new images: one ``(images, image_sizes)`` per entry of ``sizes``.
+
+    Args:
+        make_image: ``(height, width) -> (3, height, width)`` image of the graph's dtype.
+        sizes: for each batch, the (height, width) of its images.
+    """
+    batches = []
+    for batch_sizes in sizes:
+        images = [make_image(h, w) for h, w in batch_sizes]
+        height = max(h for h, _ in batch_sizes)
+        width = max(w for _, w in batch_sizes)
+        padded = images[0].new_zeros((len(images), 3, height, width))
+        for i, image in enumerate(images):
+            padded[i, :, : image.shape[1], : image.shape[2]] = image
+        batches.append((padded, torch.tensor(batch_sizes, dtype=torch.int64)))
+    return batches
+
+
+def detections_of_outputs(outputs: Sequence, image_sizes: Tensor) -> List[Detections]:
+    """Per-image ``(boxes, scores, classes)`` of a graph's (N, K, ...) outputs."""
+    boxes, scores, classes = (torch.as_tensor(o) for o in outputs)
+    return [(boxes[i], scores[i], classes[i]) for i in range(len(image_sizes))]
+
+
+def report_rows(results: Dict[str, DetectionComparison]) -> List[str]:
+    """One line per compared runtime."""
+    return [f"{name}: {comparison.summary()}" for name, comparison in results.items()]

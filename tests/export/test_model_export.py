@@ -1,0 +1,308 @@
+"""The whole DINO inference exported: the graph equals DINO, every export proves itself at other
+sizes and batch sizes, and the runtime without PyTorch gives tools/demo.py's detections."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyCall as L
+from detectron2.config import LazyConfig, instantiate
+from detectron2.modeling import Backbone
+
+from dino_d2.cli import export_model as export_cli
+from dino_d2.export.exporter import ExportError, export_model, random_verification
+from dino_d2.export.graph import InferenceGraph
+from dino_d2.export.verify import eager_detections, pair_detections
+
+onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is part of make test")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ONNX_PREDICT = os.path.join(REPO, "tools", "deploy", "onnx_predict.py")
+DEMO = os.path.join(REPO, "tools", "demo.py")
+
+
+def _perturbed(model, seed=0):
+    """Random weights moved off their initialization, so that no two scores tie."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def _images(sizes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    height = max(h for h, _ in sizes)
+    width = max(w for _, w in sizes)
+    batch = torch.zeros(len(sizes), 3, height, width, dtype=torch.uint8)
+    for i, (h, w) in enumerate(sizes):
+        batch[i, :, :h, :w] = torch.randint(0, 256, (3, h, w), generator=generator)
+    return batch, torch.tensor(sizes)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dino_config):
+    return _perturbed(instantiate(tiny_dino_config().model))
+
+
+def _assert_same(reference, candidate, score_tolerance=1e-5, box_tolerance=1e-3):
+    for (ref_boxes, ref_scores, ref_classes), (boxes, scores, classes) in zip(reference, candidate):
+        scores_diff, boxes_diff, unpaired, theirs = pair_detections(
+            (boxes, scores, classes), (ref_boxes, ref_scores, ref_classes), score_tolerance, 1e9
+        )
+        assert not unpaired and not theirs
+        assert max(boxes_diff) <= box_tolerance
+
+
+def test_the_graph_gives_dino_s_detections(tiny_model):
+    graph = InferenceGraph(tiny_model)
+    # One image: DINO as configured. A batch of different sizes: DINO with
+    # exact_batched_inference=False (both send the padded batch through the backbone).
+    for sizes in ([(70, 90)], [(96, 80), (70, 130), (65, 65)]):
+        images, image_sizes = _images(sizes)
+        with torch.no_grad():
+            boxes, scores, classes = graph(images, image_sizes)
+        assert boxes.shape == (len(sizes), 10, 4) and classes.dtype == torch.int64
+        assert torch.all(scores[:, :-1] >= scores[:, 1:])
+        reference = eager_detections(tiny_model, images, image_sizes)
+        _assert_same(reference, list(zip(boxes, scores, classes)), 0, 0)
+    # The padding's values do not matter, float input in 0-255 gives the same.
+    noisy = images.clone()
+    noisy[1, :, 70:, :] = 255
+    float_graph = InferenceGraph(tiny_model, input_dtype="float32")
+    with torch.no_grad():
+        torch.testing.assert_close(graph(noisy, image_sizes)[1], scores)
+        torch.testing.assert_close(float_graph(images.float(), image_sizes)[1], scores)
+
+
+def test_onnx_gather_export_is_proven_at_other_sizes(tiny_model, tmp_path):
+    graph = InferenceGraph(tiny_model)
+    sample = _images([(96, 128), (80, 100)])
+    result = export_model(
+        graph,
+        sample,
+        "onnx",
+        str(tmp_path),
+        preprocessing={"input_format": "RGB"},
+        verification=random_verification(graph, 96, 160),
+        msda_impl="gather",
+    )
+    assert result.verification.passed, result.verification.summary()
+    assert result.verification.num_detections == 6 * 10
+    model = onnx.load(result.path)
+    ops = {node.op_type for node in model.graph.node}
+    assert "GridSample" not in ops and "Gather" in ops
+    assert [i.name for i in model.graph.input] == ["images", "image_sizes"]
+    assert [o.name for o in model.graph.output] == ["boxes", "scores", "classes"]
+    # The exported sizes are symbolic: batch, height and width.
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, False, True, True]
+    # Nothing is overwritten without overwrite=True.
+    with pytest.raises(ExportError, match="exist.*--overwrite"):
+        export_model(graph, sample, "onnx", str(tmp_path), preprocessing={}, verification=[])
+
+
+class _BranchingBackbone(Backbone):
+    """A backbone whose control flow depends on the image values: not exportable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, stride=8, padding=1)
+        self._out_features = ["res3", "res4", "res5"]
+        self._out_feature_channels = {"res3": 16, "res4": 16, "res5": 16}
+        self._out_feature_strides = {"res3": 8, "res4": 16, "res5": 32}
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.mean() > 0:  # data-dependent: torch.export cannot trace it
+            x = -x
+        return {"res3": x, "res4": F.max_pool2d(x, 2), "res5": F.max_pool2d(x, 4)}
+
+
+def test_a_module_that_cannot_be_exported_is_named(tiny_dino_config, tmp_path):
+    cfg = tiny_dino_config()
+    cfg.model.backbone.bottom_up = L(_BranchingBackbone)()
+    cfg.model.backbone.in_features = ["res3", "res4", "res5"]
+    graph = InferenceGraph(instantiate(cfg.model).eval())
+    with pytest.raises(ExportError) as error:
+        export_model(
+            graph,
+            _images([(96, 128), (80, 100)]),
+            "pt2",
+            str(tmp_path),
+            preprocessing={},
+            verification=[],
+        )
+    message = str(error.value)
+    assert "backbone.bottom_up (_BranchingBackbone)" in message, message
+    assert "data-dependent" in message.lower() or "guard" in message.lower(), message
+
+
+@pytest.fixture(scope="module")
+def digits_setup(tmp_path_factory, tiny_dino_config):
+    """The digits config with saved (perturbed random) weights, and three images."""
+    root = tmp_path_factory.mktemp("digits_export")
+    config = os.path.join(REPO, "configs", "dino_r18_digits.py")
+    cfg = LazyConfig.load(config)
+    model = _perturbed(instantiate(cfg.model))
+    weights = str(root / "weights.pth")
+    DetectionCheckpointer(model, save_dir=str(root)).save("weights")
+    generator = np.random.default_rng(0)
+    images = []
+    for name, (h, w) in {"a.png": (240, 320), "b.png": (300, 200), "c.png": (120, 500)}.items():
+        array = generator.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(array).save(root / name)
+        images.append(str(root / name))
+    return {"root": root, "config": config, "weights": weights, "images": images}
+
+
+def _export(setup, fmt, *extra):
+    out = setup["root"] / f"export_{fmt}"
+    argv = [
+        "--config-file",
+        setup["config"],
+        "--format",
+        fmt,
+        "--output",
+        str(out),
+        "--sample-image",
+        setup["images"][0],
+        *extra,
+        f"train.init_checkpoint={setup['weights']}",
+    ]
+    return export_cli.main(argv), out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_digits_export_from_the_command_line(digits_setup, fmt, capsys):
+    code, out = _export(digits_setup, fmt)
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "Verification against PyTorch" in printed and "PASS" in printed
+    name = "model.onnx" if fmt == "onnx" else "model.pt2"
+    info = json.loads((out / name.replace(os.path.splitext(name)[1], ".json")).read_text())
+    assert info["input_format"] == "RGB" and info["input_dtype"] == "uint8"
+    assert info["resize"]["short_edge_length"] == 192 and info["resize"]["max_size"] == 320
+    assert info["class_names"] == [str(d) for d in range(10)]
+    assert info["min_input_size"] == 65
+    assert (out / name).is_file()
+
+
+def test_onnx_runtime_without_torch_gives_the_demo_detections(digits_setup):
+    onnx_dir = digits_setup["root"] / "export_onnx"
+    if not (onnx_dir / "model.onnx").exists():
+        assert _export(digits_setup, "onnx")[0] == 0
+    runtime_out = digits_setup["root"] / "onnx_predict"
+    # A meta-path finder makes any import of torch fail inside the runtime's process.
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch imported by the ONNX runtime tool')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.argv = {[ONNX_PREDICT]!r} + sys.argv[1:]\n"
+        f"exec(compile(open({ONNX_PREDICT!r}).read(), {ONNX_PREDICT!r}, 'exec'))\n"
+    )
+    args = ["--model", str(onnx_dir / "model.onnx"), "--input", *digits_setup["images"]]
+    args += ["--output", str(runtime_out), "--score-threshold", "0"]
+    result = subprocess.run(
+        [sys.executable, "-c", blocker, *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    demo_out = digits_setup["root"] / "demo"
+    demo = subprocess.run(
+        [
+            sys.executable,
+            DEMO,
+            "--config-file",
+            digits_setup["config"],
+            "--checkpoint",
+            digits_setup["weights"],
+            "--input",
+            *digits_setup["images"],
+            "--output",
+            str(demo_out),
+            "--score-threshold",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    ours = json.loads((runtime_out / "detections.json").read_text())["images"]
+    theirs = json.loads((demo_out / "detections.json").read_text())["images"]
+    assert [i["file"] for i in ours] == [i["file"] for i in theirs]
+    for mine, reference in zip(ours, theirs):
+        assert (mine["height"], mine["width"]) == (reference["height"], reference["width"])
+
+        def table(image):
+            detections = image["detections"]
+            return tuple(
+                torch.tensor(values)
+                for values in (
+                    [d["box"] for d in detections],
+                    [d["score"] for d in detections],
+                    [d["class_id"] for d in detections],
+                )
+            )
+
+        scores, boxes, unpaired, theirs_unpaired = pair_detections(
+            table(mine), table(reference), 1e-4, 0.02
+        )
+        assert len(scores) == len(reference["detections"]) == 50
+        assert not unpaired and not theirs_unpaired
+        assert (runtime_out / mine["visualization"]).is_file()
+
+
+def test_a_wrong_input_gets_a_message_that_states_the_expected_input(digits_setup):
+    """What onnxruntime says, from the graph's declared inputs, to any program that runs it."""
+    import onnxruntime
+
+    onnx_dir = digits_setup["root"] / "export_onnx"
+    if not (onnx_dir / "model.onnx").exists():
+        assert _export(digits_setup, "onnx")[0] == 0
+    session = onnxruntime.InferenceSession(str(onnx_dir / "model.onnx"))
+    good = np.zeros((1, 3, 96, 96), dtype=np.uint8)
+    sizes = np.array([[96, 96]], dtype=np.int64)
+    cases = [
+        ({"images": np.zeros((1, 4, 96, 96), np.uint8), "image_sizes": sizes}, r"Expected: 3"),
+        ({"images": good.astype(np.float32), "image_sizes": sizes}, r"expected: \(tensor\(uint8"),
+        ({"images": good}, "image_sizes"),
+    ]
+    for feed, expected in cases:
+        with pytest.raises(Exception, match=expected):
+            session.run(None, feed)
+    boxes = session.run(None, {"images": good, "image_sizes": sizes})[0]
+    assert boxes.shape == (1, 50, 4)
+
+
+def test_the_runtime_tool_reports_bad_inputs(digits_setup, tmp_path):
+    onnx_dir = digits_setup["root"] / "export_onnx"
+    if not (onnx_dir / "model.onnx").exists():
+        assert _export(digits_setup, "onnx")[0] == 0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    runs = {
+        "cannot read image": [str(broken)],
+        "no image matches": [str(tmp_path / "*.jpg")],
+    }
+    for expected, inputs in runs.items():
+        result = subprocess.run(
+            [sys.executable, ONNX_PREDICT, "--model", str(onnx_dir / "model.onnx")]
+            + ["--input", *inputs, "--output", str(tmp_path / "out"), "--overwrite"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
