@@ -277,36 +277,7 @@ def detectron2_detections(theirs, coco_ids, height, width):
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return theirs["scores"][keep], labels[keep], boxes[keep]
-
-
-def pair_detections(ours, theirs, tolerance: float, box_tolerance: float):
-    """Pairs each of our detections with an unused one of theirs of the same label and a score
-    within ``tolerance``, closest box first.
-
-    Returns:
-        (score differences, box differences) of the pairs, and the unpaired detections of each
-        side as (score, label) lists.
-    """
-    scores, labels, boxes = ours
-    their_scores, their_labels, their_boxes = theirs
-    free = torch.ones(len(their_scores), dtype=torch.bool)
-    score_diffs, box_diffs, unpaired = [], [], []
-    for score, label, box in zip(scores, labels, boxes):
-        candidates = free & (their_labels == label) & ((their_scores - score).abs() <= tolerance)
-        if not candidates.any():
-            unpaired.append((float(score), int(label)))
-            continue
-        distance = (their_boxes - box).abs().amax(1).masked_fill(~candidates, float("inf"))
-        j = int(distance.argmin())
-        if float(distance[j]) > box_tolerance:
-            unpaired.append((float(score), int(label)))
-            continue
-        free[j] = False
-        score_diffs.append(float((their_scores[j] - score).abs()))
-        box_diffs.append(float(distance[j]))
-    their_unpaired = [(float(s), int(c)) for s, c in zip(their_scores[free], their_labels[free])]
-    return score_diffs, box_diffs, unpaired, their_unpaired
+    return boxes[keep], theirs["scores"][keep], labels[keep]
 
 
 def tie_break_order(ours, theirs, tolerance: float) -> Optional[torch.Tensor]:
@@ -358,21 +329,23 @@ def compare(ours, theirs, coco_ids, size, tolerance) -> Tuple[bool, List[str]]:
         passed &= ok
         lines.append(f"  {name:30s} max |diff| {diff:.2e}  {'ok' if ok else 'FAIL'}")
 
+    from dino_d2.export.verify import pair_detections
+
     # Detections: scores in [0, 1] within the tolerance; boxes in pixels, within the tolerance
     # of normalized coordinates times the image size.
     box_tolerance = tolerance * max(height, width)
-    mine = (ours["scores"], ours["labels"], ours["det_boxes"])
+    mine = (ours["det_boxes"], ours["scores"], ours["labels"])
     reference = detectron2_detections(theirs, coco_ids, height, width)
     score_diffs, box_diffs, unpaired, their_unpaired = pair_detections(
         mine, reference, tolerance, box_tolerance
     )
     # A detection may be unpaired only at the top-k cut: its score ties the last kept one.
-    cut = min(float(ours["scores"].min()), float(reference[0].min()))
+    cut = min(float(ours["scores"].min()), float(reference[1].min()))
     bad = [d for d in unpaired + their_unpaired if d[0] > cut + tolerance]
     ok = not bad and len(score_diffs) > 0
     passed &= ok
     lines.append(
-        f"  {'detections':30s} {len(score_diffs)} paired of {len(mine[0])} / {len(reference[0])}"
+        f"  {'detections':30s} {len(score_diffs)} paired of {len(mine[1])} / {len(reference[1])}"
         f" (authors' top-{len(theirs['scores'])} after clipping), scores max |diff| "
         f"{max(score_diffs, default=0.0):.2e}, boxes max |diff| {max(box_diffs, default=0.0):.2e}"
         f" px  {'ok' if ok else 'FAIL'}"

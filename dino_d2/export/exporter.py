@@ -229,6 +229,12 @@ def export_model(
         raise ExportError(f"{', '.join(existing)} exist(s); use --overwrite to replace")
     if sample[0].shape[0] < 2:
         raise ExportError("the sample batch needs at least two images (one fixes the batch size)")
+    for name, module in graph.model.named_modules():
+        limitation = getattr(module, "export_limitation", None)
+        if limitation:
+            raise ExportError(
+                f"cannot export to {fmt}: module {name} ({type(module).__name__}) {limitation}"
+            )
     os.makedirs(output_dir, exist_ok=True)
     seconds = {}
     start = time.perf_counter()

@@ -306,3 +306,20 @@ def test_the_runtime_tool_reports_bad_inputs(digits_setup, tmp_path):
         )
         assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_a_backbone_that_declares_it_cannot_be_exported_stops_at_once(tmp_path):
+    from dino_d2.model_zoo import get_config
+
+    cfg = get_config("dino_swin_tiny_224_4scale_12ep.py")
+    graph = InferenceGraph(instantiate(cfg.model).eval())
+    with pytest.raises(ExportError, match=r"module backbone.bottom_up \(SwinBackbone\) pads"):
+        export_model(
+            graph,
+            _images([(96, 128), (80, 100)]),
+            "onnx",
+            str(tmp_path),
+            preprocessing={},
+            verification=[],
+        )
+    assert not os.listdir(tmp_path)

@@ -155,6 +155,15 @@ class SwinBackbone(Backbone):
             checkpointing) to save activation memory; the results are unchanged.
     """
 
+    # Read by dino_d2.export before tracing: padding every block to the window size makes
+    # torch.export's symbolic sizes blow up (an export with dynamic sizes did not finish in 20
+    # minutes).
+    export_limitation = (
+        "pads every block's input to a multiple of the window size, which torch.export cannot "
+        "trace with dynamic image sizes (the export does not finish); export a config with a "
+        "ResNet or RegNet backbone"
+    )
+
     def __init__(
         self,
         *,

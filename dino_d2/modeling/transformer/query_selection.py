@@ -150,7 +150,11 @@ class MixedQuerySelection(nn.Module):
         scores = logits.max(-1)[0].masked_fill(excluded, float("-inf"))
         # sym_min and an unconditional cyclic index keep an exported graph free of a branch on
         # the number of tokens (the index is the identity when there are enough tokens).
-        k = torch.sym_min(self.num_queries, scores.shape[1])
+        num_tokens = scores.shape[1]
+        if isinstance(num_tokens, torch.SymInt):
+            k = torch.sym_min(self.num_queries, num_tokens)
+        else:  # an int, or a 0-d tensor under torch.jit.trace (fvcore's FLOP count)
+            k = min(self.num_queries, int(num_tokens))
         topk = torch.topk(scores, k, dim=1)[1]
         positions = torch.arange(self.num_queries, device=topk.device)
         topk = topk[:, positions % torch.full_like(positions[:1], k)]
