@@ -1,0 +1,132 @@
+"""Parameters and FLOPs of a dino_d2 config, counted with fvcore.
+
+    python tools/analyze_model.py --config-file configs/dino_r50_4scale_12ep.py
+    python tools/analyze_model.py --config-file configs/dino_r50_4scale_12ep.py --tasks flop \
+        --height 800 --width 1333 train.device=cpu
+
+FLOPs follow fvcore's convention (one fused multiply-add counts as one flop) and are measured by
+tracing inference on random images of the given size. The deformable attention op, which fvcore
+does not know, is counted as 5 multiply-adds per sampled point and channel (4 for the bilinear
+interpolation, 1 for the attention weight).
+"""
+
+import argparse
+import logging
+from collections import Counter
+
+import torch
+from fvcore.nn import FlopCountAnalysis, parameter_count, parameter_count_table
+from torch import nn
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.utils.logger import setup_logger
+
+__all__ = ["count_flops", "count_parameters", "main"]
+
+logger = logging.getLogger("dino_d2.analyze_model")
+
+# The compiled deformable attention, as the JIT tracer records the custom op.
+_MSDA_OP = "dino_d2::ms_deform_attn_forward"
+# Ops of the pure-PyTorch deformable attention path.
+_GRID_SAMPLE_OP = "aten::grid_sampler"
+
+
+def _shape(value):
+    return value.type().sizes()
+
+
+def msda_flop_jit(inputs, outputs):
+    """fvcore handle: inputs are (value, spatial_shapes, level_start_index, locations, weights)."""
+    n, _, m, d = _shape(inputs[0])
+    _, q, _, levels, points, _ = _shape(inputs[3])
+    return Counter({"ms_deform_attn": 5 * n * q * m * levels * points * d})
+
+
+def grid_sample_flop_jit(inputs, outputs):
+    """fvcore handle for F.grid_sample: 4 multiply-adds per output element (bilinear)."""
+    n, c, h, w = _shape(outputs[0])
+    return Counter({"grid_sample": 4 * n * c * h * w})
+
+
+class _TensorInterface(nn.Module):
+    """Detectron2's list[dict] -> Instances contract as tensors in, tensors out, for tracing.
+
+    (Detectron2 v0.6's TracingAdapter cannot be imported with current PyTorch: its package
+    imports caffe2.)
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        (output,) = self.model([{"image": image}])
+        instances = output["instances"]
+        return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
+
+
+def build_model(cfg, device):
+    model = instantiate(cfg.model)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def count_parameters(model) -> str:
+    counts = parameter_count(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    backbone = counts.get("backbone.bottom_up", 0)
+    lines = [
+        f"parameters: {counts[''] / 1e6:.2f}M total, {backbone / 1e6:.2f}M backbone, "
+        f"{trainable / 1e6:.2f}M trainable",
+        parameter_count_table(model, max_depth=3),
+    ]
+    return "\n".join(lines)
+
+
+def count_flops(model, height, width, num_inputs, device) -> str:
+    totals = []
+    by_operator = Counter()
+    for i in range(num_inputs):
+        generator = torch.Generator().manual_seed(i)
+        image = torch.rand(3, height, width, generator=generator).mul(255).to(device)
+        analysis = FlopCountAnalysis(_TensorInterface(model), (image,))
+        analysis.set_op_handle(**{_MSDA_OP: msda_flop_jit, _GRID_SAMPLE_OP: grid_sample_flop_jit})
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        totals.append(analysis.total())
+        by_operator.update(analysis.by_operator())
+        logger.info(f"input {i + 1}/{num_inputs}: {totals[-1] / 1e9:.1f} GFLOPs")
+    lines = [
+        f"GFLOPs at {height}x{width}: {sum(totals) / len(totals) / 1e9:.1f} (mean of {num_inputs})"
+    ]
+    for name, flops in by_operator.most_common():
+        lines.append(f"  {name}: {flops / num_inputs / 1e9:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", required=True, help="a LazyConfig .py or saved .yaml")
+    parser.add_argument(
+        "--tasks", default="parameter,flop", help="comma-separated: parameter, flop"
+    )
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1333)
+    parser.add_argument("--num-inputs", type=int, default=1, help="random images to average")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
+    args = parser.parse_args(argv)
+    tasks = set(args.tasks.split(","))
+    if not tasks <= {"parameter", "flop"}:
+        parser.error(f"--tasks takes parameter and/or flop, got {args.tasks!r}")
+    setup_logger(name="dino_d2")
+    setup_logger(name="fvcore", abbrev_name="fvcore")
+
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    device = cfg.train.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg, device)
+    if "parameter" in tasks:
+        print(count_parameters(model))
+    if "flop" in tasks:
+        with torch.no_grad():
+            print(count_flops(model, args.height, args.width, args.num_inputs, device))
+    return 0
