@@ -86,7 +86,7 @@ class InferenceGraph(nn.Module):
         if self.size_divisibility > 1:
             d = self.size_divisibility
             x = F.pad(x, (0, (d - width % d) % d, 0, (d - height % d) % d))
-        levels = model.backbone(x)
+        levels = model.run_backbone(x)
         features = [levels[name] for name in model._levels]
         masks = padding_masks(features, model._strides, image_sizes)
         outputs = model.transformer(features, masks)

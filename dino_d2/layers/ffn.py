@@ -1,8 +1,9 @@
 """The feed-forward block shared by the encoder and decoder layers."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .linear import linear
 
 __all__ = ["FFN"]
 
@@ -12,7 +13,8 @@ class FFN(nn.Module):
 
     ``norm(x + dropout(linear2(dropout(relu(linear1(x))))))``, the last sub-block of every
     encoder and decoder layer of DINO. The sub-modules keep the DETR family's names
-    (``linear1``, ``linear2``, ``norm``), so checkpoints map onto them one to one.
+    (``linear1``, ``linear2``, ``norm``), so checkpoints map onto them one to one. In CPU
+    inference the bias and the ReLU run inside the matrix products (:func:`linear`).
 
     Args:
         embed_dim: channels C of the input and output.
@@ -30,5 +32,5 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Maps (..., C) to (..., C)."""
-        hidden = self.dropout1(F.relu(self.linear1(x)))
-        return self.norm(x + self.dropout2(self.linear2(hidden)))
+        hidden = self.dropout1(linear(x, self.linear1.weight, self.linear1.bias, "relu"))
+        return self.norm(x + self.dropout2(linear(hidden, self.linear2.weight, self.linear2.bias)))

@@ -1,8 +1,9 @@
 """The small multi-layer perceptron used for box heads and query position heads."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .linear import linear
 
 __all__ = ["MLP"]
 
@@ -30,5 +31,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Maps (..., input_dim) to (..., output_dim)."""
         for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
-        return self.layers[-1](x)
+            x = linear(x, layer.weight, layer.bias, "relu")
+        last = self.layers[-1]
+        return linear(x, last.weight, last.bias)

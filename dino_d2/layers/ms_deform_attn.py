@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import linear
+
 __all__ = [
     "MSDA_IMPLEMENTATIONS",
     "MultiScaleDeformableAttention",
@@ -590,23 +592,30 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"got {tuple(reference_points.shape)}"
             )
 
-        value = self.value_proj(value)
+        value = linear(value, self.value_proj.weight, self.value_proj.bias)
         if value_padding_mask is not None:
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
         value = value.view(n, s, m, self.embed_dim // m)
 
-        offsets = self.sampling_offsets(query).view(n, q, m, l, p, 2)
-        weights = self.attention_weights(query).view(n, q, m, l * p).softmax(-1)
-        weights = weights.view(n, q, m, l, p)
+        weights = linear(query, self.attention_weights.weight, self.attention_weights.bias)
+        weights = weights.view(n, q, m, l * p).softmax(-1).view(n, q, m, l, p)
 
         if reference_points.shape[-1] == 2:
-            # (W_l, H_l) per level, so that an offset of 1 moves by one pixel of that level.
-            normalizer = spatial_shapes.flip(-1).to(offsets.dtype)
-            locations = (
-                reference_points[:, :, None, :, None, :]
-                + offsets / normalizer[None, None, None, :, None, :]
+            # An offset of 1 moves by one pixel of its level: the projection's rows are divided
+            # by that level's (W_l, H_l), which is cheaper than dividing its output.
+            per_row = (1.0 / spatial_shapes.flip(-1).to(query.dtype))[None, :, None, :]
+            per_row = per_row.expand(m, l, p, 2).reshape(-1)
+            offsets = linear(
+                query,
+                self.sampling_offsets.weight * per_row[:, None],
+                self.sampling_offsets.bias * per_row,
             )
+            start = reference_points[:, :, None, :, None, :].expand(n, q, 1, l, p, 2)
+            locations = offsets.view(n, q, m, l * p * 2) + start.reshape(n, q, 1, l * p * 2)
+            locations = locations.view(n, q, m, l, p, 2)
         else:
+            offsets = linear(query, self.sampling_offsets.weight, self.sampling_offsets.bias)
+            offsets = offsets.view(n, q, m, l, p, 2)
             centers = reference_points[:, :, None, :, None, :2]
             sizes = reference_points[:, :, None, :, None, 2:]
             locations = centers + offsets / p * sizes * 0.5
@@ -614,4 +623,4 @@ class MultiScaleDeformableAttention(nn.Module):
         output = multi_scale_deformable_attn(
             value, spatial_shapes, level_start_index, locations, weights, level_shapes=level_shapes
         )
-        return self.dropout(self.output_proj(output))
+        return self.dropout(linear(output, self.output_proj.weight, self.output_proj.bias))

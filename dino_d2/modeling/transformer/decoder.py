@@ -149,7 +149,7 @@ class DeformableDecoderLayer(nn.Module):
             value=memory,
             spatial_shapes=levels.spatial_shapes,
             level_start_index=levels.level_start_index,
-            value_padding_mask=levels.padding_mask,
+            value_padding_mask=levels.value_padding_mask,
             level_shapes=levels.shapes,
         )
         query = self.cross_attn_norm(query + self.cross_attn_dropout(attn))

@@ -106,7 +106,7 @@ class DeformableEncoderLayer(nn.Module):
             value=src,
             spatial_shapes=levels.spatial_shapes,
             level_start_index=levels.level_start_index,
-            value_padding_mask=levels.padding_mask,
+            value_padding_mask=levels.value_padding_mask,
             level_shapes=levels.shapes,
         )
         src = self.self_attn_norm(src + self.self_attn_dropout(attn))

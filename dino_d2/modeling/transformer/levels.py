@@ -6,7 +6,7 @@ rectangle of each padded map; the rest is padding.
 """
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -42,6 +42,8 @@ class MultiScaleLevels:
         valid_sizes: (N, L, 2) float32 ``(valid_width, valid_height)`` of each image on each
             level, in cells.
         padding_mask: (N, S) bool, True on padded tokens.
+        padded: whether any token is padding (True whenever that is not known without looking
+            at the data: while compiling or exporting).
     """
 
     shapes: List[Tuple[int, int]]
@@ -49,19 +51,29 @@ class MultiScaleLevels:
     level_start_index: Tensor
     valid_sizes: Tensor
     padding_mask: Tensor
+    padded: bool = True
 
     @classmethod
     def from_masks(cls, masks: Sequence[Tensor]) -> "MultiScaleLevels":
         """Builds the geometry from one (N, H_l, W_l) bool padding mask per level."""
         shapes = [(mask.shape[-2], mask.shape[-1]) for mask in masks]
         spatial_shapes, level_start_index = level_index_tensors(shapes, masks[0].device)
+        padding_mask = torch.cat([mask.flatten(1) for mask in masks], 1)
+        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
         return cls(
             shapes=shapes,
             spatial_shapes=spatial_shapes,
             level_start_index=level_start_index,
             valid_sizes=torch.stack([valid_extent(mask) for mask in masks], 1),
-            padding_mask=torch.cat([mask.flatten(1) for mask in masks], 1),
+            padding_mask=padding_mask,
+            padded=traced or bool(padding_mask.any()),
         )
+
+    @property
+    def value_padding_mask(self) -> Optional[Tensor]:
+        """``padding_mask`` for the attention to zero padded values, or None when there is no
+        padding (which saves a pass over every attention's values)."""
+        return self.padding_mask if self.padded else None
 
     @property
     def num_levels(self) -> int:
