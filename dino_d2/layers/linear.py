@@ -5,7 +5,7 @@ a ReLU is another pass over the result: for the encoder's FFN at 800x1333 (22k t
 channels) those two passes cost about as much as a third of the product itself. oneDNN's
 matmul applies both in the same call (``torch.ops.mkldnn._linear_pointwise``, the op
 TorchInductor emits for CPU linears). :func:`linear` uses it where it applies (float32 on the
-CPU, no autograd, not while compiling or exporting, oneDNN present) and ``F.linear`` elsewhere;
+CPU, no autograd, not while compiling, exporting or tracing, oneDNN present) and ``F.linear`` elsewhere;
 the results agree to float rounding. :func:`onednn_linear` switches it off, e.g. to compare.
 """
 
@@ -48,6 +48,7 @@ def _fused(x: Tensor, weight: Tensor) -> bool:
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
         and _onednn_available()
     )
 
