@@ -5,8 +5,8 @@ a ReLU is another pass over the result: for the encoder's FFN at 800x1333 (22k t
 channels) those two passes cost about as much as a third of the product itself. oneDNN's
 matmul applies both in the same call (``torch.ops.mkldnn._linear_pointwise``, the op
 TorchInductor emits for CPU linears). :func:`linear` uses it where it applies (float32 on the
-CPU, no autograd, not while compiling, exporting or tracing, oneDNN present) and ``F.linear`` elsewhere;
-the results agree to float rounding. :func:`onednn_linear` switches it off, e.g. to compare.
+CPU, no autograd, not while compiling, exporting or tracing, oneDNN present) and ``F.linear``
+elsewhere; the results agree to float rounding. :func:`onednn_linear` switches it off.
 """
 
 import contextlib
