@@ -56,6 +56,7 @@ from detectron2.utils.registry import locate
 from dino_d2._compat import fast_coco_eval_available, launch
 from dino_d2.checkpoint import AtomicCheckpointer
 from dino_d2.engine import (
+    AdaptiveThreadsHook,
     EMAHook,
     ModelEMA,
     Trainer,
@@ -151,6 +152,8 @@ def do_train(args, cfg, device):
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
+            # On the CPU, the compute threads follow the cores other processes leave free.
+            AdaptiveThreadsHook() if torch.device(device).type == "cpu" else None,
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             # Before the checkpointer and the evaluation: both see this step's average.
             EMAHook(ema, model) if ema is not None else None,
