@@ -24,7 +24,8 @@ gradient clipping, mixed precision and EMA) on one batch of random images with `
 random ground-truth boxes each. ``--warmup`` iterations are run first and not timed.
 
 ``--busy N`` starts N spinning processes (another user's jobs) during every other block of
-``--busy-block`` steps and reports the busy / idle ratio of the median step times.
+steps (``--busy-settle`` seconds of untimed steps, then ``--busy-block`` timed ones; ``--num-iter``
+rounds of an idle and a busy block) and reports the busy / idle ratio of the median step times.
 
 Reported: median, mean and minimum time per image (inference) or per step (training), the
 process's peak resident memory (``ru_maxrss``: building the model counts too), the number of
@@ -86,7 +87,14 @@ def _parser() -> argparse.ArgumentParser:
         help="--train: also time steps while N other processes keep cores busy",
     )
     parser.add_argument(
-        "--busy-block", type=int, default=3, help="steps per idle or busy block with --busy"
+        "--busy-block", type=int, default=3, help="timed steps per idle or busy block with --busy"
+    )
+    parser.add_argument(
+        "--busy-settle",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="untimed steps at the start of each block with --busy, so the threads can adapt",
     )
     parser.add_argument(
         "--amp",
@@ -107,8 +115,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in ("num_iter", "batch_size", "height", "width", "busy_block"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0 or args.busy < 0:
-        parser.error("--warmup and --busy must not be negative")
+    if args.warmup < 0 or args.busy < 0 or args.busy_settle < 0:
+        parser.error("--warmup, --busy and --busy-settle must not be negative")
     if args.train and args.dataset:
         parser.error("--dataset is for inference; --train uses random images and boxes")
     if args.train and args.num_boxes < 1:
@@ -142,7 +150,12 @@ def _training(args, cfg, device) -> dict:
     setup = build_training(cfg, batch, device)
     if args.busy:
         timings = time_training_idle_and_busy(
-            setup, args.num_iter, args.warmup, block=args.busy_block, busy_processes=args.busy
+            setup,
+            args.num_iter,
+            args.warmup,
+            block=args.busy_block,
+            busy_processes=args.busy,
+            settle_s=args.busy_settle,
         )
     else:
         timings = time_training(setup, args.num_iter, args.warmup)

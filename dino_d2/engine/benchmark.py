@@ -301,36 +301,55 @@ def time_training(setup: TrainingSetup, num_iter: int, warmup: int) -> Dict:
     }
 
 
+def _settle(step: Callable[[], int], seconds: float) -> int:
+    """Runs untimed steps for at least ``seconds``; returns how many."""
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        step()
+        count += 1
+    return count
+
+
 def time_training_idle_and_busy(
-    setup: TrainingSetup, num_rounds: int, warmup: int, *, block: int = 3, busy_processes: int = 1
+    setup: TrainingSetup,
+    num_rounds: int,
+    warmup: int,
+    *,
+    block: int = 3,
+    busy_processes: int = 1,
+    settle_s: float = 5.0,
 ) -> Dict:
     """Times training steps on this machine as it is, and with ``busy_processes`` cores kept busy.
 
-    Idle and busy blocks of ``block`` steps alternate (idle, busy, idle, busy, ...), so that a
-    drift of the machine's speed affects both alike; the busy processes run during the busy
-    blocks only (:func:`busy_cpu`). Every step counts, also the first of a block, in which the
-    thread count may still be the previous block's.
+    Idle and busy blocks alternate (idle, busy, idle, busy, ...), so that a drift of the
+    machine's speed affects both alike; the busy processes run during the busy blocks only
+    (:func:`busy_cpu`). Each block first runs untimed steps for ``settle_s`` seconds, so that
+    the thread count has followed the change (:class:`AdaptiveThreads` steps down within about
+    a second and back up after about three), then times ``block`` steps.
 
     Returns:
         ``step_s_median`` / ``_min`` and ``threads`` of the idle steps, ``busy_step_s_median``
         / ``_min`` and ``busy_threads`` of the busy ones, ``busy_ratio`` (busy median / idle
         median), ``busy_ratio_per_round`` (the same ratio for each pair of blocks, to show the
-        spread), ``busy_processes``, ``total_loss`` (of the last step) and
-        ``cuda_max_memory_allocated_mb`` (None off CUDA).
+        spread), ``busy_processes``, ``settle_steps`` (untimed steps, in total),
+        ``total_loss`` (of the last step) and ``cuda_max_memory_allocated_mb`` (None off CUDA).
     """
     device = next(setup.model.parameters()).device
     idle, idle_threads, busy, busy_threads, rounds = [], [], [], [], []
+    settle_steps = 0
     with EventStorage(0) as storage:
         setup.trainer.storage = storage
         step = _training_loop(setup)
         _timed_loop(device, step, 0, warmup, "step")
         for index in range(num_rounds):
             logger.info(f"round {index + 1}/{num_rounds}: idle")
+            settle_steps += _settle(step, settle_s)
             idle_block, threads = _timed_loop(device, step, block, 0, "step")
             idle += idle_block
             idle_threads += threads
             logger.info(f"round {index + 1}/{num_rounds}: {busy_processes} busy process(es)")
             with busy_cpu(busy_processes):
+                settle_steps += _settle(step, settle_s)
                 busy_block, threads = _timed_loop(device, step, block, 0, "step")
             busy += busy_block
             busy_threads += threads
@@ -346,12 +365,14 @@ def time_training_idle_and_busy(
         "busy_ratio": statistics.median(busy) / statistics.median(idle),
         "busy_ratio_per_round": rounds,
         "busy_processes": busy_processes,
+        "settle_steps": settle_steps,
         "total_loss": total_loss,
         "cuda_max_memory_allocated_mb": _cuda_peak_mb(device),
     }
 
 
-_SPIN = "import time\nwhile True:\n    time.perf_counter()\n"
+# Spins until its parent is gone, so that a killed benchmark leaves no busy process behind.
+_SPIN = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
 
 
 @contextlib.contextmanager

@@ -87,7 +87,7 @@ TRAIN_KEYS = KEYS - {"latency_ms_median", "latency_ms_mean", "latency_ms_min", "
 TRAIN_KEYS |= {"step_s_median", "step_s_mean", "step_s_min", "threads", "total_loss"}
 BUSY_KEYS = (TRAIN_KEYS - {"step_s_mean"}) | {
     "busy_step_s_median", "busy_step_s_min", "busy_threads", "busy_ratio",
-    "busy_ratio_per_round", "busy_processes",
+    "busy_ratio_per_round", "busy_processes", "settle_steps",
 }  # fmt: skip
 
 
@@ -117,13 +117,15 @@ def test_training_steps(tiny_config):
 def test_training_steps_idle_and_busy(tiny_config):
     result = _run_tool(
         "--config-file", tiny_config, "--train", "--height", "64", "--width", "64",
-        "--num-iter", "2", "--warmup", "0", "--busy", "1", "--busy-block", "1", "--json",
+        "--num-iter", "2", "--warmup", "0", "--busy", "1", "--busy-block", "1",
+        "--busy-settle", "0", "--json",
         "train.device=cpu", env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(results) == BUSY_KEYS
     assert results["busy_processes"] == 1 and len(results["busy_ratio_per_round"]) == 2
+    assert results["settle_steps"] == 0
     assert len(results["threads"]) == len(results["busy_threads"]) == 2
     ratio = results["busy_step_s_median"] / results["step_s_median"]
     assert results["busy_ratio"] == pytest.approx(ratio)
@@ -162,6 +164,24 @@ def test_busy_processes_run_inside_and_are_killed_after():
             assert all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
             raise RuntimeError("boom")
     assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def test_busy_processes_end_with_a_killed_benchmark():
+    """A benchmark killed without clean-up (SIGKILL) leaves no spinning process behind."""
+    script = (
+        "from dino_d2.engine.benchmark import busy_cpu\n"
+        "import time\n"
+        "with busy_cpu(1, settle_s=0.1) as pids:\n"
+        "    print(pids[0], flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    spinner = psutil.Process(int(process.stdout.readline()))
+    assert spinner.is_running()
+    process.kill()
+    process.wait()
+    gone, _ = psutil.wait_procs([spinner], timeout=10)
+    assert gone == [spinner]
 
 
 def test_training_setup_follows_the_training_script(tiny_dino_config, monkeypatch):
