@@ -177,6 +177,10 @@ def _print(results: dict) -> None:
                 f"{results['busy_step_s_median']:.3f} s, {results['busy_ratio']:.2f}x idle "
                 f"(per round: {', '.join(f'{r:.2f}' for r in results['busy_ratio_per_round'])})"
             )
+            print(
+                f"  CPUs used by other processes: idle blocks {results['others_cpus_idle']}, "
+                f"busy blocks {results['others_cpus_busy']}"
+            )
     else:
         print(f"{head}, {results['num_iter']} iterations:")
         print(

@@ -36,7 +36,7 @@ from detectron2.utils.events import EventStorage
 
 from ..data import register_builtin_datasets
 from .ema import ModelEMA
-from .threads import AdaptiveThreads, threads_set_by_user
+from .threads import AdaptiveThreads, CpuLoadMonitor, threads_set_by_user
 from .trainer import Trainer, amp_settings
 
 __all__ = [
@@ -332,11 +332,24 @@ def time_training_idle_and_busy(
         / ``_min`` and ``busy_threads`` of the busy ones, ``busy_ratio`` (busy median / idle
         median), ``busy_ratio_per_round`` (the same ratio for each pair of blocks, to show the
         spread), ``busy_processes``, ``settle_steps`` (untimed steps, in total),
-        ``total_loss`` (of the last step) and ``cuda_max_memory_allocated_mb`` (None off CUDA).
+        ``others_cpus_idle`` / ``_busy`` (for each timed block, the CPUs that other processes
+        used meanwhile, the busy ones included; None without ``/proc/stat``: an "idle" block
+        with other load was not idle), ``total_loss`` (of the last step) and
+        ``cuda_max_memory_allocated_mb`` (None off CUDA).
     """
     device = next(setup.model.parameters()).device
     idle, idle_threads, busy, busy_threads, rounds = [], [], [], [], []
+    others = {"idle": [], "busy": []}
+    monitor = CpuLoadMonitor()
     settle_steps = 0
+
+    def timed_block(kind):
+        monitor.sample()
+        seconds, threads = _timed_loop(device, step, block, 0, "step")
+        load = monitor.sample()
+        others[kind].append(None if load is None else round(load[1], 2))
+        return seconds, threads
+
     with EventStorage(0) as storage:
         setup.trainer.storage = storage
         step = _training_loop(setup)
@@ -344,13 +357,13 @@ def time_training_idle_and_busy(
         for index in range(num_rounds):
             logger.info(f"round {index + 1}/{num_rounds}: idle")
             settle_steps += _settle(step, settle_s)
-            idle_block, threads = _timed_loop(device, step, block, 0, "step")
+            idle_block, threads = timed_block("idle")
             idle += idle_block
             idle_threads += threads
             logger.info(f"round {index + 1}/{num_rounds}: {busy_processes} busy process(es)")
             with busy_cpu(busy_processes):
                 settle_steps += _settle(step, settle_s)
-                busy_block, threads = _timed_loop(device, step, block, 0, "step")
+                busy_block, threads = timed_block("busy")
             busy += busy_block
             busy_threads += threads
             rounds.append(statistics.median(busy_block) / statistics.median(idle_block))
@@ -366,6 +379,8 @@ def time_training_idle_and_busy(
         "busy_ratio_per_round": rounds,
         "busy_processes": busy_processes,
         "settle_steps": settle_steps,
+        "others_cpus_idle": others["idle"],
+        "others_cpus_busy": others["busy"],
         "total_loss": total_loss,
         "cuda_max_memory_allocated_mb": _cuda_peak_mb(device),
     }

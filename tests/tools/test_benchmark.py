@@ -87,7 +87,8 @@ TRAIN_KEYS = KEYS - {"latency_ms_median", "latency_ms_mean", "latency_ms_min", "
 TRAIN_KEYS |= {"step_s_median", "step_s_mean", "step_s_min", "threads", "total_loss"}
 BUSY_KEYS = (TRAIN_KEYS - {"step_s_mean"}) | {
     "busy_step_s_median", "busy_step_s_min", "busy_threads", "busy_ratio",
-    "busy_ratio_per_round", "busy_processes", "settle_steps",
+    "busy_ratio_per_round", "busy_processes", "settle_steps", "others_cpus_idle",
+    "others_cpus_busy",
 }  # fmt: skip
 
 
@@ -126,6 +127,8 @@ def test_training_steps_idle_and_busy(tiny_config):
     assert set(results) == BUSY_KEYS
     assert results["busy_processes"] == 1 and len(results["busy_ratio_per_round"]) == 2
     assert results["settle_steps"] == 0
+    loads = results["others_cpus_idle"] + results["others_cpus_busy"]
+    assert len(loads) == 4 and all(load is None or load >= 0 for load in loads)
     assert len(results["threads"]) == len(results["busy_threads"]) == 2
     ratio = results["busy_step_s_median"] / results["step_s_median"]
     assert results["busy_ratio"] == pytest.approx(ratio)
