@@ -56,7 +56,6 @@ from detectron2.utils.registry import locate
 from dino_d2._compat import fast_coco_eval_available, launch
 from dino_d2.checkpoint import AtomicCheckpointer
 from dino_d2.engine import (
-    AdaptiveThreadsHook,
     EMAHook,
     ModelEMA,
     Trainer,
@@ -68,6 +67,7 @@ from dino_d2.engine import (
     register_config_datasets,
     resolve_device,
 )
+from dino_d2.engine.threads import AdaptiveThreadsHook
 
 logger = logging.getLogger("detectron2")
 

@@ -1,6 +1,6 @@
 """Training: optimizer parameter groups, a trainer with gradient clipping and mixed precision on
-any device, a model EMA, CPU threads that follow the free cores, and the job setup the training
-script uses. The CPU-capable launcher is :func:`dino_d2._compat.launch`."""
+any device, a model EMA, and the job setup the training script uses. The CPU-capable launcher is
+:func:`dino_d2._compat.launch`."""
 
 from .defaults import (
     CUSTOM_TEST_DATASET,
@@ -16,7 +16,6 @@ from .defaults import (
 )
 from .ema import EMAHook, ModelEMA
 from .optimizer import get_optimizer_params
-from .threads import AdaptiveThreads, AdaptiveThreadsHook, default_num_threads
 from .trainer import Trainer, amp_settings, check_losses_finite
 
 __all__ = [
@@ -26,9 +25,6 @@ __all__ = [
     "check_losses_finite",
     "ModelEMA",
     "EMAHook",
-    "AdaptiveThreads",
-    "AdaptiveThreadsHook",
-    "default_num_threads",
     "default_setup",
     "resolve_device",
     "DATASET_OVERRIDE_KEYS",

@@ -27,7 +27,6 @@ from detectron2.utils.logger import setup_logger
 
 from .. import _compat
 from ..data import register_builtin_datasets, register_coco_format_dataset
-from .threads import default_num_threads
 
 __all__ = [
     "default_setup",
@@ -56,9 +55,7 @@ def default_setup(cfg: DictConfig, args) -> None:
     3. saves the config as ``output_dir/config.yaml`` (``LazyConfig.save``; main process);
     4. seeds every random generator with ``train.seed + rank`` (a random seed when negative);
     5. sets ``torch.backends.cudnn.benchmark`` from ``train.cudnn_benchmark`` (default False)
-       unless evaluating only;
-    6. caps PyTorch's CPU threads at the CPUs the process may use (affinity mask and cgroup
-       quota; see :func:`dino_d2.engine.threads.default_num_threads`).
+       unless evaluating only.
 
     Args:
         cfg: the LazyConfig, with overrides applied.
@@ -89,7 +86,6 @@ def default_setup(cfg: DictConfig, args) -> None:
     seed_all_rng(None if seed < 0 else seed + rank)
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = bool(cfg.train.get("cudnn_benchmark", False))
-    torch.set_num_threads(default_num_threads())
 
 
 def resolve_device(device: Optional[str]) -> str:

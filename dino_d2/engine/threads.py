@@ -6,9 +6,9 @@ only part of the time, every operation waits for it, and the waiting threads spi
 threads on a two-core machine a training step took 3-6 times as long as with an idle machine,
 while one thread took 1.6 times. So the number of threads is chosen at run time:
 
-* at start, :func:`default_num_threads` caps PyTorch's thread count at the CPUs this process may
-  run on (its affinity mask and its cgroup's CPU quota; a container on a large machine sees
-  all of the host's cores otherwise);
+* at the start (when :class:`AdaptiveThreads` is made), PyTorch's thread count is capped at the
+  CPUs this process may run on (:func:`default_num_threads`: its affinity mask and its
+  cgroup's CPU quota; a container on a large machine sees all of the host's cores otherwise);
 * while it runs, :class:`AdaptiveThreads` measures, from ``/proc/stat``, how much of those CPUs
   other processes use (this process's own threads excluded), and uses as many threads as there
   are cores left, at least one. It steps down at once when others take a core, and back up only
