@@ -48,6 +48,8 @@ def test_one_group_per_distinct_setting_so_adamw_can_use_foreach():
     assert sorted(settings) == sorted(
         [(1e-4 * 0.1, 1e-4), (1e-4 * 0.1, 0.0), (1e-4, 1e-4), (1e-4, 0.0)]
     )
+    # Without a separate norm decay: the backbone's learning rate and the rest's.
+    assert len(get_optimizer_params(model, base_lr=1e-4, weight_decay=1e-4)) == 2
     # Within a group, parameters keep the model's order.
     order = {id(p): i for i, p in enumerate(model.parameters())}
     for group in groups:
@@ -86,4 +88,3 @@ def test_norms_keep_the_weight_decay_by_default():
     model = _Model()
     groups = get_optimizer_params(model, base_lr=1.0, weight_decay=0.5)
     assert {g["weight_decay"] for g in groups} == {0.5}
-    assert len(groups) == 2  # the backbone's learning rate and the rest's
