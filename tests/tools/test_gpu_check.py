@@ -50,6 +50,7 @@ def test_cpu_smoke_run_prints_one_json_summary(tmp_path, tiny_dino_config):
     # Off the GPU the CUDA tests are collected and skip; none fails.
     tests = stages["tests"]
     assert tests["skipped"] >= 1 and tests["failures"] == tests["errors"] == 0
+    assert "needs a CUDA GPU" in tests["skip_reasons"]
     assert set(stages["msda"]["backends"]) == {"cpu"}
     assert stages["inference_fp32"]["amp"] is None
     assert stages["inference_bf16"]["amp"] == "bfloat16"
