@@ -16,7 +16,7 @@ DEPS := "setuptools<81" wheel ninja "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.1
 	matplotlib pillow "opencv-python-headless<5" pydot black psutil scikit-learn pytest \
 	$(EXPORT_DEPS)
 
-.PHONY: setup test demo benchmark clean-build
+.PHONY: setup test demo benchmark gpu-check clean-build
 
 setup: $(VENV)/.stamp-dino_d2
 
@@ -62,5 +62,17 @@ demo: setup
 benchmark: setup
 	$(PY) tools/benchmark_msda.py
 
+# On a machine with one CUDA GPU: compiles the CUDA kernels for that GPU (once; FORCE_CUDA=1 stops
+# with an error when no CUDA toolkit is found), then runs the GPU tests, the deformable-attention
+# benchmark, DINO-R50 inference in fp32 and bf16 and mixed-precision training steps, and prints
+# one JSON summary (tools/gpu_check.py; within 8 minutes).
+gpu-check: $(VENV)/.stamp-dino_d2-cuda
+	$(PY) tools/gpu_check.py
+
+$(VENV)/.stamp-dino_d2-cuda: $(VENV)/.stamp-detectron2 setup.py $(CSRC)
+	arch=$$($(PY) tools/gpu_check.py --print-cuda-arch) && rm -rf build && \
+		FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$$arch" $(PIP) install --no-build-isolation --no-deps -e .
+	touch $(VENV)/.stamp-dino_d2 $@
+
 clean-build:
-	rm -rf build dino_d2/_C*.so $(VENV)/.stamp-dino_d2
+	rm -rf build dino_d2/_C*.so $(VENV)/.stamp-dino_d2 $(VENV)/.stamp-dino_d2-cuda

@@ -15,9 +15,9 @@ from .common.train import train
 # Measured on a 2-core CPU with another process busy on one core, batch 8, forward + backward
 # + AdamW, one torch thread: 4.2 s/iter at 320 px, 2.0 at 224, 1.6 at 192, 1.2 at 160. On idle
 # cores the default two threads take 1.25 s/iter at 192 px (`make demo`: 1,000 iterations in
-# 20 min 44 s, four evaluations of digits_val in about 20 s each). On a busy machine run it with
-# OMP_NUM_THREADS=1: two threads took 6.1 s/iter (224 px) and 24 (320 px) when the other core
-# was busy, one thread 2.0-2.1 s/iter at 192 px.
+# 20 min 44 s, four evaluations of digits_val in about 20 s each). On a busy machine the training
+# script drops to one compute thread by itself (dino_d2.engine.threads): two threads fighting
+# for one core took 6.1 s/iter (224 px) and 24 (320 px).
 
 # ResNet-18 from scratch: every stage trains and BatchNorm learns (no pretrained statistics).
 # At 224 px timm's resnet10t, regnetx_004 and mobilenetv3_large_100 measured 1.5-1.7 s/iter

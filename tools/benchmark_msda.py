@@ -14,6 +14,8 @@ the pure-PyTorch reference on the same inputs).
 Usage::
 
     python tools/benchmark_msda.py [--runs 5] [--warmup 1] [--backends pytorch cpu] [--json]
+    # on a GPU: the CUDA kernel against the PyTorch reference running on the GPU too
+    python tools/benchmark_msda.py --backends pytorch cuda --reference-device cuda
 """
 
 import argparse
@@ -92,13 +94,14 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure_backend(backend, runs, warmup):
+def measure_backend(backend, runs, warmup, reference_device="cpu"):
     """Measures one backend in the current process.
 
     Args:
         backend: "pytorch", "cpu" or "cuda".
         runs: number of timed runs (the median is reported).
         warmup: number of untimed runs before them.
+        reference_device: the device the "pytorch" backend runs on ("cpu" or "cuda").
 
     Returns:
         dict with forward_ms, forward_backward_ms, peak_rss_mb and max_abs_diff_vs_pytorch
@@ -110,7 +113,9 @@ def measure_backend(backend, runs, warmup):
         os.environ.pop(msda.BACKEND_ENV_VAR, None)
         if backend not in msda.available_backends():
             raise RuntimeError(f"backend {backend!r} is not available here")
-    device = torch.device("cpu" if backend == "pytorch" else backend)
+    if reference_device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--reference-device cuda, but no CUDA GPU is visible")
+    device = torch.device(reference_device if backend == "pytorch" else backend)
     value, shapes, starts, locations, weights, grad = _make_inputs(device)
     leaves = [value, locations, weights]
 
@@ -173,17 +178,17 @@ def measure_backend(backend, runs, warmup):
     return {key: result[key] for key in order if key in result}
 
 
-def _child(backend, runs, warmup, queue):
+def _child(backend, runs, warmup, reference_device, queue):
     try:
-        queue.put(("ok", measure_backend(backend, runs, warmup)))
+        queue.put(("ok", measure_backend(backend, runs, warmup, reference_device)))
     except Exception as e:  # reported by the parent, which owns the exit status
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def _measure_in_subprocess(backend, runs, warmup):
+def _measure_in_subprocess(backend, runs, warmup, reference_device):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    process = ctx.Process(target=_child, args=(backend, runs, warmup, queue))
+    process = ctx.Process(target=_child, args=(backend, runs, warmup, reference_device, queue))
     process.start()
     while True:
         try:
@@ -210,7 +215,8 @@ def _print_table(results, args):
     print(
         f"Multi-scale deformable attention, N=1, Q=S={q:,}, M={NUM_HEADS}, D={HEAD_DIM}, "
         f"L={len(SPATIAL_SHAPES)}, P={NUM_POINTS}, float32, {threads} CPU threads, "
-        f"median of {args.runs} runs after {args.warmup} warm-up"
+        f"median of {args.runs} runs after {args.warmup} warm-up, "
+        f"PyTorch reference on {args.reference_device}"
     )
     header = (
         f"{'backend':<9}{'forward_ms':>12}{'fwd+bwd_ms':>12}{'peak_rss_mb':>13}{'max_abs_diff':>14}"
@@ -243,6 +249,12 @@ def main(argv=None):
         choices=["pytorch", "cpu", "cuda"],
         help="backends to measure (default: every available one)",
     )
+    parser.add_argument(
+        "--reference-device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="device of the PyTorch reference (the 'pytorch' backend)",
+    )
     parser.add_argument("--json", action="store_true", help="print exactly one JSON line")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
@@ -252,10 +264,16 @@ def main(argv=None):
     results = {}
     for backend in backends:
         _log(f"measuring {backend} in a fresh process")
-        results[backend] = _measure_in_subprocess(backend, args.runs, args.warmup)
+        results[backend] = _measure_in_subprocess(
+            backend, args.runs, args.warmup, args.reference_device
+        )
 
     if args.json:
-        report = {"backends": results, "cuda_kernel_compiled": msda.cuda_kernel_compiled()}
+        report = {
+            "backends": results,
+            "reference_device": args.reference_device,
+            "cuda_kernel_compiled": msda.cuda_kernel_compiled(),
+        }
         print(json.dumps(report))
     else:
         _print_table(results, args)

@@ -70,6 +70,7 @@ from dino_d2.engine import (
     register_config_datasets,
     resolve_device,
 )
+from dino_d2.engine.threads import AdaptiveThreadsHook
 
 logger = logging.getLogger("detectron2")
 
@@ -156,6 +157,8 @@ def do_train(args, cfg, device):
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
+            # On the CPU, the compute threads follow the cores other processes leave free.
+            AdaptiveThreadsHook() if torch.device(device).type == "cpu" else None,
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             # Before the checkpointer and the evaluation: both see this step's average.
             EMAHook(ema, model) if ema is not None else None,

@@ -15,7 +15,7 @@ weights.
 
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from typing import Any, Dict, Iterator
 
 import torch
@@ -60,15 +60,23 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Moves the average towards the model's current weights (call after each step)."""
+        """Moves the average towards the model's current weights (call after each step).
+
+        The floating-point entries are updated together, grouped by device and dtype, with one
+        multi-tensor linear interpolation (``ema + (1 - decay) * (value - ema)``, one pass over
+        the memory) instead of one tensor at a time.
+        """
+        averages, values = defaultdict(list), defaultdict(list)
         for name, value in self._matching(model).items():
             average = self.state[name]
             if average.is_floating_point():
-                average.mul_(self.decay).add_(
-                    value.detach().to(average.dtype), alpha=1.0 - self.decay
-                )
+                key = (average.device, average.dtype)
+                averages[key].append(average)
+                values[key].append(value.detach().to(average.dtype))
             else:
                 average.copy_(value)
+        for key, group in averages.items():
+            torch._foreach_lerp_(group, values[key], 1.0 - self.decay)
         self.num_updates += 1
 
     @contextlib.contextmanager

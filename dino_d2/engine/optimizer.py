@@ -4,6 +4,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from torch import nn
 
+from detectron2.solver.build import reduce_param_groups
+
 __all__ = ["get_optimizer_params"]
 
 _NORMS = (
@@ -30,11 +32,14 @@ def get_optimizer_params(
     backbone_prefix: str = "backbone.bottom_up.",
     lr_factor_func: Optional[Callable[[str], float]] = None,
 ) -> List[Dict[str, Any]]:
-    """One parameter group per trainable parameter, as Detectron2's optimizers take them.
+    """Optimizer parameter groups: one per distinct (learning rate, weight decay).
 
     Parameters whose name starts with ``backbone_prefix`` get ``base_lr * backbone_lr_factor``
     (the authors' ``lr_backbone`` of 1e-5 with lr 1e-4); the neck, the transformer and the
     heads get ``base_lr``. Parameters shared by several modules (shared heads) appear once.
+    Parameters with the same settings share one group (Detectron2's ``reduce_param_groups``),
+    so that AdamW updates each group with its multi-tensor (foreach) kernels instead of one
+    tensor at a time.
 
     Args:
         model: the model; frozen parameters (requires_grad False) are left out.
@@ -64,4 +69,4 @@ def get_optimizer_params(
                 lr *= lr_factor_func(full_name)
             decay = weight_decay_norm if is_norm and weight_decay_norm is not None else weight_decay
             groups.append({"params": [param], "lr": lr, "weight_decay": decay})
-    return groups
+    return reduce_param_groups(groups)

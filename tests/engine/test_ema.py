@@ -47,6 +47,28 @@ def test_update_is_the_exponential_average_and_copies_integer_buffers():
     assert not torch.equal(ema.state["1.running_mean"], model[1].running_mean)
 
 
+def test_update_groups_entries_of_every_dtype():
+    """Entries of several dtypes are averaged in their own dtype, each as its own formula."""
+    model = _model()
+    model.register_buffer("scale64", torch.ones(3, dtype=torch.float64))
+    model.register_buffer("scale16", torch.ones(3, dtype=torch.bfloat16))
+    ema = ModelEMA(model, decay=0.75)
+    start = _state(model)
+    _train_step(model, seed=3)
+    model.scale64.fill_(5.0)
+    model.scale16.fill_(5.0)
+    ema.update(model)
+    for name, value in _state(model).items():
+        average = ema.state[name]
+        assert average.dtype == value.dtype, name
+        if value.is_floating_point():
+            expected = 0.75 * start[name].double() + 0.25 * value.double()
+            tolerance = 1e-2 if value.dtype == torch.bfloat16 else 1e-6
+            torch.testing.assert_close(average.double(), expected, rtol=tolerance, atol=1e-7)
+    assert ema.state["scale64"].tolist() == [2.0, 2.0, 2.0]
+    assert ema.state["scale16"].tolist() == [2.0, 2.0, 2.0]
+
+
 def test_decay_zero_follows_the_model():
     model = _model()
     ema = ModelEMA(model, decay=0.0)

@@ -17,11 +17,20 @@ class _Model(nn.Module):
         self.frozen.requires_grad_(False)
 
 
+def _group_of_each_param(groups):
+    by_param = {}
+    for group in groups:
+        for param in group["params"]:
+            assert id(param) not in by_param, "a parameter is in two groups"
+            by_param[id(param)] = group
+    return by_param
+
+
 def test_backbone_lr_norm_decay_shared_and_frozen():
     model = _Model()
     groups = get_optimizer_params(model, base_lr=1e-4, weight_decay=1e-4, weight_decay_norm=0.0)
-    by_param = {id(g["params"][0]): g for g in groups}
-    assert len(groups) == len(by_param) == 2 + 2 + 2 + 2 + 2
+    by_param = _group_of_each_param(groups)
+    assert len(by_param) == 2 + 2 + 2 + 2 + 2
     assert by_param[id(model.backbone.bottom_up[0].weight)]["lr"] == 1e-4 * 0.1
     assert by_param[id(model.backbone.convs.weight)]["lr"] == 1e-4
     assert by_param[id(model.backbone.bottom_up[1].weight)]["weight_decay"] == 0.0
@@ -29,6 +38,50 @@ def test_backbone_lr_norm_decay_shared_and_frozen():
     assert by_param[id(model.heads[0].weight)]["weight_decay"] == 1e-4
     assert id(model.frozen.weight) not in by_param
     torch.optim.AdamW(groups)
+
+
+def test_one_group_per_distinct_setting_so_adamw_can_use_foreach():
+    model = _Model()
+    groups = get_optimizer_params(model, base_lr=1e-4, weight_decay=1e-4, weight_decay_norm=0.0)
+    settings = [(g["lr"], g["weight_decay"]) for g in groups]
+    # backbone conv (lr/10, decay), backbone BN (lr/10, 0), the rest (lr, decay), LayerNorm (lr, 0)
+    assert sorted(settings) == sorted(
+        [(1e-4 * 0.1, 1e-4), (1e-4 * 0.1, 0.0), (1e-4, 1e-4), (1e-4, 0.0)]
+    )
+    # Without a separate norm decay: the backbone's learning rate and the rest's.
+    assert len(get_optimizer_params(model, base_lr=1e-4, weight_decay=1e-4)) == 2
+    # Within a group, parameters keep the model's order.
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    for group in groups:
+        positions = [order[id(p)] for p in group["params"]]
+        assert positions == sorted(positions)
+
+
+def test_merged_groups_step_like_one_group_per_tensor():
+    """AdamW over the merged groups updates every parameter as over one group per tensor."""
+    torch.manual_seed(0)
+    merged, single = _Model(), _Model()
+    single.load_state_dict(merged.state_dict())
+    kwargs = dict(base_lr=1e-2, weight_decay=0.1, weight_decay_norm=0.0)
+    per_tensor = [
+        {"params": [p], "lr": g["lr"], "weight_decay": g["weight_decay"]}
+        for g in get_optimizer_params(single, **kwargs)
+        for p in g["params"]
+    ]
+    optimizers = [
+        torch.optim.AdamW(get_optimizer_params(merged, **kwargs)),
+        torch.optim.AdamW(per_tensor, foreach=False),
+    ]
+    x = torch.randn(2, 3, 5, 5)
+    for _ in range(3):
+        for model, optimizer in zip((merged, single), optimizers):
+            optimizer.zero_grad()
+            features = model.backbone.convs(model.backbone.bottom_up(x)).mean((2, 3))
+            loss = model.heads[0](model.norm(features)).square().sum()
+            loss.backward()
+            optimizer.step()
+    for (name, a), b in zip(merged.named_parameters(), single.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_norms_keep_the_weight_decay_by_default():

@@ -226,3 +226,37 @@ def test_infinite_loss_is_reported_too():
     ):
         check_losses_finite({"loss_giou": torch.tensor(float("inf"))}, 7)
     check_losses_finite({"loss_a": torch.tensor(1.0)}, 7)
+
+
+class _DeviceScalar(torch.Tensor):
+    """A tensor that counts the reads which, on a GPU, wait for the device (item, float, cpu)."""
+
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        reads = (torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.tolist, torch.Tensor.cpu)
+        if func in reads:
+            cls.reads += 1
+            with torch._C.DisableTorchFunctionSubclass():
+                result = func(*args, **(kwargs or {}))
+            return result.as_subclass(torch.Tensor) if isinstance(result, torch.Tensor) else result
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class _DeviceLosses(_Toy):
+    def forward(self, batch):
+        return {k: v.as_subclass(_DeviceScalar) for k, v in super().forward(batch).items()}
+
+
+def test_one_read_of_the_loss_terms_per_step():
+    """The terms are read from the device once per step, and the metrics are still written."""
+    model = _DeviceLosses()
+    trainer = Trainer(model, _batches(), torch.optim.SGD(model.parameters(), lr=1e-3))
+    _DeviceScalar.reads = 0
+    trainer.train(0, 3)
+    assert _DeviceScalar.reads == 3
+    history = trainer.storage.histories()
+    assert {"loss_a", "loss_b", "total_loss"} <= set(history)
+    total = history["total_loss"].latest()
+    assert total == pytest.approx(history["loss_a"].latest() + history["loss_b"].latest())

@@ -1,22 +1,32 @@
-"""tools/benchmark.py with a tiny DINO on the CPU: random inputs and a registered test set."""
+"""tools/benchmark.py with a tiny DINO on the CPU: inference, training steps, a busy machine."""
 
-import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 
+import psutil
 import pytest
+import torch
 
-from detectron2.config import LazyConfig
+from detectron2.config import LazyConfig, instantiate
 
 from dino_d2.data import generate_digits_dataset, register_digits
+from dino_d2.engine.benchmark import (
+    build_training,
+    busy_cpu,
+    dataset_batches,
+    random_batches,
+    time_inference,
+    time_training,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "benchmark.py")
 
 KEYS = {
-    "config", "device", "input", "batch_size", "num_iter", "warmup", "torch_threads",
+    "config", "mode", "device", "input", "batch_size", "num_iter", "warmup", "amp", "torch_threads",
     "latency_ms_median", "latency_ms_mean", "latency_ms_min", "images_per_s",
     "cuda_max_memory_allocated_mb", "peak_rss_mb", "rss_mb",
 }  # fmt: skip
@@ -52,27 +62,146 @@ def test_json_line_on_random_inputs(tiny_config):
     assert "iteration 2/2" in result.stderr and "warm-up 1/1" in result.stderr
 
 
-def test_test_set_inputs_in_batches(tiny_config, tmp_path, capsys):
-    """--dataset reads the first images of the config's test loader, cycling a short set."""
+def test_test_set_inputs_in_batches(tiny_config, tmp_path):
+    """dataset_batches reads the first images of the config's test loader, cycling a short set."""
     folder = str(tmp_path / "digits")
     generate_digits_dataset(folder, num_train=1, num_val=3, image_size=64, log_every=0)
     register_digits(folder, names=("bench_digits_train", "bench_digits_val"))
-    spec = importlib.util.spec_from_file_location("dino_d2_tools_benchmark", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-
-    argv = ["--config-file", tiny_config, "--dataset", "--batch-size", "2", "--num-iter", "2"]
-    argv += ["--warmup", "0", "--json", "train.device=cpu", "model.num_classes=10"]
-    argv += ["dataloader.test.dataset.names=bench_digits_val"]
-    assert tool.main(argv) == 0
-    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert results["input"] == "dataset bench_digits_val" and results["batch_size"] == 2
-
     cfg = LazyConfig.apply_overrides(
-        LazyConfig.load(tiny_config), ["dataloader.test.dataset.names=bench_digits_val"]
+        LazyConfig.load(tiny_config),
+        ["dataloader.test.dataset.names=bench_digits_val", "model.num_classes=10"],
     )
-    batches = tool.dataset_batches(cfg, num_batches=3, batch_size=2)
+    batches = dataset_batches(cfg, num_batches=3, batch_size=2)
     assert [len(b) for b in batches] == [2, 2, 2]
     ids = [x["image_id"] for b in batches for x in b]
     assert ids[3:] == ids[:3] and len(set(ids)) == 3
     assert all(x["image"].shape[-2:] == (64, 64) for b in batches for x in b)
+
+    model = instantiate(cfg.model).eval()
+    results = time_inference(model, batches, warmup=1)
+    assert 0 < results["latency_ms_min"] <= results["latency_ms_median"]
+    assert results["images_per_s"] > 0 and results["cuda_max_memory_allocated_mb"] is None
+
+
+TRAIN_KEYS = KEYS - {"latency_ms_median", "latency_ms_mean", "latency_ms_min", "images_per_s"}
+TRAIN_KEYS |= {"step_s_median", "step_s_mean", "step_s_min", "threads", "total_loss"}
+BUSY_KEYS = (TRAIN_KEYS - {"step_s_mean"}) | {
+    "busy_step_s_median", "busy_step_s_min", "busy_threads", "busy_ratio",
+    "busy_ratio_per_round", "busy_processes", "settle_steps", "others_cpus_idle",
+    "others_cpus_busy",
+}  # fmt: skip
+
+
+def _run_tool(*args, env=None):
+    command = [sys.executable, TOOL, *args]
+    env = dict(os.environ, **(env or {}))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return result
+
+
+def test_training_steps(tiny_config):
+    result = _run_tool(
+        "--config-file", tiny_config, "--train", "--batch-size", "2", "--height", "64",
+        "--width", "80", "--num-boxes", "3", "--num-iter", "2", "--warmup", "1", "--json",
+        "train.device=cpu", env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(results) == TRAIN_KEYS
+    assert results["mode"] == "train" and results["input"] == "random 64x80, 3 boxes/image"
+    assert results["batch_size"] == 2 and results["threads"] == [1, 1]
+    assert 0 < results["step_s_min"] <= results["step_s_median"]
+    assert math.isfinite(results["total_loss"]) and results["total_loss"] > 0
+    assert "iteration 2/2" in result.stderr and "warm-up 1/1" in result.stderr
+
+
+def test_training_steps_idle_and_busy(tiny_config):
+    result = _run_tool(
+        "--config-file", tiny_config, "--train", "--height", "64", "--width", "64",
+        "--num-iter", "2", "--warmup", "0", "--busy", "1", "--busy-block", "1",
+        "--busy-settle", "0", "--json",
+        "train.device=cpu", env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(results) == BUSY_KEYS
+    assert results["busy_processes"] == 1 and len(results["busy_ratio_per_round"]) == 2
+    assert results["settle_steps"] == 0
+    loads = results["others_cpus_idle"] + results["others_cpus_busy"]
+    assert len(loads) == 4 and all(load is None or load >= 0 for load in loads)
+    assert len(results["threads"]) == len(results["busy_threads"]) == 2
+    ratio = results["busy_step_s_median"] / results["step_s_median"]
+    assert results["busy_ratio"] == pytest.approx(ratio)
+    assert "round 2/2: 1 busy process(es)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--busy", "1"], "add --train"), (["--train", "--num-boxes", "0"], "--num-boxes")],
+)
+def test_bad_arguments(args, message):
+    result = _run_tool("--config-file", "unused.py", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_random_training_batch():
+    batches = random_batches(3, 2, 60, 90, num_boxes=4, num_classes=7, seed=1)
+    assert len(batches) == 3 and batches[0] is batches[2] and len(batches[0]) == 2
+    for item in batches[0]:
+        assert item["image"].shape == (3, 60, 90) and 0 <= item["image"].min()
+        assert item["image"].max() <= 255
+        instances = item["instances"]
+        boxes = instances.gt_boxes.tensor
+        assert instances.image_size == (60, 90) and boxes.shape == (4, 4)
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 90).all() and (boxes[:, 3] <= 60).all()
+        assert ((boxes[:, 2:] - boxes[:, :2]) >= torch.tensor([90, 60]) / 20 - 1e-4).all()
+        assert instances.gt_classes.dtype == torch.int64
+        assert 0 <= instances.gt_classes.min() and instances.gt_classes.max() < 7
+    assert "instances" not in random_batches(1, 1, 8, 8)[0][0]
+
+
+def test_busy_processes_run_inside_and_are_killed_after():
+    with pytest.raises(RuntimeError, match="boom"):
+        with busy_cpu(2, settle_s=0.1) as pids:
+            assert len(pids) == 2
+            assert all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+            raise RuntimeError("boom")
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def test_busy_processes_end_with_a_killed_benchmark():
+    """A benchmark killed without clean-up (SIGKILL) leaves no spinning process behind."""
+    script = (
+        "from dino_d2.engine.benchmark import busy_cpu\n"
+        "import time\n"
+        "with busy_cpu(1, settle_s=0.1) as pids:\n"
+        "    print(pids[0], flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    spinner = psutil.Process(int(process.stdout.readline()))
+    assert spinner.is_running()
+    process.kill()
+    process.wait()
+    gone, _ = psutil.wait_procs([spinner], timeout=10)
+    assert gone == [spinner]
+
+
+def test_training_setup_follows_the_training_script(tiny_dino_config, monkeypatch):
+    """The config's clipping, EMA and (off CUDA, unless the user chose) adaptive threads."""
+    cfg = tiny_dino_config()
+    cfg.train.model_ema.enabled = True
+    batch = random_batches(1, 1, 64, 64, num_boxes=2, num_classes=cfg.model.num_classes)[0]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TORCH_NUM_THREADS", raising=False)
+    setup = build_training(cfg, batch, "cpu")
+    assert setup.trainer.clip_grad_max_norm == cfg.train.clip_grad.max_norm
+    assert setup.ema is not None and setup.threads is not None
+    before = {k: v.clone() for k, v in setup.ema.state.items()}
+    results = time_training(setup, num_iter=1, warmup=0)
+    assert setup.ema.num_updates == 1
+    assert any(not torch.equal(before[k], v) for k, v in setup.ema.state.items())
+    assert math.isfinite(results["total_loss"]) and results["threads"] == [1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert build_training(cfg, batch, "cpu").threads is None
