@@ -5,9 +5,8 @@
         --height 800 --width 1333 train.device=cpu
 
 FLOPs follow fvcore's convention (one fused multiply-add counts as one flop) and are measured by
-tracing inference on random images of the given size. The deformable attention op, which fvcore
-does not know, is counted as 5 multiply-adds per sampled point and channel (4 for the bilinear
-interpolation, 1 for the attention weight).
+tracing inference on random images of the given size (:func:`dino_d2.engine.flops.count_macs`,
+which also counts the deformable attention op).
 """
 
 import argparse
@@ -15,54 +14,16 @@ import logging
 from collections import Counter
 
 import torch
-from fvcore.nn import FlopCountAnalysis, parameter_count, parameter_count_table
-from torch import nn
+from fvcore.nn import parameter_count, parameter_count_table
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.logger import setup_logger
 
+from dino_d2.engine.flops import count_macs
+
 __all__ = ["count_flops", "count_parameters", "main"]
 
 logger = logging.getLogger("dino_d2.analyze_model")
-
-# The compiled deformable attention, as the JIT tracer records the custom op.
-_MSDA_OP = "dino_d2::ms_deform_attn_forward"
-# Ops of the pure-PyTorch deformable attention path.
-_GRID_SAMPLE_OP = "aten::grid_sampler"
-
-
-def _shape(value):
-    return value.type().sizes()
-
-
-def msda_flop_jit(inputs, outputs):
-    """fvcore handle: inputs are (value, spatial_shapes, level_start_index, locations, weights)."""
-    n, _, m, d = _shape(inputs[0])
-    _, q, _, levels, points, _ = _shape(inputs[3])
-    return Counter({"ms_deform_attn": 5 * n * q * m * levels * points * d})
-
-
-def grid_sample_flop_jit(inputs, outputs):
-    """fvcore handle for F.grid_sample: 4 multiply-adds per output element (bilinear)."""
-    n, c, h, w = _shape(outputs[0])
-    return Counter({"grid_sample": 4 * n * c * h * w})
-
-
-class _TensorInterface(nn.Module):
-    """Detectron2's list[dict] -> Instances contract as tensors in, tensors out, for tracing.
-
-    (Detectron2 v0.6's TracingAdapter cannot be imported with current PyTorch: its package
-    imports caffe2.)
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image):
-        (output,) = self.model([{"image": image}])
-        instances = output["instances"]
-        return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
 
 
 def build_model(cfg, device):
@@ -90,11 +51,9 @@ def count_flops(model, height, width, num_inputs, device) -> str:
     for i in range(num_inputs):
         generator = torch.Generator().manual_seed(i)
         image = torch.rand(3, height, width, generator=generator).mul(255).to(device)
-        analysis = FlopCountAnalysis(_TensorInterface(model), (image,))
-        analysis.set_op_handle(**{_MSDA_OP: msda_flop_jit, _GRID_SAMPLE_OP: grid_sample_flop_jit})
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        totals.append(analysis.total())
-        by_operator.update(analysis.by_operator())
+        total, counts = count_macs(model, image)
+        totals.append(total)
+        by_operator.update(counts)
         logger.info(f"input {i + 1}/{num_inputs}: {totals[-1] / 1e9:.1f} GFLOPs")
     lines = [
         f"GFLOPs at {height}x{width}: {sum(totals) / len(totals) / 1e9:.1f} (mean of {num_inputs})"

@@ -91,7 +91,8 @@ def test_timm_vit_trains_two_steps_and_infers():
     }
     # Layer decay over the two remaining blocks (num_layers follows the ViT's depth).
     names = {id(p): n for n, p in model.named_parameters()}
-    lrs = {names[id(g["params"][0])]: g["lr"] for g in optimizer.param_groups}
+    # Parameters with the same lr and weight decay share a group.
+    lrs = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
     vit = "backbone.bottom_up.net.body.model."
     assert lrs[vit + "pos_embed"] == pytest.approx(1e-4 * 0.7**3)
     assert lrs[vit + "blocks.1.attn.qkv.weight"] == pytest.approx(1e-4 * 0.7)
