@@ -73,7 +73,7 @@ def test_parameter_groups_of_a_timm_vit():
         model, base_lr=1.0, weight_decay=0.0, backbone_lr_factor=1.0, lr_factor_func=decay
     )
     names = {id(p): n for n, p in model.named_parameters()}
-    lrs = {names[id(g["params"][0])]: g["lr"] for g in groups}
+    lrs = {names[id(p)]: g["lr"] for g in groups for p in g["params"]}
     vit = "backbone.bottom_up.net.body.model."
     assert lrs[vit + "cls_token"] == lrs[vit + "pos_embed"] == 0.5**4
     assert lrs[vit + "patch_embed.proj.weight"] == 0.5**4

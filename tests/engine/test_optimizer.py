@@ -99,7 +99,7 @@ def test_lr_factor_func_multiplies_the_backbone_factor():
         return 0.5 if name.startswith("backbone.bottom_up.0.") else 1.0
 
     groups = get_optimizer_params(model, base_lr=1.0, weight_decay=0.0, lr_factor_func=factor)
-    by_param = {id(g["params"][0]): g["lr"] for g in groups}
+    by_param = {id(p): g["lr"] for g in groups for p in g["params"]}
     assert by_param[id(model.backbone.bottom_up[0].weight)] == 0.1 * 0.5
     assert by_param[id(model.backbone.bottom_up[1].weight)] == 0.1
     assert by_param[id(model.heads[0].weight)] == 1.0
