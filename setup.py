@@ -161,10 +161,17 @@ setup(
         "scikit-learn",
         # dino_d2.cli.plot_metrics draws the curves.
         "matplotlib",
+        # dino_d2.cli.benchmark reports the process memory.
+        "psutil",
     ],
     # `pip install -e .[export]`: ONNX export (onnxscript drives torch.onnx.export(dynamo=True))
     # and onnxruntime to run and verify the exported graphs (dino_d2.export).
-    extras_require={"export": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"]},
+    # `pip install -e .[openvino]`: OpenVINO as a second ONNX runtime for tools/benchmark.py
+    # --openvino (dino_d2.export.exporter.load_openvino); checked by hand, not in CI.
+    extras_require={
+        "export": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"],
+        "openvino": ["openvino>=2024.0"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

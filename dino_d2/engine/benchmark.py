@@ -5,7 +5,12 @@ The functions behind ``tools/benchmark.py`` (a thin command line over them) and
 
 * inputs: :func:`random_batches` (random images, with random ground-truth boxes for training)
   and :func:`dataset_batches` (the first images of a config's test loader);
-* :func:`time_inference`: latency per image of a model in eval mode, without gradients;
+* :func:`time_inference`: latency per image of a model in eval mode, without gradients, and
+  :func:`time_exported` the same for an exported graph;
+* :func:`matrix_math_limit`: the model's multiply-accumulates (fvcore) at this machine's
+  :func:`sgemm_gmacs` rate, the least time any implementation could take;
+* :func:`fast_path_parity`: the model as built against the same weights run without the CPU
+  fast path (folded batch norms, channels-last backbone, oneDNN's fused linears);
 * :func:`build_training` and :func:`time_training`: the training step of
   ``tools/lazyconfig_train_net.py`` (forward, loss check, backward, gradient clipping, metrics,
   optimizer step and EMA update, under autocast when the config asks for it) on a fixed batch,
@@ -18,6 +23,7 @@ Every time is measured on the wall clock around the work, after synchronizing CU
 """
 
 import contextlib
+import copy
 import itertools
 import logging
 import resource
@@ -29,21 +35,32 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
+from torch import Tensor, nn
 
 from detectron2.config import instantiate
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from ..data import register_builtin_datasets
+from ..export.verify import DetectionComparison, compare_detections
+from ..layers.linear import onednn_linear
 from .ema import ModelEMA
+from .flops import count_macs
 from .threads import AdaptiveThreads, CpuLoadMonitor, threads_set_by_user
 from .trainer import Trainer, amp_settings
 
 __all__ = [
     "peak_rss_mb",
     "random_batches",
+    "padded_batch",
     "dataset_batches",
     "time_inference",
+    "time_exported",
+    "sgemm_gmacs",
+    "matrix_math_limit",
+    "perturb_frozen_batchnorm",
+    "fast_path_parity",
     "TrainingSetup",
     "build_training",
     "time_training",
@@ -82,14 +99,16 @@ def random_batches(
         seed: seed of the random generator.
 
     Returns:
-        batches of dicts with ``image`` (3, height, width) float32 in 0-255 and, with
+        batches of dicts with ``image`` (3, height, width) float32 holding whole numbers in
+        0-255 (what a uint8 image holds) and, with
         ``num_boxes``, ``instances`` holding ``gt_boxes`` (absolute XYXY inside the image, each
         side at least 1/20 of the image's) and ``gt_classes`` (int64).
     """
     generator = torch.Generator().manual_seed(seed)
     batch = []
     for _ in range(batch_size):
-        item = {"image": torch.rand(3, height, width, generator=generator) * 255}
+        pixels = torch.randint(256, (3, height, width), generator=generator)
+        item = {"image": pixels.to(torch.float32)}
         if num_boxes:
             size = torch.tensor([width, height], dtype=torch.float32)
             wh = (0.05 + 0.45 * torch.rand(num_boxes, 2, generator=generator)) * size
@@ -100,6 +119,23 @@ def random_batches(
             item["instances"] = instances
         batch.append(item)
     return [batch] * num_batches
+
+
+def padded_batch(batch: List[Dict], dtype: torch.dtype = torch.uint8) -> Tuple[Tensor, Tensor]:
+    """One batch of model inputs as an exported graph takes it: ``(images, image_sizes)``.
+
+    Args:
+        batch: dicts with ``image`` (3, H, W), 0-255.
+        dtype: of the padded ``images`` (N, 3, max H, max W); each image in its top-left corner.
+    """
+    sizes = [tuple(item["image"].shape[-2:]) for item in batch]
+    images = torch.zeros(
+        (len(batch), 3, max(h for h, _ in sizes), max(w for _, w in sizes)), dtype=dtype
+    )
+    for i, item in enumerate(batch):
+        height, width = sizes[i]
+        images[i, :, :height, :width] = item["image"].round().to(dtype)
+    return images, torch.tensor(sizes, dtype=torch.int64)
 
 
 def dataset_batches(cfg, num_batches: int, batch_size: int) -> List[List[Dict]]:
@@ -197,6 +233,141 @@ def time_inference(
         "images_per_s": 1000 / statistics.fmean(per_image_ms),
         "cuda_max_memory_allocated_mb": _cuda_peak_mb(device),
     }
+
+
+def time_exported(
+    run: Callable[[Tensor, Tensor], Sequence],
+    batches: Sequence[Tuple[Tensor, Tensor]],
+    warmup: int,
+) -> Dict:
+    """Times an exported graph (:func:`dino_d2.export.exporter.load_exported`) like
+    :func:`time_inference` times the model: on every ``(images, image_sizes)`` batch, all but
+    the first ``warmup`` timed.
+
+    Returns:
+        ``latency_ms_median`` / ``_mean`` / ``_min`` per image and ``images_per_s``.
+    """
+    batch_iter = iter(batches)
+
+    def step():
+        images, image_sizes = next(batch_iter)
+        run(images, image_sizes)
+        return len(images)
+
+    seconds, _ = _timed_loop(torch.device("cpu"), step, len(batches) - warmup, warmup, "image")
+    per_image_ms = [1000 * s for s in seconds]
+    return {
+        "latency_ms_median": statistics.median(per_image_ms),
+        "latency_ms_mean": statistics.fmean(per_image_ms),
+        "latency_ms_min": min(per_image_ms),
+        "images_per_s": 1000 / statistics.fmean(per_image_ms),
+    }
+
+
+def sgemm_gmacs(device="cpu", size: int = 4096, repeats: int = 5) -> float:
+    """This machine's float32 matrix-multiply rate, in GMAC/s (10^9 multiply-adds a second).
+
+    The median of ``repeats`` timed ``torch.mm`` of two ``size`` x ``size`` matrices (after one
+    untimed), with the current thread count: the rate no convolution or linear layer of the same
+    precision can beat on this machine.
+    """
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(size, size, generator=generator).to(device)
+    b = torch.rand(size, size, generator=generator).to(device)
+    seconds = []
+    for index in range(repeats + 1):
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _synchronize(device)
+        if index:
+            seconds.append(time.perf_counter() - start)
+    return size**3 / statistics.median(seconds) / 1e9
+
+
+def matrix_math_limit(model, image: Tensor, latency_s: float) -> Dict:
+    """How far an inference is from this machine's matrix-math limit.
+
+    The limit is the model's multiply-accumulates on ``image`` (fvcore's count,
+    :func:`dino_d2.engine.flops.count_macs`) done at :func:`sgemm_gmacs`'s rate.
+
+    Args:
+        model: the model in eval mode.
+        image: (3, H, W) on the model's device.
+        latency_s: the measured seconds per image.
+
+    Returns:
+        ``gmacs``, ``sgemm_gmacs_per_s``, ``limit_s`` and ``latency_to_limit`` (the ratio).
+    """
+    with torch.no_grad():
+        macs, _ = count_macs(model, image)
+    rate = sgemm_gmacs(image.device)
+    limit = macs / 1e9 / rate
+    return {
+        "gmacs": macs / 1e9,
+        "sgemm_gmacs_per_s": rate,
+        "limit_s": limit,
+        "latency_to_limit": latency_s / limit,
+    }
+
+
+def perturb_frozen_batchnorm(model: nn.Module, seed: int = 0) -> int:
+    """Gives every ``FrozenBatchNorm2d`` of ``model`` random statistics and affine parameters.
+
+    Freshly built, they are the identity map, so folding them into their convolutions would
+    change nothing; with these values a comparison of the folded and unfolded model means
+    something. Returns the number of layers changed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            n = module.weight.numel()
+            values = {
+                "weight": 0.5 + torch.rand(n, generator=generator),
+                "bias": 0.1 * torch.randn(n, generator=generator),
+                "running_mean": 0.1 * torch.randn(n, generator=generator),
+                "running_var": 0.5 + torch.rand(n, generator=generator),
+            }
+            for name, value in values.items():
+                getattr(module, name).copy_(value)
+            changed += 1
+    return changed
+
+
+def fast_path_parity(
+    cfg, model, batch: List[Dict], *, score_tolerance: float = 1e-4, box_tolerance: float = 1e-2
+) -> DetectionComparison:
+    """The model as built (the fast path: folded batch norms, channels-last backbone, oneDNN's
+    fused linears) against the same weights in the plain eager model, on ``batch``.
+
+    The plain model is ``cfg.model`` with ``fuse_frozen_batchnorm=False`` and
+    ``channels_last=False``, loaded with ``model``'s state dict and run with
+    ``onednn_linear(False)``. Detections are paired as an export's are
+    (:func:`dino_d2.export.verify.compare_detections`).
+    """
+    plain_cfg = copy.deepcopy(cfg.model)
+    plain_cfg.fuse_frozen_batchnorm = False
+    plain_cfg.channels_last = False
+    plain = instantiate(plain_cfg)
+    plain.load_state_dict(model.state_dict())
+    plain.to(next(model.parameters()).device).eval()
+    pairs = []
+    with torch.no_grad():
+        fast = model(batch)
+        with onednn_linear(False):
+            reference = plain(batch)
+    for i, (ref, out) in enumerate(zip(reference, fast)):
+        ref, out = ref["instances"], out["instances"]
+        pairs.append(
+            (
+                (ref.pred_boxes.tensor, ref.scores, ref.pred_classes),
+                (out.pred_boxes.tensor, out.scores, out.pred_classes),
+                f"image {i}",
+            )
+        )
+    return compare_detections(pairs, score_tolerance=score_tolerance, box_tolerance=box_tolerance)
 
 
 class TrainingSetup:

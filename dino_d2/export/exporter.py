@@ -48,6 +48,7 @@ __all__ = [
     "dynamic_shapes",
     "export_model",
     "load_exported",
+    "load_openvino",
     "output_paths",
 ]
 
@@ -165,6 +166,32 @@ def load_exported(path: str, fmt: str) -> Callable[[Tensor, Tensor], Sequence]:
             return module(images, image_sizes)
 
     return run_torch
+
+
+def load_openvino(path: str, precision: str = "f32") -> Callable[[Tensor, Tensor], Sequence]:
+    """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running an ONNX export
+    in OpenVINO on the CPU (OpenVINO is not a dependency of dino_d2: ``pip install openvino``).
+
+    Args:
+        path: the ``model.onnx`` file.
+        precision: OpenVINO's ``INFERENCE_PRECISION_HINT``. ``"f32"`` by default: on CPUs with
+            bfloat16 instructions (AVX512-BF16, AMX) OpenVINO otherwise computes in bfloat16,
+            whose scores differ from float32 by about 1e-2 and whose top-k classes can change.
+    """
+    try:
+        import openvino
+    except ImportError as e:
+        raise ImportError("running an ONNX export in OpenVINO needs `pip install openvino`") from e
+    core = openvino.Core()
+    compiled = core.compile_model(
+        core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": precision}
+    )
+
+    def run_openvino(images: Tensor, image_sizes: Tensor):
+        outputs = compiled({"images": images.numpy(), "image_sizes": image_sizes.numpy()})
+        return [torch.from_numpy(np.asarray(outputs[o])) for o in compiled.outputs]
+
+    return run_openvino
 
 
 def verification_sizes(short: int, long: int, minimum: int) -> List[List[Tuple[int, int]]]:

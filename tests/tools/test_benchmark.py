@@ -11,16 +11,23 @@ import pytest
 import torch
 
 from detectron2.config import LazyConfig, instantiate
+from detectron2.layers import FrozenBatchNorm2d
 
 from dino_d2.data import generate_digits_dataset, register_digits
 from dino_d2.engine.benchmark import (
     build_training,
     busy_cpu,
     dataset_batches,
+    fast_path_parity,
+    padded_batch,
+    perturb_frozen_batchnorm,
     random_batches,
     time_inference,
     time_training,
 )
+from dino_d2.export.exporter import export_model, min_input_size
+from dino_d2.export.graph import InferenceGraph
+from dino_d2.export.verify import verification_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "benchmark.py")
@@ -30,6 +37,8 @@ KEYS = {
     "latency_ms_median", "latency_ms_mean", "latency_ms_min", "images_per_s",
     "cuda_max_memory_allocated_mb", "peak_rss_mb", "rss_mb",
 }  # fmt: skip
+LIMIT_KEYS = {"gmacs", "sgemm_gmacs_per_s", "limit_s", "latency_to_limit"}
+PARITY_KEYS = {"fast_path_parity", "fast_path_parity_passed", "fast_path_max_score_diff"}
 
 
 @pytest.fixture
@@ -53,7 +62,14 @@ def test_json_line_on_random_inputs(tiny_config):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout  # progress goes to stderr
     results = json.loads(lines[0])
-    assert set(results) == KEYS
+    assert set(results) == KEYS | LIMIT_KEYS | PARITY_KEYS
+    # The limit: fvcore's count of the model at this size, at a measured sgemm rate.
+    assert 0 < results["gmacs"] < 5 and results["sgemm_gmacs_per_s"] > 0.1
+    assert results["limit_s"] == pytest.approx(results["gmacs"] / results["sgemm_gmacs_per_s"])
+    assert results["latency_to_limit"] == pytest.approx(
+        results["latency_ms_median"] / 1000 / results["limit_s"]
+    )
+    assert results["fast_path_parity_passed"] and results["fast_path_max_score_diff"] <= 1e-4
     assert results["device"] == "cpu" and results["input"] == "random 64x96"
     assert results["num_iter"] == 2 and results["batch_size"] == 1
     assert results["cuda_max_memory_allocated_mb"] is None
@@ -81,6 +97,68 @@ def test_test_set_inputs_in_batches(tiny_config, tmp_path):
     results = time_inference(model, batches, warmup=1)
     assert 0 < results["latency_ms_min"] <= results["latency_ms_median"]
     assert results["images_per_s"] > 0 and results["cuda_max_memory_allocated_mb"] is None
+
+
+def test_exported_model_timed_and_compared_with_eager(tiny_dino_config, tmp_path):
+    """--pt2 times an export beside the eager model and pairs its detections with eager's; with
+    other weights than the export's the comparison fails and so does the exit code."""
+    cfg = tiny_dino_config()
+    config = str(tmp_path / "tiny.yaml")
+    LazyConfig.save(cfg, config)
+    torch.manual_seed(5)
+    model = instantiate(cfg.model).eval()
+    weights = str(tmp_path / "weights.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    graph = InferenceGraph(model)
+    export = export_model(
+        graph,
+        verification_batches(
+            lambda h, w: torch.randint(256, (3, h, w), dtype=torch.uint8), [[(96, 128), (80, 112)]]
+        )[0],
+        "pt2",
+        str(tmp_path / "export"),
+        preprocessing={"input_dtype": "uint8", "min_input_size": min_input_size(graph)},
+        verification=[],
+    )
+    common = [
+        "--config-file", config, "--height", "96", "--width", "128", "--num-iter", "2",
+        "--warmup", "1", "--no-limit", "--no-parity", "--pt2", export.path, "--json",
+        "--baseline-s", "10", "--baseline-sgemm", "1",
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1"}
+    result = _run_tool(*common, "--weights", weights, "train.device=cpu", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    pt2 = results["exported"]["pt2"]
+    assert pt2["parity_passed"] and pt2["max_score_diff"] <= 1e-4, pt2["parity"]
+    assert 0 < pt2["latency_ms_min"] <= pt2["latency_ms_median"]
+    assert results["speedup"] == pytest.approx(10 / (results["latency_ms_median"] / 1000))
+    scaled = results["speedup"] / results["sgemm_gmacs_per_s"]
+    assert results["speedup_scaled"] == pytest.approx(scaled)
+
+    # The config's own (other) random weights: the detections differ, and the run fails.
+    result = _run_tool(*common, "train.device=cpu", env=env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert not json.loads(result.stdout.strip().splitlines()[-1])["exported"]["pt2"][
+        "parity_passed"
+    ]
+
+
+def test_frozen_batchnorm_made_non_trivial_and_fast_path_equal(tiny_dino_config):
+    cfg = tiny_dino_config()
+    model = instantiate(cfg.model).eval()
+    assert perturb_frozen_batchnorm(model, seed=1) > 0
+    norm = next(m for m in model.modules() if isinstance(m, FrozenBatchNorm2d))
+    assert not torch.equal(norm.running_var, torch.ones_like(norm.running_var))
+    batch = random_batches(1, 2, 96, 80)[0]
+    comparison = fast_path_parity(cfg, model, batch)
+    assert comparison.passed and comparison.num_paired == 2 * cfg.model.num_select
+    assert comparison.max_score_diff <= 1e-4
+    # Integer pixels, as a uint8 image holds; padded into one batch for an export.
+    images, sizes = padded_batch(random_batches(1, 1, 50, 70)[0] + batch)
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 96, 80)
+    assert sizes.tolist() == [[50, 70], [96, 80], [96, 80]]
+    assert torch.equal(images[1].float(), batch[0]["image"]) and not images[0, :, 50:].any()
 
 
 TRAIN_KEYS = KEYS - {"latency_ms_median", "latency_ms_mean", "latency_ms_min", "images_per_s"}

@@ -1,0 +1,437 @@
+"""Inference latency, or training-step time, and memory of a dino_d2 config.
+
+    # inference: random 800x1333 images, batch 1; the matrix-math limit and the fast path's parity
+    python tools/benchmark.py --config-file configs/dino_r50_4scale_12ep.py
+    # the same model exported to ONNX, in onnxruntime and OpenVINO, against eager
+    python tools/benchmark.py --config-file configs/dino_r50_4scale_12ep.py --num-iter 5 \\
+        --onnx export/model.onnx --openvino
+    python tools/benchmark.py --config-file configs/dino_r18_digits.py --dataset --num-iter 20 \\
+        --batch-size 2 --json train.device=cpu
+    # training steps (forward, backward, gradient clipping, optimizer step; no data loader)
+    python tools/benchmark.py --config-file configs/dino_r50_4scale_12ep.py --train \\
+        --batch-size 2 --height 640 --width 640 --num-boxes 5
+    python tools/benchmark.py --config-file configs/dino_r18_digits.py --train \\
+        --batch-size 8 --height 192 --width 192
+    # the same, idle and with one other process keeping a core busy, in alternating blocks
+    python tools/benchmark.py --config-file configs/dino_r18_digits.py --train \\
+        --batch-size 8 --height 192 --width 192 --busy 1
+
+The model is built from the config with its initial weights (the weights do not change the
+work done: DINO always keeps the same number of queries) on the config's device
+(``train.device``; CUDA when available). Inference runs it in eval mode without gradients on
+random images of ``--height`` x ``--width`` (the same batch every iteration) or, with
+``--dataset``, on the first images of the config's test data loader, read before timing starts.
+``--train`` times the step of ``tools/lazyconfig_train_net.py`` (the config's optimizer,
+gradient clipping, mixed precision and EMA) on one batch of random images with ``--num-boxes``
+random ground-truth boxes each. ``--warmup`` iterations are run first and not timed.
+
+``--busy N`` starts N spinning processes (another user's jobs) during every other block of
+steps (``--busy-settle`` seconds of untimed steps, then ``--busy-block`` timed ones; ``--num-iter``
+rounds of an idle and a busy block) and reports the busy / idle ratio of the median step times.
+
+Inference also reports, unless ``--no-limit`` / ``--no-parity``:
+
+* the matrix-math limit of this machine: fvcore's multiply-accumulate count of the model on
+  the first input, divided by the rate of a large ``torch.mm`` at the same thread count, and the
+  ratio of the measured latency to it;
+* the fast path's parity: the model as built (folded batch norms, channels-last backbone,
+  oneDNN's fused linears) against the same weights run plainly, on the first batch (with random
+  frozen batch-norm statistics when the weights are random, so that folding changes something).
+
+``--onnx FILE`` (and ``--openvino``), ``--pt2 FILE`` and ``--aoti FILE`` time exported models
+(``tools/deploy/export_model.py``) on the same images, padded into one uint8 (or, per the
+export's ``model.json``, float) batch, in the same run as the eager model, and compare their
+detections with the eager model's. The config, overrides and ``--weights`` must be those of the
+export: without the export's checkpoint the eager model has other weights and the comparison
+fails. ``--baseline-s SECONDS`` prints the speed-up against an earlier figure; with
+``--baseline-sgemm GMACS`` (the sgemm rate of the machine that figure came from) also scaled
+to this machine's rate.
+
+Reported: median, mean and minimum time per image (inference) or per step (training), the
+process's peak resident memory (``ru_maxrss``: building the model counts too), the number of
+compute threads and, on CUDA, ``torch.cuda.max_memory_allocated`` during the timed iterations.
+``--json`` prints them as one JSON line on stdout (the progress goes to stderr). The exit code
+is 1 when the fast path's or an export's detections differ from the eager model's.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Tuple
+
+import psutil
+import torch
+from omegaconf import OmegaConf
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+
+import dino_d2.modeling  # noqa: F401  (registers DINO and the backbones)
+from dino_d2.engine import resolve_device
+from dino_d2.engine.benchmark import (
+    build_training,
+    dataset_batches,
+    fast_path_parity,
+    matrix_math_limit,
+    padded_batch,
+    peak_rss_mb,
+    perturb_frozen_batchnorm,
+    random_batches,
+    sgemm_gmacs,
+    time_exported,
+    time_inference,
+    time_training,
+    time_training_idle_and_busy,
+)
+from dino_d2.export.exporter import load_exported, load_openvino
+from dino_d2.export.verify import compare_detections, detections_of_outputs, eager_detections
+
+__all__ = ["main"]
+
+logger = logging.getLogger("dino_d2.benchmark")
+
+# Inference and training defaults: (num_iter, warmup, batch_size, height, width).
+_DEFAULTS = {False: (50, 5, 1, 800, 1333), True: (5, 2, 2, 640, 640)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, help="a LazyConfig .py or saved .yaml")
+    parser.add_argument("--train", action="store_true", help="time training steps")
+    parser.add_argument("--num-iter", type=int, help="timed iterations (50; --train: 5)")
+    parser.add_argument("--warmup", type=int, help="iterations run before timing (5; --train: 2)")
+    parser.add_argument("--batch-size", type=int, help="images per iteration (1; --train: 2)")
+    parser.add_argument("--height", type=int, help="random input height (800; --train: 640)")
+    parser.add_argument("--width", type=int, help="random input width (1333; --train: 640)")
+    parser.add_argument("--num-boxes", type=int, default=5, help="--train: boxes per image")
+    parser.add_argument(
+        "--dataset", action="store_true", help="use the config's test loader, not random images"
+    )
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--train: also time steps while N other processes keep cores busy",
+    )
+    parser.add_argument(
+        "--busy-block", type=int, default=3, help="timed steps per idle or busy block with --busy"
+    )
+    parser.add_argument(
+        "--busy-settle",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="untimed steps at the start of each block with --busy, so the threads can adapt",
+    )
+    parser.add_argument(
+        "--amp",
+        choices=["bfloat16", "float16"],
+        help="mixed precision: inference under autocast to this dtype; --train: train.amp on "
+        "with this precision (float16 with a GradScaler; CUDA only)",
+    )
+    parser.add_argument(
+        "--no-limit", action="store_true", help="inference: skip the matrix-math limit"
+    )
+    parser.add_argument(
+        "--no-parity", action="store_true", help="inference: skip the fast path's parity check"
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="inference: a checkpoint to load (the one an export was made from); by default the "
+        "model keeps its initial weights",
+    )
+    parser.add_argument("--onnx", metavar="FILE", help="also time this ONNX export")
+    parser.add_argument(
+        "--openvino",
+        action="store_true",
+        help="also run the --onnx file in OpenVINO (pip install openvino; float32 precision)",
+    )
+    parser.add_argument("--pt2", metavar="FILE", help="also time this torch.export program")
+    parser.add_argument("--aoti", metavar="FILE", help="also time this AOTInductor package")
+    parser.add_argument(
+        "--baseline-s",
+        type=float,
+        metavar="SECONDS",
+        help="an earlier seconds per image (inference) or per step (--train) to compare with",
+    )
+    parser.add_argument(
+        "--baseline-sgemm",
+        type=float,
+        metavar="GMACS",
+        help="the sgemm rate (GMAC/s) of the machine --baseline-s was measured on",
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON line")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    names = ("num_iter", "warmup", "batch_size", "height", "width")
+    for name, default in zip(names, _DEFAULTS[args.train]):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    for name in ("num_iter", "batch_size", "height", "width", "busy_block"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or args.busy < 0 or args.busy_settle < 0:
+        parser.error("--warmup, --busy and --busy-settle must not be negative")
+    if args.train and args.dataset:
+        parser.error("--dataset is for inference; --train uses random images and boxes")
+    if args.train and args.num_boxes < 1:
+        parser.error("--num-boxes must be at least 1")
+    if args.busy and not args.train:
+        parser.error("--busy times training steps: add --train")
+    exported = [args.onnx, args.pt2, args.aoti]
+    if args.train and any(exported):
+        parser.error("--onnx, --pt2 and --aoti time inference: drop --train")
+    if args.openvino and not args.onnx:
+        parser.error("--openvino runs the --onnx file: give --onnx FILE")
+    for flag, path in zip(("--onnx", "--pt2", "--aoti"), exported):
+        if path and not os.path.isfile(path):
+            parser.error(
+                f"{flag} {path}: no such file (write it with tools/deploy/export_model.py)"
+            )
+    if args.weights and not os.path.isfile(args.weights):
+        parser.error(f"--weights {args.weights}: no such file")
+    if args.baseline_sgemm is not None and args.baseline_s is None:
+        parser.error("--baseline-sgemm scales --baseline-s: give --baseline-s too")
+    for name in ("baseline_s", "baseline_sgemm"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _export_inputs(path: str) -> Tuple[torch.dtype, int]:
+    """The image dtype and the smallest padded size of an export, from the ``model.json`` beside
+    it (uint8 and no minimum without one)."""
+    json_path = os.path.join(os.path.dirname(path), "model.json")
+    if not os.path.isfile(json_path):
+        return torch.uint8, 0
+    with open(json_path) as f:
+        info = json.load(f)
+    return getattr(torch, info.get("input_dtype", "uint8")), int(info.get("min_input_size", 0))
+
+
+def _exported_runtimes(args):
+    """``(name, path, loader)`` for each export to time."""
+    runtimes = []
+    if args.onnx:
+        runtimes.append(("onnxruntime", args.onnx, lambda p: load_exported(p, "onnx")))
+    if args.openvino:
+        runtimes.append(("openvino", args.onnx, load_openvino))
+    if args.pt2:
+        runtimes.append(("pt2", args.pt2, lambda p: load_exported(p, "pt2")))
+    if args.aoti:
+        runtimes.append(("aoti", args.aoti, lambda p: load_exported(p, "aoti")))
+    return runtimes
+
+
+def _time_exports(args, model, batches) -> dict:
+    """Each export on the same images as the eager model: latency and parity with it."""
+    results = {}
+    for name, path, load in _exported_runtimes(args):
+        logger.info(f"{name}: {path}")
+        dtype, min_size = _export_inputs(path)
+        padded = [padded_batch(batch, dtype) for batch in batches]
+        if min(padded[0][0].shape[-2:]) < min_size:
+            raise ValueError(
+                f"{path} takes images of at least {min_size} pixels a side (model.json's "
+                f"min_input_size), got {tuple(padded[0][0].shape[-2:])}: give larger "
+                "--height / --width"
+            )
+        run = load(path)
+        timings = time_exported(run, padded, args.warmup)
+        pairs = []
+        for index, (images, image_sizes) in enumerate(padded[: max(1, args.warmup)]):
+            reference = eager_detections(model, images, image_sizes)
+            exported = detections_of_outputs(run(images, image_sizes), image_sizes)
+            pairs.extend(
+                (ref, out, f"batch {index}, image {i}")
+                for i, (ref, out) in enumerate(zip(reference, exported))
+            )
+        comparison = compare_detections(pairs)
+        results[name] = {
+            "path": path,
+            **timings,
+            "parity": comparison.summary(),
+            "parity_passed": comparison.passed,
+            "max_score_diff": comparison.max_score_diff,
+            "max_box_diff_px": comparison.max_box_diff,
+        }
+    return results
+
+
+def _inference(args, cfg, device) -> dict:
+    model = instantiate(cfg.model).to(device).eval()
+    if args.weights:
+        DetectionCheckpointer(model).load(args.weights)
+    num_batches = args.warmup + args.num_iter
+    if args.dataset:
+        batches = dataset_batches(cfg, num_batches, args.batch_size)
+        source = f"dataset {OmegaConf.select(cfg, 'dataloader.test.dataset.names')}"
+    else:
+        batches = random_batches(num_batches, args.batch_size, args.height, args.width)
+        source = f"random {args.height}x{args.width}"
+    if not args.weights and not args.no_parity:
+        perturb_frozen_batchnorm(model)
+    logger.info(f"Device: {device}; inputs: {source}; batch size {args.batch_size}")
+    amp_dtype = getattr(torch, args.amp) if args.amp else None
+    results = {"input": source, **time_inference(model, batches, args.warmup, amp_dtype=amp_dtype)}
+    # Peak memory of the timed inference; what follows builds more.
+    results["peak_rss_mb"] = peak_rss_mb()
+    batches = [[{"image": item["image"].to(device)} for item in batch] for batch in batches]
+    if not args.no_limit:
+        logger.info("Counting the model's multiply-accumulates and timing sgemm")
+        latency = results["latency_ms_median"] / 1000
+        results.update(matrix_math_limit(model, batches[0][0]["image"], latency))
+    if not args.no_parity:
+        logger.info("Running the same weights without the fast path")
+        comparison = fast_path_parity(cfg, model, batches[0])
+        results["fast_path_parity"] = comparison.summary()
+        results["fast_path_parity_passed"] = comparison.passed
+        results["fast_path_max_score_diff"] = comparison.max_score_diff
+    exports = _time_exports(args, model, batches)
+    if exports:
+        results["exported"] = exports
+    return results
+
+
+def _training(args, cfg, device) -> dict:
+    num_classes = cfg.model.num_classes
+    batch = random_batches(
+        1, args.batch_size, args.height, args.width, num_boxes=args.num_boxes,
+        num_classes=num_classes,
+    )[0]  # fmt: skip
+    source = f"random {args.height}x{args.width}, {args.num_boxes} boxes/image"
+    logger.info(f"Device: {device}; training inputs: {source}; batch size {args.batch_size}")
+    setup = build_training(cfg, batch, device)
+    if args.busy:
+        timings = time_training_idle_and_busy(
+            setup,
+            args.num_iter,
+            args.warmup,
+            block=args.busy_block,
+            busy_processes=args.busy,
+            settle_s=args.busy_settle,
+        )
+    else:
+        timings = time_training(setup, args.num_iter, args.warmup)
+    return {"input": source, **timings}
+
+
+def _baseline(args, results: dict) -> dict:
+    """Speed-up against ``--baseline-s``, raw and scaled by the two machines' sgemm rates."""
+    if args.baseline_s is None:
+        return {}
+    measured = (
+        results["step_s_median"]
+        if results["mode"] == "train"
+        else results["latency_ms_median"] / 1000
+    )
+    out = {"baseline_s": args.baseline_s, "speedup": args.baseline_s / measured}
+    if args.baseline_sgemm is not None:
+        rate = results.get("sgemm_gmacs_per_s") or sgemm_gmacs(results["device"])
+        out.update(
+            baseline_sgemm_gmacs_per_s=args.baseline_sgemm,
+            sgemm_gmacs_per_s=rate,
+            # The baseline as it would take on this machine, if it ran at the same share of sgemm.
+            speedup_scaled=args.baseline_s * args.baseline_sgemm / rate / measured,
+        )
+    return out
+
+
+def _print(results: dict) -> None:
+    head = f"{results['input']}, batch {results['batch_size']} on {results['device']}"
+    head += f" ({results['torch_threads']} threads)"
+    if results["mode"] == "train":
+        print(f"{head}, training step:")
+        print(
+            f"  seconds per step: median {results['step_s_median']:.3f}, "
+            f"min {results['step_s_min']:.3f}"
+        )
+        if "busy_ratio" in results:
+            print(
+                f"  with {results['busy_processes']} busy process(es): median "
+                f"{results['busy_step_s_median']:.3f} s, {results['busy_ratio']:.2f}x idle "
+                f"(per round: {', '.join(f'{r:.2f}' for r in results['busy_ratio_per_round'])})"
+            )
+            print(
+                f"  CPUs used by other processes: idle blocks {results['others_cpus_idle']}, "
+                f"busy blocks {results['others_cpus_busy']}"
+            )
+    else:
+        print(f"{head}, {results['num_iter']} iterations:")
+        print(
+            f"  latency per image: median {results['latency_ms_median']:.1f} ms, "
+            f"mean {results['latency_ms_mean']:.1f} ms ({results['images_per_s']:.2f} images/s)"
+        )
+        if "limit_s" in results:
+            print(
+                f"  matrix-math limit: {results['gmacs']:.1f} GMAC at "
+                f"{results['sgemm_gmacs_per_s']:.1f} GMAC/s (sgemm) = {results['limit_s']:.3f} s; "
+                f"latency / limit = {results['latency_to_limit']:.2f}"
+            )
+        if "fast_path_parity" in results:
+            print(f"  fast path against the plain model: {results['fast_path_parity']}")
+        for name, exported in results.get("exported", {}).items():
+            ratio = exported["latency_ms_median"] / results["latency_ms_median"]
+            print(
+                f"  {name} ({exported['path']}): median {exported['latency_ms_median']:.1f} "
+                f"ms/image, {ratio:.2f}x eager; {exported['parity']}"
+            )
+    if "speedup" in results:
+        line = f"  against {results['baseline_s']:.3f} s: {results['speedup']:.2f}x faster"
+        if "speedup_scaled" in results:
+            line += (
+                f"; {results['speedup_scaled']:.2f}x with the baseline scaled by sgemm rates "
+                f"({results['baseline_sgemm_gmacs_per_s']:.1f} there, "
+                f"{results['sgemm_gmacs_per_s']:.1f} GMAC/s here)"
+            )
+        print(line)
+    print(f"  peak RSS: {results['peak_rss_mb']:.0f} MiB")
+    if results.get("cuda_max_memory_allocated_mb") is not None:
+        print(f"  CUDA max allocated: {results['cuda_max_memory_allocated_mb']:.0f} MiB")
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s"
+    )
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    if args.train and args.amp:
+        cfg.train.amp.enabled = True
+        cfg.train.amp.precision = args.amp
+    device = resolve_device(OmegaConf.select(cfg, "train.device", default=None))
+    measure = _training if args.train else _inference
+    timings = measure(args, cfg, device)
+    results = {
+        "config": args.config_file,
+        "mode": "train" if args.train else "inference",
+        "device": str(device),
+        "batch_size": args.batch_size,
+        "num_iter": args.num_iter,
+        "warmup": args.warmup,
+        "amp": args.amp,
+        "torch_threads": torch.get_num_threads(),
+        "peak_rss_mb": peak_rss_mb(),
+        **timings,
+        "rss_mb": psutil.Process().memory_info().rss / 1024**2,
+    }
+    results.update(_baseline(args, results))
+    if args.json:
+        print(json.dumps(results))
+    else:
+        _print(results)
+    # A fast path or an export that gives other detections is a failure, not a figure.
+    passed = [results.get("fast_path_parity_passed", True)]
+    passed += [e["parity_passed"] for e in results.get("exported", {}).values()]
+    return 0 if all(passed) else 1
