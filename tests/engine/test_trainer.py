@@ -1,3 +1,4 @@
+import io
 import itertools
 import math
 import os
@@ -9,7 +10,14 @@ from torch import nn
 from detectron2.engine import hooks
 
 from dino_d2.checkpoint import AtomicCheckpointer
-from dino_d2.engine import EMAHook, ModelEMA, Trainer, amp_settings, check_losses_finite
+from dino_d2.engine import (
+    EMAHook,
+    ModelEMA,
+    Trainer,
+    amp_settings,
+    bfloat16_is_native,
+    check_losses_finite,
+)
 
 
 class _Toy(nn.Module):
@@ -162,6 +170,22 @@ def test_amp_settings():
         amp_settings("cpu", "float16")
     with pytest.raises(ValueError, match="precision"):
         amp_settings("cpu", "float8")
+
+
+@pytest.mark.parametrize(
+    "flags, native", [("fpu avx512f avx512_bf16 amx_tile", True), ("fpu avx512f avx2", False)]
+)
+def test_bfloat16_is_native_reads_the_cpu_flags(monkeypatch, flags, native):
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/proc/cpuinfo":
+            return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert bfloat16_is_native("cpu") is native
+    assert bfloat16_is_native("meta") is False
 
 
 def test_invalid_arguments():
