@@ -1,0 +1,239 @@
+"""Train or evaluate a dino_d2 LazyConfig with Detectron2's standard training loop.
+
+The command line is Detectron2's (``default_argument_parser``)::
+
+    # train (CUDA when available, else the CPU); add --resume to continue from output_dir
+    python tools/lazyconfig_train_net.py --config-file configs/dino_r18_digits.py
+    # evaluate a checkpoint
+    python tools/lazyconfig_train_net.py --config-file configs/dino_r18_digits.py --eval-only \\
+        train.init_checkpoint=output/digits/model_final.pth
+    # any config value: key=value overrides
+    python tools/lazyconfig_train_net.py --config-file ... train.max_iter=500 optimizer.lr=1e-4
+
+``--num-gpus N`` starts N processes: one per GPU with NCCL, or, on a machine without CUDA,
+N CPU processes with Gloo (each gets an equal share of the CPU threads). The total batch
+``dataloader.train.total_batch_size`` is split between them.
+
+A COCO-format dataset can be used without writing Python::
+
+    ... dataset.train_json=train.json dataset.train_images=train/ \\
+        dataset.test_json=val.json dataset.test_images=val/
+
+registers them (as ``custom_train`` / ``custom_test``), points the data loaders and the evaluator
+at them and sets ``model.num_classes`` from the json's categories. Builtin dataset names used by
+the config, such as ``digits_train`` / ``digits_val``, are registered automatically (the digits
+dataset is generated under ``$DETECTRON2_DATASETS/digits``, else ``datasets/digits``, if missing).
+
+Besides Detectron2's keys of ``train`` (see configs/common/train.py), the script reads
+``train.clip_grad`` (full-model gradient clipping), ``train.model_ema`` (weight EMA, saved in
+the checkpoints under ``"ema"``; ``use_for_eval`` evaluates with the averaged weights) and
+``train.amp.precision`` (optional: ``float16`` or ``bfloat16``; default float16 on CUDA with a
+GradScaler, bfloat16 on the CPU). ``--eval-only`` evaluates ``train.init_checkpoint`` (the last
+checkpoint of ``train.output_dir`` with ``--resume``) and writes ``output_dir/eval_results.json``.
+
+Checkpoints are written atomically (``dino_d2.checkpoint.AtomicCheckpointer``): a job killed at any
+moment resumes with ``--resume`` from its last complete checkpoint; a full disk loses nothing.
+``model.num_classes`` is checked against the datasets' categories at start-up; a process that
+fails stops every process of the job (``dino_d2.engine.launch``). See README.md, "What to expect
+when things go wrong".
+"""
+
+import logging
+import os
+from contextlib import nullcontext
+
+import torch
+from omegaconf import ListConfig
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import default_argument_parser, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.registry import locate
+
+from dino_d2._compat import fast_coco_eval_available
+from dino_d2.checkpoint import AtomicCheckpointer, write_json
+from dino_d2.engine import (
+    EMAHook,
+    EvalHook,
+    ModelEMA,
+    Trainer,
+    amp_settings,
+    apply_dataset_overrides,
+    check_num_classes,
+    default_setup,
+    default_writers,
+    launch,
+    pop_dataset_overrides,
+    register_config_datasets,
+    resolve_device,
+)
+from dino_d2.engine.threads import AdaptiveThreadsHook
+
+logger = logging.getLogger("detectron2")
+
+EPILOG = """
+dino_d2 additions:
+  --num-gpus N without CUDA runs N CPU processes (Gloo).
+  dataset.train_json=... dataset.train_images=... dataset.test_json=... dataset.test_images=...
+      train/evaluate on COCO-format datasets; model.num_classes follows their categories.
+  dataset.skip_bad_annotations=True
+      skip their malformed annotations with one warning instead of stopping.
+Examples:
+  %(prog)s --config-file configs/dino_r18_digits.py
+  %(prog)s --config-file configs/dino_r18_digits.py --resume
+  %(prog)s --config-file configs/dino_r18_digits.py --eval-only train.init_checkpoint=model.pth
+  %(prog)s --num-gpus 8 --config-file configs/dino_r50_4scale_12ep.py
+"""
+
+
+def use_slow_coco_eval_if_needed(cfg) -> None:
+    """Makes every COCOEvaluator of the config use pycocotools when Detectron2 has no fast one."""
+    if fast_coco_eval_available() or "evaluator" not in cfg.dataloader:
+        return
+    evaluators = cfg.dataloader.evaluator
+    for evaluator in evaluators if isinstance(evaluators, ListConfig) else [evaluators]:
+        target = evaluator.get("_target_")
+        target = locate(target) if isinstance(target, str) else target
+        if isinstance(target, type) and issubclass(target, COCOEvaluator):
+            evaluator.use_fast_impl = False
+
+
+def do_test(cfg, model, ema=None):
+    """Evaluates ``model`` (with the averaged weights of ``ema`` if given) on the test loader."""
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    with ema.applied_to(model) if ema is not None else nullcontext():
+        results = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def build_model(cfg, device):
+    model = instantiate(cfg.model)
+    logger.info(f"Model:\n{model}")
+    return model.to(device)
+
+
+def do_train(args, cfg, device):
+    model = build_model(cfg, device)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    ema_cfg = cfg.train.model_ema
+    ema = ModelEMA(model, decay=ema_cfg.decay) if ema_cfg.enabled else None
+    ddp_kwargs = dict(cfg.train.ddp)
+    if torch.device(device).type != "cuda":
+        ddp_kwargs["device_ids"] = None
+    ddp_model = create_ddp_model(model, **ddp_kwargs)
+
+    amp_dtype, grad_scaler = None, None
+    if cfg.train.amp.enabled:
+        amp_dtype, grad_scaler = amp_settings(device, cfg.train.amp.get("precision"))
+        logger.info(
+            f"Mixed precision: autocast to {amp_dtype}, GradScaler: {grad_scaler is not None}"
+        )
+    clip = cfg.train.clip_grad
+    trainer = Trainer(
+        ddp_model,
+        train_loader,
+        optimizer,
+        clip_grad_max_norm=clip.max_norm if clip.enabled else None,
+        clip_grad_norm_type=clip.norm_type,
+        amp_dtype=amp_dtype,
+        grad_scaler=grad_scaler,
+    )
+    checkpointables = {"trainer": trainer}
+    if ema is not None:
+        checkpointables["ema"] = ema
+    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, **checkpointables)
+    eval_ema = ema if ema is not None and ema_cfg.use_for_eval else None
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            # On the CPU, the compute threads follow the cores other processes leave free.
+            AdaptiveThreadsHook() if torch.device(device).type == "cpu" else None,
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            # Before the checkpointer and the evaluation: both see this step's average.
+            EMAHook(ema, model) if ema is not None else None,
+            (
+                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                if comm.is_main_process()
+                else None
+            ),
+            EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, eval_ema)),
+            (
+                hooks.PeriodicWriter(
+                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                    period=cfg.train.log_period,
+                )
+                if comm.is_main_process()
+                else None
+            ),
+        ]
+    )
+
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    # A checkpoint stores the iteration that had just finished.
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def do_eval_only(args, cfg, device):
+    model = build_model(cfg, device)
+    ema_cfg = cfg.train.model_ema
+    ema = None
+    if ema_cfg.enabled and ema_cfg.use_for_eval:
+        ema = ModelEMA(model, decay=ema_cfg.decay)
+    checkpointer = AtomicCheckpointer(
+        model, cfg.train.output_dir, **({"ema": ema} if ema is not None else {})
+    )
+    if args.resume and checkpointer.has_checkpoint():
+        path = checkpointer.get_checkpoint_file()
+    else:
+        path = cfg.train.init_checkpoint
+    checkpointer.load(path)
+    if ema is not None and not ema.restored:
+        logger.warning(f"{path} has no EMA weights; evaluating the model's own weights")
+        ema = None
+    results = do_test(cfg, model, ema)
+    if comm.is_main_process():
+        path = os.path.join(cfg.train.output_dir, "eval_results.json")
+        write_json(path, results)
+        logger.info(f"Evaluation results written to {path}")
+    return results
+
+
+def main(args):
+    opts, dataset_overrides = pop_dataset_overrides(args.opts)
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, opts)
+    apply_dataset_overrides(cfg, dataset_overrides)
+    use_slow_coco_eval_if_needed(cfg)
+    default_setup(cfg, args)
+    register_config_datasets(cfg)
+    check_num_classes(cfg)
+    device = resolve_device(cfg.train.get("device"))
+    logger.info(f"Device: {device}")
+    if args.eval_only:
+        return do_eval_only(args, cfg, device)
+    return do_train(args, cfg, device)
+
+
+def invoke_main(argv=None) -> None:
+    """Parses Detectron2's command line (``argv``, default ``sys.argv[1:]``) and launches
+    :func:`main` in ``--num-gpus`` processes on each of ``--num-machines`` machines."""
+    args = default_argument_parser(epilog=EPILOG).parse_args(argv)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
