@@ -15,11 +15,11 @@ from .common.train import train
 # sized so that training plus evaluation take about 22 minutes on a 2-core CPU.
 #
 # Measured on a 2-core CPU with another process busy on one core, batch 8, forward + backward
-# + AdamW, one torch thread: 4.2 s/iter at 320 px, 2.0 at 224, 1.6 at 192, 1.2 at 160. On idle
-# cores the default two threads take 1.25 s/iter at 192 px (`make demo`: 1,000 iterations in
-# 20 min 44 s, four evaluations of digits_val in about 20 s each). On a busy machine the training
-# script drops to one compute thread by itself (dino_d2.engine.threads): two threads fighting
-# for one core took 6.1 s/iter (224 px) and 24 (320 px).
+# + AdamW, one torch thread, float32: 4.2 s/iter at 320 px, 2.0 at 224, 1.6 at 192, 1.2 at 160.
+# On idle cores, in the training script: 0.99 s/iter at 192 px in float32, 0.72-0.76 under
+# bfloat16 autocast (see below). On a busy machine the training script drops to one compute
+# thread by itself (dino_d2.engine.threads): two threads fighting for one core took 6.1 s/iter
+# (224 px) and 24 (320 px).
 
 # ResNet-18 from scratch: every stage trains and BatchNorm learns (no pretrained statistics).
 # At 224 px timm's resnet10t, regnetx_004 and mobilenetv3_large_100 measured 1.5-1.7 s/iter
@@ -73,8 +73,9 @@ optimizer.params.backbone_lr_factor = 1.0
 # 250 / 500 / 750 / 1,000 / 1,150; the same images in batches of 4 (2,400 iterations, drop at
 # 2,100) gave 11.7 / 23.6 / 33.4 / 44.5 / 54.9 at the same points: alike per image, so batch 8
 # stays. Float32 steps of the first release took 1.25 s in `make demo` (1,000 iterations, 45.9
-# box AP, 22 min 10 s of training and evaluation); bfloat16 steps take 0.72 s, so the same time
-# now holds 1,700 iterations.
+# box AP, 22 min 10 s of training and evaluation); bfloat16 steps take 0.76 s, so about the same
+# time now holds 1,700 iterations. `make demo` from a fresh clone: box AP 15.4 / 36.4 / 46.7 /
+# 58.5 at 425 / 850 / 1,275 / 1,700, 22 min 43 s of training and evaluation.
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[1480, 1700]),
     warmup_length=0.05,
@@ -82,8 +83,8 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 
 # Mixed precision where the hardware has it: on a CPU with bfloat16 instructions (AVX512-BF16,
-# AMX) a step takes 0.72 s under bfloat16 autocast against 0.99 s in float32 (2 cores, in the
-# training script); elsewhere bfloat16 is emulated and slower, so the default stays float32.
+# AMX) a step takes 0.72-0.76 s under bfloat16 autocast against 0.99 s in float32 (2 cores, in
+# the training script); elsewhere bfloat16 is emulated and slower, so it trains in float32.
 train.amp.enabled = bfloat16_is_native()
 train.amp.precision = "bfloat16"
 train.max_iter = 1700
