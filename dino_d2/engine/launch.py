@@ -33,6 +33,7 @@ another scheme the processes are started as Detectron2 does and only this machin
 watches them.
 """
 
+import gc
 import json
 import logging
 import os
@@ -211,6 +212,9 @@ def _distributed_worker(
         # One barrier before the work starts: a late process could otherwise time out a collective.
         comm.synchronize()
         main_func(*args)
+        # Every process is done before any tears its connections down: Gloo aborts (SIGABRT) a
+        # process whose peer closes a connection it still reads from.
+        comm.synchronize()
     except Exception as error:
         if store is not None:
             _report_failure(
@@ -224,6 +228,11 @@ def _distributed_worker(
         raise
     finally:
         dist.destroy_process_group()
+        # Release the process groups' and the store's C++ objects (and their threads) now:
+        # left to interpreter exit, a still-joinable thread can abort the process (SIGABRT,
+        # "terminate called without an active exception") after its work succeeded.
+        del store
+        gc.collect()
 
 
 def _report_failure(store, **record) -> None:
