@@ -34,6 +34,7 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import get_event_storage
 
 from .._compat import run_after_backward_hooks
+from .defaults import resolve_device
 
 __all__ = ["Trainer", "amp_settings", "bfloat16_is_native", "check_losses_finite"]
 
@@ -45,23 +46,18 @@ def bfloat16_is_native(device=None) -> bool:
     resolves) computes bfloat16 matrix products in hardware, so that bfloat16 autocast is faster
     than float32 there.
 
-    On the CPU that takes the AVX512-BF16 or AMX-BF16 instructions (read from Linux's
-    ``/proc/cpuinfo``; False elsewhere): without them oneDNN emulates bfloat16, more slowly than
-    float32. On CUDA it is ``torch.cuda.is_bf16_supported()`` (Ampere and later).
+    On the CPU that takes the AVX512-BF16 or AMX instructions (PyTorch's cpuinfo checks,
+    ``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``): without them oneDNN
+    emulates bfloat16, more slowly than float32. On CUDA it is ``torch.cuda.is_bf16_supported()``
+    (Ampere and later).
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = torch.device(resolve_device(device))
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = {word for line in f if line.startswith("flags") for word in line.split()}
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def amp_settings(

@@ -1,4 +1,3 @@
-import io
 import itertools
 import math
 import os
@@ -173,17 +172,11 @@ def test_amp_settings():
 
 
 @pytest.mark.parametrize(
-    "flags, native", [("fpu avx512f avx512_bf16 amx_tile", True), ("fpu avx512f avx2", False)]
+    "avx512_bf16, amx, native", [(True, False, True), (False, True, True), (False, False, False)]
 )
-def test_bfloat16_is_native_reads_the_cpu_flags(monkeypatch, flags, native):
-    real_open = open
-
-    def fake_open(path, *args, **kwargs):
-        if path == "/proc/cpuinfo":
-            return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n")
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", fake_open)
+def test_bfloat16_is_native_reads_the_cpu_capabilities(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert bfloat16_is_native("cpu") is native
     assert bfloat16_is_native("meta") is False
 
