@@ -73,11 +73,9 @@ from dino_d2.engine import resolve_device
 from dino_d2.engine.benchmark import (
     build_training,
     dataset_batches,
-    fast_path_parity,
     matrix_math_limit,
     padded_batch,
     peak_rss_mb,
-    perturb_frozen_batchnorm,
     random_batches,
     sgemm_gmacs,
     time_exported,
@@ -85,6 +83,7 @@ from dino_d2.engine.benchmark import (
     time_training,
     time_training_idle_and_busy,
 )
+from dino_d2.engine.parity import fast_path_parity, perturb_frozen_batchnorm
 from dino_d2.export.exporter import load_exported, load_openvino
 from dino_d2.export.verify import compare_detections, detections_of_outputs, eager_detections
 

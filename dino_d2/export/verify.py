@@ -26,6 +26,7 @@ __all__ = [
     "DetectionComparison",
     "compare_detections",
     "eager_detections",
+    "pad_images",
     "pair_detections",
     "verification_batches",
 ]
@@ -170,6 +171,19 @@ def eager_detections(model: DINO, images: Tensor, image_sizes: Tensor) -> List[D
     return [(r.pred_boxes.tensor, r.scores, r.pred_classes) for r in results]
 
 
+def pad_images(images: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``(images, image_sizes)`` as an exported graph takes them: (N, 3, max H, max W) of the
+    images' dtype, each image in the top-left corner of its slot and zeros elsewhere, and the
+    (N, 2) int64 real sizes."""
+    sizes = [tuple(image.shape[-2:]) for image in images]
+    padded = images[0].new_zeros(
+        (len(images), 3, max(h for h, _ in sizes), max(w for _, w in sizes))
+    )
+    for i, image in enumerate(images):
+        padded[i, :, : image.shape[1], : image.shape[2]] = image
+    return padded, torch.tensor(sizes, dtype=torch.int64)
+
+
 def verification_batches(
     make_image: Callable[[int, int], Tensor], sizes: Sequence[Sequence[Tuple[int, int]]]
 ) -> List[Tuple[Tensor, Tensor]]:
@@ -179,16 +193,7 @@ def verification_batches(
         make_image: ``(height, width) -> (3, height, width)`` image of the graph's dtype.
         sizes: for each batch, the (height, width) of its images.
     """
-    batches = []
-    for batch_sizes in sizes:
-        images = [make_image(h, w) for h, w in batch_sizes]
-        height = max(h for h, _ in batch_sizes)
-        width = max(w for _, w in batch_sizes)
-        padded = images[0].new_zeros((len(images), 3, height, width))
-        for i, image in enumerate(images):
-            padded[i, :, : image.shape[1], : image.shape[2]] = image
-        batches.append((padded, torch.tensor(batch_sizes, dtype=torch.int64)))
-    return batches
+    return [pad_images([make_image(h, w) for h, w in batch_sizes]) for batch_sizes in sizes]
 
 
 def detections_of_outputs(outputs: Sequence, image_sizes: Tensor) -> List[Detections]:

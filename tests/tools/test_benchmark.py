@@ -18,13 +18,12 @@ from dino_d2.engine.benchmark import (
     build_training,
     busy_cpu,
     dataset_batches,
-    fast_path_parity,
     padded_batch,
-    perturb_frozen_batchnorm,
     random_batches,
     time_inference,
     time_training,
 )
+from dino_d2.engine.parity import fast_path_parity, perturb_frozen_batchnorm
 from dino_d2.export.exporter import export_model, min_input_size
 from dino_d2.export.graph import InferenceGraph
 from dino_d2.export.verify import verification_batches
