@@ -1,6 +1,7 @@
 """Data: DETR-style augmentation, a DatasetMapper with clear errors for unreadable images, the
 digits demo dataset, dataset registration (including the builtin datasets registered on demand
-by name: the digits and Objects365 v1/v2) and COCO jsons read with errors that name the file, annotation and field."""
+by name: the digits, Objects365 v1 and v2) and COCO jsons read with errors that name the file,
+annotation and field."""
 
 from .builtin import builtin_dataset_names, register_builtin, register_builtin_datasets
 from .coco_json import CocoFormatError

@@ -76,7 +76,9 @@ def objects365_files(name: str, root: str) -> Tuple[str, str]:
         ``(json_file, image_root)``, absolute paths.
     """
     if name not in OBJECTS365_DATASETS:
-        raise KeyError(f"{name!r} is not an Objects365 dataset; known: {sorted(OBJECTS365_DATASETS)}")
+        raise KeyError(
+            f"{name!r} is not an Objects365 dataset; known: {sorted(OBJECTS365_DATASETS)}"
+        )
     json_file, images = OBJECTS365_DATASETS[name]
     base = os.path.abspath(os.path.join(os.fspath(root), "objects365"))
     return os.path.join(base, json_file), os.path.join(base, images)
@@ -109,7 +111,9 @@ def _first_difference(found: Sequence[str], expected: Sequence[str]) -> str:
     if len(found) != len(expected):
         return f"{len(found)} categories instead of {len(expected)}"
     i = next(i for i, (a, b) in enumerate(zip(found, expected)) if a != b)
-    return f"category {i} (in id order) is {found[i]!r} where the published list has {expected[i]!r}"
+    return (
+        f"category {i} (in id order) is {found[i]!r} where the published list has {expected[i]!r}"
+    )
 
 
 def register_objects365(name: str, root: str) -> None:

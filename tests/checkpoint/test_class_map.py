@@ -23,9 +23,13 @@ from dino_d2.data.objects365_coco_map import coco_thing_classes
 def _state(num_classes, width=3, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return {
-        "transformer.decoder.class_embed.0.weight": torch.randn(num_classes, width, generator=generator),
+        "transformer.decoder.class_embed.0.weight": torch.randn(
+            num_classes, width, generator=generator
+        ),
         "transformer.decoder.class_embed.0.bias": torch.randn(num_classes, generator=generator),
-        "transformer.query_selection.class_embed.bias": torch.randn(num_classes, generator=generator),
+        "transformer.query_selection.class_embed.bias": torch.randn(
+            num_classes, generator=generator
+        ),
         "denoising.label_enc.weight": torch.randn(num_classes, width, generator=generator),
         "transformer.level_embed": torch.randn(4, width, generator=generator),
     }
@@ -48,12 +52,16 @@ def test_rows_move_as_the_map_says_and_unmatched_rows_are_untouched():
         assert torch.equal(remapped[key][1], model[key][1])
     # Not a class head: passed on as it was; the inputs are not modified.
     assert remapped["transformer.level_embed"] is source["transformer.level_embed"]
-    assert torch.equal(model["denoising.label_enc.weight"], _state(3, seed=2)["denoising.label_enc.weight"])
+    assert torch.equal(
+        model["denoising.label_enc.weight"], _state(3, seed=2)["denoising.label_enc.weight"]
+    )
 
 
 def test_size_mismatches_are_named():
     class_map = ClassMap(name="t", rows=(4, None, 0), num_source=5)
-    with pytest.raises(ValueError, match=r"maps 5 source classes, but the checkpoint's .* has 6 rows"):
+    with pytest.raises(
+        ValueError, match=r"maps 5 source classes, but the checkpoint's .* has 6 rows"
+    ):
         remap_class_rows(_state(6), _state(3), class_map)
     with pytest.raises(ValueError, match=r"model's .* has shape \(4, 3\).*model.num_classes=3"):
         remap_class_rows(_state(5), _state(4), class_map)
@@ -146,4 +154,6 @@ def test_a_map_registered_from_outside(tmp_path):
     register_class_map("test_three_to_two", lambda: ClassMap(name="x", rows=(2, 0), num_source=3))
     class_map = get_class_map("test_three_to_two")
     remapped = remap_class_rows(_state(3), _state(2), class_map)
-    assert torch.equal(remapped["denoising.label_enc.weight"][0], _state(3)["denoising.label_enc.weight"][2])
+    assert torch.equal(
+        remapped["denoising.label_enc.weight"][0], _state(3)["denoising.label_enc.weight"][2]
+    )

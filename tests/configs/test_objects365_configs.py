@@ -7,6 +7,7 @@ from dino_d2.checkpoint import AtomicCheckpointer
 from dino_d2.checkpoint.class_map import get_class_map, is_class_head
 from dino_d2.cli.train_net import load_initial_weights
 from dino_d2.data.objects365 import OBJECTS365_DATASETS
+from dino_d2.engine.train_keys import check_train_keys
 from dino_d2.model_zoo import get_config
 
 PRETRAIN = "dino_swin_large_384_5scale_objects365v2_26ep.py"
@@ -64,6 +65,11 @@ def test_finetuning_recipe_starts_from_the_pretraining():
     assert train_aug.max_size == 2000
     (test_resize,) = instantiate(cfg.dataloader.test.mapper.augmentations)
     assert (test_resize.short_edge_length, test_resize.max_size) == ((1200, 1200), 2000)
+
+
+def test_the_training_script_reads_every_train_key():
+    for name in (PRETRAIN, FINETUNE):
+        assert check_train_keys(get_config(name).train) == []
 
 
 def test_configs_save_as_plain_yaml(tmp_path):

@@ -43,10 +43,22 @@ def _write_split(root, name, *, names=None):
             {"id": 9, "file_name": f"{prefix}b.jpg", "height": 50, "width": 30},
         ],
         "annotations": [
-            {"id": 1, "image_id": 7, "category_id": 3, "bbox": [1, 2, 10, 20], "iscrowd": 0,
-             "area": 200},
-            {"id": 2, "image_id": 9, "category_id": len(names), "bbox": [0, 0, 5, 5], "iscrowd": 0,
-             "area": 25},
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 3,
+                "bbox": [1, 2, 10, 20],
+                "iscrowd": 0,
+                "area": 200,
+            },
+            {
+                "id": 2,
+                "image_id": 9,
+                "category_id": len(names),
+                "bbox": [0, 0, 5, 5],
+                "iscrowd": 0,
+                "area": 25,
+            },
         ],
         "categories": [{"id": i + 1, "name": n} for i, n in reversed(list(enumerate(names)))],
     }
@@ -77,7 +89,9 @@ def test_registration_finds_the_published_layout(tmp_path, name):
 def test_registration_reads_detectron2_datasets(tmp_path, monkeypatch):
     _write_split(tmp_path, "objects365_v2_val")
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
-    assert register_builtin_datasets(["objects365_v2_val", "coco_2017_val"]) == ["objects365_v2_val"]
+    assert register_builtin_datasets(["objects365_v2_val", "coco_2017_val"]) == [
+        "objects365_v2_val"
+    ]
     assert "objects365_v2_train" not in DatasetCatalog.list()
 
 
@@ -103,7 +117,9 @@ def test_v2_without_the_images_folder_is_refused(tmp_path):
 
 def test_v1_names_in_a_v2_folder_are_refused(tmp_path):
     _write_split(tmp_path, "objects365_v2_val", names=OBJECTS365_V1_CLASSES)
-    with pytest.raises(ValueError, match="category 0 .* 'person' where the published list has 'Person'"):
+    with pytest.raises(
+        ValueError, match="category 0 .* 'person' where the published list has 'Person'"
+    ):
         register_builtin_datasets(["objects365_v2_val"], root=str(tmp_path))
     assert "objects365_v2_val" not in DatasetCatalog.list()
 

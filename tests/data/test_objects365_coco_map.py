@@ -19,7 +19,9 @@ def test_every_target_is_a_coco_class_and_the_unmatched_are_the_rest():
     assert all(reason.strip() for reason in COCO_UNMATCHED.values())
 
 
-@pytest.mark.parametrize("position, names", [(0, OBJECTS365_V2_CLASSES), (1, OBJECTS365_V1_CLASSES)])
+@pytest.mark.parametrize(
+    "position, names", [(0, OBJECTS365_V2_CLASSES), (1, OBJECTS365_V1_CLASSES)]
+)
 def test_every_source_is_a_class_of_its_version_and_used_once(position, names):
     sources = [pair[position] for pair in COCO_FROM_OBJECTS365.values()]
     assert not set(sources) - set(names), set(sources) - set(names)
@@ -33,7 +35,9 @@ def test_the_near_synonym_decisions():
     assert "sports ball" in COCO_UNMATCHED
 
 
-@pytest.mark.parametrize("version, names", [("v2", OBJECTS365_V2_CLASSES), ("v1", OBJECTS365_V1_CLASSES)])
+@pytest.mark.parametrize(
+    "version, names", [("v2", OBJECTS365_V2_CLASSES), ("v1", OBJECTS365_V1_CLASSES)]
+)
 def test_rows_follow_coco_order(version, names):
     rows = objects365_to_coco_rows(version)
     coco = coco_thing_classes()
