@@ -36,7 +36,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .builtin import register_builtin
 from .datasets import register_coco_format_dataset
-from .objects365_classes import OBJECTS365_V1_CLASSES, OBJECTS365_V2_CLASSES
+from .objects365_classes import OBJECTS365_CLASSES
 
 __all__ = [
     "OBJECTS365_DATASETS",
@@ -52,8 +52,6 @@ OBJECTS365_DATASETS: Dict[str, Tuple[str, str]] = {
     "objects365_v1_train": ("v1/annotations/objects365_train.json", "v1/train"),
     "objects365_v1_val": ("v1/annotations/objects365_val.json", "v1/val"),
 }
-
-_CLASSES = {"v1": OBJECTS365_V1_CLASSES, "v2": OBJECTS365_V2_CLASSES}
 
 
 class Objects365LayoutError(FileNotFoundError):
@@ -131,7 +129,7 @@ def register_objects365(name: str, root: str) -> None:
     json_file, image_root = objects365_files(name, root)
     register_coco_format_dataset(name, json_file, image_root)
     found = list(MetadataCatalog.get(name).thing_classes)
-    expected = _CLASSES[_version(name)]
+    expected = OBJECTS365_CLASSES[_version(name)]
     if found != list(expected):
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)

@@ -12,7 +12,9 @@ id order: the order Detectron2 (and :func:`dino_d2.data.register_coco_format_dat
 classes of a COCO-format json, hence the row order of a model's class heads trained on it.
 """
 
-__all__ = ["OBJECTS365_V1_CLASSES", "OBJECTS365_V2_CLASSES"]
+from typing import Dict, Tuple
+
+__all__ = ["OBJECTS365_V1_CLASSES", "OBJECTS365_V2_CLASSES", "OBJECTS365_CLASSES"]
 
 # fmt: off
 OBJECTS365_V1_CLASSES = (
@@ -120,3 +122,9 @@ OBJECTS365_V2_CLASSES = (
     "Lipstick", "Cosmetics Mirror", "Curling", "Table Tennis ",
 )
 # fmt: on
+
+# Version ("v1", "v2") -> its class names.
+OBJECTS365_CLASSES: Dict[str, Tuple[str, ...]] = {
+    "v1": OBJECTS365_V1_CLASSES,
+    "v2": OBJECTS365_V2_CLASSES,
+}

@@ -28,14 +28,13 @@ COCO classes without an Objects365 counterpart are listed in :data:`COCO_UNMATCH
 reason; they keep their fresh initialisation.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from .objects365_classes import OBJECTS365_V1_CLASSES, OBJECTS365_V2_CLASSES
+from .objects365_classes import OBJECTS365_CLASSES
 
 __all__ = [
     "COCO_FROM_OBJECTS365",
     "COCO_UNMATCHED",
-    "OBJECTS365_VERSIONS",
     "coco_thing_classes",
     "objects365_to_coco_rows",
 ]
@@ -132,11 +131,8 @@ COCO_UNMATCHED: Dict[str, str] = {
     ),
 }
 
-# Version -> (its class names, the position of its name in a COCO_FROM_OBJECTS365 value).
-OBJECTS365_VERSIONS: Dict[str, Tuple[Sequence[str], int]] = {
-    "v2": (OBJECTS365_V2_CLASSES, 0),
-    "v1": (OBJECTS365_V1_CLASSES, 1),
-}
+# Version -> the position of its class in a COCO_FROM_OBJECTS365 value.
+_POSITION = {"v2": 0, "v1": 1}
 
 
 def coco_thing_classes() -> List[str]:
@@ -160,12 +156,10 @@ def objects365_to_coco_rows(version: str) -> List[Optional[int]]:
     Raises:
         ValueError: an unknown ``version``.
     """
-    if version not in OBJECTS365_VERSIONS:
-        raise ValueError(
-            f"Objects365 version {version!r} is not one of {sorted(OBJECTS365_VERSIONS)}"
-        )
-    names, position = OBJECTS365_VERSIONS[version]
-    index = {name: i for i, name in enumerate(names)}
+    if version not in _POSITION:
+        raise ValueError(f"Objects365 version {version!r} is not one of {sorted(_POSITION)}")
+    position = _POSITION[version]
+    index = {name: i for i, name in enumerate(OBJECTS365_CLASSES[version])}
     rows = []
     for coco_name in coco_thing_classes():
         pair = COCO_FROM_OBJECTS365.get(coco_name)

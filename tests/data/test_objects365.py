@@ -8,9 +8,11 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from dino_d2.data import Objects365LayoutError, register_builtin_datasets
 from dino_d2.data.objects365 import OBJECTS365_DATASETS, objects365_files
-from dino_d2.data.objects365_classes import OBJECTS365_V1_CLASSES, OBJECTS365_V2_CLASSES
-
-CLASSES = {"v1": OBJECTS365_V1_CLASSES, "v2": OBJECTS365_V2_CLASSES}
+from dino_d2.data.objects365_classes import (
+    OBJECTS365_CLASSES as CLASSES,
+    OBJECTS365_V1_CLASSES,
+    OBJECTS365_V2_CLASSES,
+)
 
 
 @pytest.fixture(autouse=True)
