@@ -28,18 +28,13 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .atomic import TEMPORARY_FILE, WRITE_DELAY_ENV, atomic_write, os_error_of, write_error
+from .class_map import ClassMap, is_class_head, log_class_map, remap_class_rows
 
 __all__ = ["AtomicCheckpointer", "atomic_write", "WRITE_DELAY_ENV"]
 
 logger = logging.getLogger(__name__)
 
 _MTIME_MARGIN = 1.0  # seconds
-
-
-def _is_class_head(name: str) -> bool:
-    """Parameters with one row per class: the encoder / decoder class heads (``class_embed``,
-    ``class_embed.<layer>``) and the denoising label embedding."""
-    return ".class_embed." in f".{name}" or name.endswith("label_enc.weight")
 
 
 class _ByteCounter(io.RawIOBase):
@@ -83,8 +78,30 @@ class AtomicCheckpointer(DetectionCheckpointer):
         super().__init__(*args, **kwargs)
         self._created = time.time()
         self._stale_files_removed = False
+        self._class_map = None
+
+    def load_with_class_map(self, path: str, class_map: ClassMap) -> Dict[str, Any]:
+        """Loads the model weights of ``path`` (no other checkpointables), every class head
+        gathered by ``class_map`` (:func:`dino_d2.checkpoint.class_map.remap_class_rows`), and
+        logs one line counting the matched and unmatched classes.
+
+        Returns:
+            what Detectron2's ``load`` returns.
+        """
+        self._class_map = class_map
+        try:
+            loaded = self.load(path, checkpointables=[])
+        finally:
+            self._class_map = None
+        log_class_map(class_map, path)
+        return loaded
 
     def _load_model(self, checkpoint: Any):
+        if self._class_map is not None:
+            model = self.model.module if hasattr(self.model, "module") else self.model
+            checkpoint["model"] = remap_class_rows(
+                checkpoint["model"], model.state_dict(), self._class_map
+            )
         self._warn_about_class_heads(checkpoint.get("model", {}))
         return super()._load_model(checkpoint)
 
@@ -96,7 +113,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         own = model.state_dict()
         found = set()
         for name, value in weights.items():
-            if name not in own or not _is_class_head(name):
+            if name not in own or not is_class_head(name):
                 continue
             shape = tuple(getattr(value, "shape", ()))
             if shape and shape != tuple(own[name].shape) and own[name].shape[0] == num_classes:

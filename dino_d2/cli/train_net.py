@@ -28,7 +28,10 @@ Besides Detectron2's keys of ``train`` (see configs/common/train.py), the script
 ``train.clip_grad`` (full-model gradient clipping), ``train.model_ema`` (weight EMA, saved in
 the checkpoints under ``"ema"``; ``use_for_eval`` evaluates with the averaged weights) and
 ``train.amp.precision`` (optional: ``float16`` or ``bfloat16``; default float16 on CUDA with a
-GradScaler, bfloat16 on the CPU). ``--eval-only`` evaluates ``train.init_checkpoint`` (the last
+GradScaler, bfloat16 on the CPU) and ``train.init_class_map`` (optional: the name of a
+``dino_d2.checkpoint.class_map`` map, e.g. ``objects365_v2_to_coco``; training from
+``train.init_checkpoint`` then gathers its class heads by that map; not on ``--resume``, not
+with ``--eval-only``). ``--eval-only`` evaluates ``train.init_checkpoint`` (the last
 checkpoint of ``train.output_dir`` with ``--resume``) and writes ``output_dir/eval_results.json``.
 
 Checkpoints are written atomically (``dino_d2.checkpoint.AtomicCheckpointer``): a job killed at any
@@ -54,6 +57,7 @@ from detectron2.utils.registry import locate
 
 from dino_d2._compat import fast_coco_eval_available
 from dino_d2.checkpoint import AtomicCheckpointer, write_json
+from dino_d2.checkpoint.class_map import get_class_map
 from dino_d2.engine import (
     EMAHook,
     EvalHook,
@@ -119,6 +123,37 @@ def build_model(cfg, device):
     return model.to(device)
 
 
+def load_initial_weights(checkpointer: AtomicCheckpointer, train, resume: bool) -> None:
+    """Loads the weights training starts from.
+
+    With ``resume`` and a checkpoint in the output folder, that checkpoint (model, optimizer,
+    iteration, ...). Otherwise ``train.init_checkpoint`` (model weights only); when
+    ``train.init_class_map`` names a class map, its class heads are gathered by that map
+    (:meth:`dino_d2.checkpoint.AtomicCheckpointer.load_with_class_map`).
+
+    Args:
+        checkpointer: the training's checkpointer.
+        train: the config's ``train`` node.
+        resume: ``--resume`` was given.
+
+    Raises:
+        KeyError: ``train.init_class_map`` is not a known class map.
+        ValueError: ``train.init_class_map`` is set without ``train.init_checkpoint``, or the
+            checkpoint's or the model's class heads do not have the map's sizes.
+    """
+    name = train.get("init_class_map")
+    class_map = get_class_map(name) if name else None
+    if class_map is None or (resume and checkpointer.has_checkpoint()):
+        checkpointer.resume_or_load(train.init_checkpoint, resume=resume)
+    elif not train.init_checkpoint:
+        raise ValueError(
+            f"train.init_class_map={name!r} needs train.init_checkpoint: the checkpoint whose "
+            "class heads it maps"
+        )
+    else:
+        checkpointer.load_with_class_map(train.init_checkpoint, class_map)
+
+
 def do_train(args, cfg, device):
     model = build_model(cfg, device)
     cfg.optimizer.params.model = model
@@ -178,7 +213,7 @@ def do_train(args, cfg, device):
         ]
     )
 
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    load_initial_weights(checkpointer, cfg.train, args.resume)
     # A checkpoint stores the iteration that had just finished.
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)

@@ -1,6 +1,7 @@
 """Data: DETR-style augmentation, a DatasetMapper with clear errors for unreadable images, the
 digits demo dataset, dataset registration (including the builtin datasets registered on demand
-by name) and COCO jsons read with errors that name the file, annotation and field."""
+by name: the digits, Objects365 v1 and v2) and COCO jsons read with errors that name the file,
+annotation and field."""
 
 from .builtin import builtin_dataset_names, register_builtin, register_builtin_datasets
 from .coco_json import CocoFormatError
@@ -18,6 +19,7 @@ from .digits import (
     generate_digits_dataset,
 )
 from .mapper import DatasetMapper, UnreadableImageError, read_image
+from .objects365 import Objects365LayoutError, register_objects365
 from .transforms import RandomChoice, detr_test_augmentation, detr_train_augmentation
 
 __all__ = [
@@ -40,4 +42,6 @@ __all__ = [
     "register_builtin",
     "builtin_dataset_names",
     "register_builtin_datasets",
+    "register_objects365",
+    "Objects365LayoutError",
 ]
