@@ -22,6 +22,7 @@ re-saving its weights alone.
 """
 
 import argparse
+import importlib
 import io
 import logging
 import pickle
@@ -46,12 +47,18 @@ logger = logging.getLogger(__name__)
 UNSAFE_LOAD_FLAG = "--unsafe-load"
 
 _NUMPY_CORE = "numpy._core" if hasattr(np, "_core") else "numpy.core"
-# (module, name) of what a numpy array, dtype or scalar pickles as; files written under numpy 1
-# name ``numpy.core``, under numpy 2 ``numpy._core``.
+# (module, name) of what a numpy array, dtype or scalar pickles as (protocol 5 writes arrays with
+# ``numeric._frombuffer``); files written under numpy 1 name ``numpy.core``, under numpy 2
+# ``numpy._core``.
+_NUMPY_CORE_FUNCTIONS = (
+    ("multiarray", "_reconstruct"),
+    ("multiarray", "scalar"),
+    ("numeric", "_frombuffer"),
+)
 _NUMPY_GLOBALS = {
-    (core, name)
+    (f"{core}.{module}", name)
     for core in ("numpy.core", "numpy._core")
-    for name in ("multiarray._reconstruct", "multiarray.scalar")
+    for module, name in _NUMPY_CORE_FUNCTIONS
 } | {("numpy", "ndarray"), ("numpy", "dtype")}
 
 # What the restricted .pkl unpickler admits: numpy data and builtin containers. ``_codecs.encode``
@@ -78,11 +85,11 @@ def _numpy_dtype_classes() -> List[Tuple[type, str]]:
 
 def _checkpoint_globals() -> List[Any]:
     """The globals that ``torch.load(weights_only=True)`` admits for the known checkpoints."""
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     allowed: List[Any] = [argparse.Namespace, np.ndarray, np.dtype]
     for core in ("numpy.core", "numpy._core"):
-        allowed.append((multiarray._reconstruct, f"{core}.multiarray._reconstruct"))
-        allowed.append((multiarray.scalar, f"{core}.multiarray.scalar"))
+        for module, name in _NUMPY_CORE_FUNCTIONS:
+            function = getattr(importlib.import_module(f"{_NUMPY_CORE}.{module}"), name)
+            allowed.append((function, f"{core}.{module}.{name}"))
     return allowed + _numpy_dtype_classes()
 
 
@@ -101,21 +108,22 @@ class UntrustedFileError(pickle.UnpicklingError):
     def __init__(self, path: str, found: Iterable[str], detail: str = ""):
         self.path = path
         self.found = sorted(set(found))
+        self.detail = detail
         what = ", ".join(self.found) if self.found else "objects other than tensors and numbers"
         reason = f" ({detail})" if detail else ""
         message = (
-            f"{path} was not loaded: its pickle refers to {what}{reason}, which a weights-only "
-            "load does not allow; unpickling it could run code (a pickle can call any function "
-            f"it names). If you trust the file, give {UNSAFE_LOAD_FLAG} (unsafe=True in Python). "
-            "Or, where it can be loaded, re-save its weights alone: "
-            'torch.save({"model": model.state_dict()}, "weights.pth") for a .pth, or for a .pkl '
-            "Detectron2's layout, a dict of numpy arrays "
-            '({"model": {name: array}, "__author__": ..., "matching_heuristics": ...}).'
+            f"{path} was not loaded: its pickle refers to {what}{reason}, outside what dino_d2 "
+            "loads by default (tensors, numpy arrays, numbers, containers); unpickling it could "
+            "run code (a pickle can call any function it names). If you trust the file, give "
+            f"{UNSAFE_LOAD_FLAG} (unsafe=True in Python). Or re-save its weights alone, once, "
+            "where you trust it: c = torch.load(path, weights_only=False) (a .pkl: "
+            'pickle.load(f, encoding="latin1")); torch.save({"model": c["model"]}, '
+            '"weights.pth"), which then loads without the flag.'
         )
         super().__init__(message)
 
     def __reduce__(self):
-        return type(self), (self.path, self.found)
+        return type(self), (self.path, self.found, self.detail)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -128,8 +136,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in PKL_GLOBALS:
             raise UntrustedFileError(self.path, [f"{module}.{name}"])
-        if module.startswith("numpy.core") or module.startswith("numpy._core"):
-            module = _NUMPY_CORE + module[module.index(".core") + len(".core") :]
+        if module.startswith(("numpy.core.", "numpy._core.")):  # this numpy's name for it
+            module = f"{_NUMPY_CORE}.{module.rsplit('.', 1)[1]}"
         return super().find_class(module, name)
 
 
