@@ -23,7 +23,6 @@ re-saving its weights alone.
 
 import argparse
 import importlib
-import io
 import logging
 import pickle
 import re
@@ -169,8 +168,7 @@ def _torch_load(path: str) -> Any:
 
 def _pkl_load(path: str) -> Any:
     with open(path, "rb") as f:
-        data = f.read()
-    return _RestrictedUnpickler(io.BytesIO(data), path).load()
+        return _RestrictedUnpickler(f, path).load()
 
 
 def load_checkpoint_file(path: str, unsafe: bool = False) -> Any:
