@@ -156,7 +156,8 @@ setup(
         "fvcore",
         "omegaconf",
         "tabulate",
-        "cloudpickle",
+        # dino_d2.model_zoo reads yaml configs as data (safe loading).
+        "PyYAML",
         "pycocotools",
         "scikit-learn",
         # dino_d2.cli.plot_metrics draws the curves.

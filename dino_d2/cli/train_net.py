@@ -34,6 +34,11 @@ GradScaler, bfloat16 on the CPU) and ``train.init_class_map`` (optional: the nam
 with ``--eval-only``). ``--eval-only`` evaluates ``train.init_checkpoint`` (the last
 checkpoint of ``train.output_dir`` with ``--resume``) and writes ``output_dir/eval_results.json``.
 
+Checkpoints are read without running code they may carry (``dino_d2.checkpoint.loading``): one
+holding Python objects other than tensors, numbers and containers stops the job with an error
+naming the file and the object, unless ``--unsafe-load`` is given (for files you trust). A yaml
+``--config-file`` is read as data; a ``.py`` config is code and runs.
+
 Checkpoints are written atomically (``dino_d2.checkpoint.AtomicCheckpointer``): a job killed at any
 moment resumes with ``--resume`` from its last complete checkpoint; a full disk loses nothing.
 ``model.num_classes`` is checked against the datasets' categories at start-up; a process that
@@ -56,7 +61,7 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
 from dino_d2._compat import fast_coco_eval_available
-from dino_d2.checkpoint import AtomicCheckpointer, write_json
+from dino_d2.checkpoint import AtomicCheckpointer, add_unsafe_load_argument, write_json
 from dino_d2.checkpoint.class_map import get_class_map
 from dino_d2.engine import (
     EMAHook,
@@ -74,6 +79,7 @@ from dino_d2.engine import (
     resolve_device,
 )
 from dino_d2.engine.threads import AdaptiveThreadsHook
+from dino_d2.model_zoo import load_config_file
 
 logger = logging.getLogger("detectron2")
 
@@ -84,6 +90,8 @@ dino_d2 additions:
       train/evaluate on COCO-format datasets; model.num_classes follows their categories.
   dataset.skip_bad_annotations=True
       skip their malformed annotations with one warning instead of stopping.
+  --unsafe-load
+      load checkpoints holding Python objects (full unpickling: only files you trust).
 Examples:
   %(prog)s --config-file configs/dino_r18_digits.py
   %(prog)s --config-file configs/dino_r18_digits.py --resume
@@ -186,7 +194,9 @@ def do_train(args, cfg, device):
     checkpointables = {"trainer": trainer}
     if ema is not None:
         checkpointables["ema"] = ema
-    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, **checkpointables)
+    checkpointer = AtomicCheckpointer(
+        model, cfg.train.output_dir, unsafe_load=args.unsafe_load, **checkpointables
+    )
     eval_ema = ema if ema is not None and ema_cfg.use_for_eval else None
     trainer.register_hooks(
         [
@@ -226,7 +236,10 @@ def do_eval_only(args, cfg, device):
     if ema_cfg.enabled and ema_cfg.use_for_eval:
         ema = ModelEMA(model, decay=ema_cfg.decay)
     checkpointer = AtomicCheckpointer(
-        model, cfg.train.output_dir, **({"ema": ema} if ema is not None else {})
+        model,
+        cfg.train.output_dir,
+        unsafe_load=args.unsafe_load,
+        **({"ema": ema} if ema is not None else {}),
     )
     if args.resume and checkpointer.has_checkpoint():
         path = checkpointer.get_checkpoint_file()
@@ -246,7 +259,7 @@ def do_eval_only(args, cfg, device):
 
 def main(args):
     opts, dataset_overrides = pop_dataset_overrides(args.opts)
-    cfg = LazyConfig.load(args.config_file)
+    cfg = load_config_file(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, opts)
     apply_dataset_overrides(cfg, dataset_overrides)
     use_slow_coco_eval_if_needed(cfg)
@@ -263,7 +276,9 @@ def main(args):
 def invoke_main(argv=None) -> None:
     """Parses Detectron2's command line (``argv``, default ``sys.argv[1:]``) and launches
     :func:`main` in ``--num-gpus`` processes on each of ``--num-machines`` machines."""
-    args = default_argument_parser(epilog=EPILOG).parse_args(argv)
+    parser = default_argument_parser(epilog=EPILOG)
+    add_unsafe_load_argument(parser, "train.init_checkpoint and the checkpoints --resume reads")
+    args = parser.parse_args(argv)
     launch(
         main,
         args.num_gpus,
