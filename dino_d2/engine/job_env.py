@@ -36,6 +36,7 @@ __all__ = [
     "expand_hostlist",
     "slurm_port",
     "restarted",
+    "resume_after_restart",
 ]
 
 #: Set to 1 by dino_d2's SLURM launcher in a requeued job (see :mod:`dino_d2.engine.slurm`).
@@ -217,12 +218,18 @@ def _expand_name(name: str, nodelist: str) -> List[str]:
         bounds = part.split("-")
         if len(bounds) == 1 and bounds[0].isdigit():
             values.append(bounds[0])
-        elif len(bounds) == 2 and all(b.isdigit() for b in bounds) and int(bounds[0]) <= int(bounds[1]):
+        elif (
+            len(bounds) == 2
+            and all(b.isdigit() for b in bounds)
+            and int(bounds[0]) <= int(bounds[1])
+        ):
             width = len(bounds[0])
             values += [str(i).zfill(width) for i in range(int(bounds[0]), int(bounds[1]) + 1)]
         else:
             raise ValueError(f"SLURM host list {nodelist!r}: bad range {part!r} in {name!r}")
-    return [expanded for value in values for expanded in _expand_name(head + value + tail, nodelist)]
+    return [
+        expanded for value in values for expanded in _expand_name(head + value + tail, nodelist)
+    ]
 
 
 def restarted(environ: Optional[Mapping[str, str]] = None) -> bool:
@@ -234,3 +241,9 @@ def restarted(environ: Optional[Mapping[str, str]] = None) -> bool:
         or int(environ.get("SLURM_RESTART_COUNT", 0)) > 0
         or environ.get(RESUME_ENV) == "1"
     )
+
+
+def resume_after_restart(output_dir: str, environ: Optional[Mapping[str, str]] = None) -> bool:
+    """True when this process is a restart (:func:`restarted`) and ``output_dir`` holds a
+    checkpoint (Detectron2's ``last_checkpoint`` file): the job continues from it."""
+    return restarted(environ) and os.path.isfile(os.path.join(output_dir, "last_checkpoint"))

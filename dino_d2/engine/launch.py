@@ -11,7 +11,8 @@
   in Detectron2; machine 0 hosts the job's store) and no restarts. The agent checks its processes
   every :data:`MONITOR_SECONDS` and stops all of them when one fails.
 
-Every process initialises the process group from torch's variables (``env://``): NCCL with
+Every process initialises the process group from torch's variables (a store at
+``MASTER_ADDR:MASTER_PORT``, with keys of its own in each run of a restarted job): NCCL with
 CUDA, Gloo without (each process then takes its share of the CPU threads), and Detectron2's
 per-machine group (:func:`dino_d2._compat.create_local_process_group`).
 
@@ -198,7 +199,26 @@ def run_in_job(
         # The processes of a machine share its cores.
         torch.set_num_threads(max(1, torch.get_num_threads() // env.local_world_size))
     env.export()
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://", timeout=timeout)
+    # torchrun's agent hosts the store and keeps it across restarts: each run gets its own keys
+    # (a process of a restarted run could otherwise read a peer's address of the run before).
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    hosts = env.rank == 0 and not agent_store
+    store = dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size if hosts else None,
+        hosts,
+        timeout,
+        wait_for_workers=False,
+        multi_tenant=True,
+    )
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo",
+        store=dist.PrefixStore(f"dino_d2/run_{env.restart_count}", store),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+    )
     watch = None
     try:
         create_local_process_group(env.local_world_size)
@@ -228,7 +248,7 @@ def run_in_job(
             watch.stop()
         dist.destroy_process_group()
         # Release the process groups' and the store's C++ objects (and their threads) now.
-        del watch
+        del watch, store
         gc.collect()
 
 
