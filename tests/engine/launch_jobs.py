@@ -53,10 +53,10 @@ def succeed_unevenly():
         time.sleep(3)
 
 
-def report():
-    """Prints what Detectron2's comm sees, as one JSON line."""
+def comm_state():
+    """What Detectron2's comm sees in this process (a collective call)."""
     gathered = comm.all_gather(comm.get_rank())
-    state = {
+    return {
         "rank": comm.get_rank(),
         "world_size": comm.get_world_size(),
         "local_rank": comm.get_local_rank(),
@@ -64,7 +64,11 @@ def report():
         "backend": dist.get_backend(),
         "gathered": gathered,
     }
-    print(f"REPORT {json.dumps(state)}", flush=True)
+
+
+def report():
+    """Prints :func:`comm_state` as one JSON line."""
+    print(f"REPORT {json.dumps(comm_state())}", flush=True)
 
 
 def sleep_long():

@@ -36,21 +36,23 @@ pytestmark = pytest.mark.skipif(
 
 def _distributed_probe(queue):
     """Runs in each launched process: reports what Detectron2's comm sees."""
-    import torch.distributed as dist
+    from launch_jobs import comm_state
 
-    from detectron2.utils import comm
+    queue.put(comm_state())
 
-    gathered = comm.all_gather(comm.get_rank())
-    queue.put(
-        {
-            "rank": comm.get_rank(),
-            "world_size": comm.get_world_size(),
-            "local_rank": comm.get_local_rank(),
-            "local_size": comm.get_local_size(),
-            "backend": dist.get_backend(),
-            "gathered": gathered,
+
+def _check_reports(reports):
+    """Two processes of one machine, as Detectron2's comm sees them."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    for rank, report in enumerate(reports):
+        assert report == {
+            "rank": rank,
+            "world_size": 2,
+            "local_rank": rank,
+            "local_size": 2,
+            "backend": backend,
+            "gathered": [0, 1],
         }
-    )
 
 
 def _run_in_single_process(results):
@@ -67,17 +69,7 @@ def test_launch_two_processes_sets_up_detectron2_comm():
     context = torch.multiprocessing.get_context("spawn")
     queue = context.SimpleQueue()
     launch(_distributed_probe, 2, dist_url="auto", args=(queue,))
-    reports = sorted((queue.get() for _ in range(2)), key=lambda r: r["rank"])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    for rank, report in enumerate(reports):
-        assert report == {
-            "rank": rank,
-            "world_size": 2,
-            "local_rank": rank,
-            "local_size": 2,
-            "backend": backend,
-            "gathered": [0, 1],
-        }
+    _check_reports(sorted((queue.get() for _ in range(2)), key=lambda r: r["rank"]))
 
 
 def _free_port():
@@ -187,16 +179,7 @@ def test_srun_style_variables_make_two_processes_join_one_job():
         assert code == 0, output[-3000:]
         lines = [line for line in output.splitlines() if line.startswith("REPORT ")]
         reports.append(json.loads(lines[0][len("REPORT ") :]))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    for rank, report in enumerate(reports):
-        assert report == {
-            "rank": rank,
-            "world_size": 2,
-            "local_rank": rank,
-            "local_size": 2,
-            "backend": backend,
-            "gathered": [0, 1],
-        }
+    _check_reports(reports)
 
 
 def test_num_gpus_in_a_job_started_from_outside_is_an_error(monkeypatch):

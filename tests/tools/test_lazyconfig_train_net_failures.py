@@ -24,9 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 300  # seconds; a job that waits for its collective timeout would take 30 minutes
 
 
-def start(tmp_path, output_dir, *args):
-    """Starts the script (flags first in ``args``, then overrides)."""
-    command = [sys.executable, SCRIPT, "--config-file", CONFIG, *args]
+def start(tmp_path, output_dir, *args, launcher=()):
+    """Starts the script (flags first in ``args``, then overrides), by ``python *launcher``."""
+    command = [sys.executable, *launcher, SCRIPT, "--config-file", CONFIG, *args]
     command += [f"train.output_dir={output_dir}", f"dataloader.evaluator.output_dir={output_dir}"]
     path = os.pathsep.join(p for p in (REPO, HERE, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")

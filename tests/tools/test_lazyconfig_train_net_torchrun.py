@@ -6,56 +6,29 @@ with faulty_dino.FaultyDINO (``failure=kill``) in the job's first run only.
 """
 
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from test_lazyconfig_train_net import (  # noqa: F401 (data is a fixture)
-    CONFIG,
-    REPO,
-    SCRIPT,
     TINY,
     checkpoint,
     data,
     final_eval,
     train_iterations,
 )
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TIMEOUT = 300  # seconds
+from test_lazyconfig_train_net_failures import _port, finish, start
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs 2 GPUs or none"
 )
 
 
-def _port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun(tmp_path, output_dir, *args, max_restarts=0):
     """Runs the script under ``torchrun --nproc-per-node 2``; returns (return code, output)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
-    command += ["--nproc-per-node", "2", "--rdzv-backend", "c10d"]
-    command += ["--rdzv-endpoint", f"127.0.0.1:{_port()}", "--monitor-interval", "0.1"]
-    command += ["--max-restarts", str(max_restarts), SCRIPT, "--config-file", CONFIG, *args]
-    command += [f"train.output_dir={output_dir}", f"dataloader.evaluator.output_dir={output_dir}"]
-    path = os.pathsep.join(p for p in (REPO, HERE, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        command,
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    return result.returncode, result.stdout
+    launcher = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+    launcher += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_port()}"]
+    launcher += ["--monitor-interval", "0.1", "--max-restarts", str(max_restarts)]
+    return finish(start(tmp_path, output_dir, *args, launcher=launcher))[0]
 
 
 def _log(output_dir):
