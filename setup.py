@@ -172,6 +172,7 @@ setup(
     extras_require={
         "export": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"],
         "openvino": ["openvino>=2024.0"],
+        "slurm": ["submitit>=1.5"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

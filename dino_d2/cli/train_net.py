@@ -10,9 +10,12 @@ The command line is Detectron2's (``default_argument_parser``)::
     # any config value: key=value overrides
     python tools/lazyconfig_train_net.py --config-file ... train.max_iter=500 optimizer.lr=1e-4
 
-``--num-gpus N`` starts N processes: one per GPU with NCCL, or, on a machine without CUDA,
-N CPU processes with Gloo (each gets an equal share of the CPU threads). The total batch
-``dataloader.train.total_batch_size`` is split between them.
+``--num-gpus N`` starts N processes (torch's elastic agent): one per GPU with NCCL, or, on a
+machine without CUDA, N CPU processes with Gloo (each gets an equal share of the CPU threads).
+The total batch ``dataloader.train.total_batch_size`` is split between them. Started by
+``torchrun``, ``srun`` or submitit (``tools/submit_slurm.py``), the script joins their job
+instead, and a restarted or requeued job resumes from ``train.output_dir`` without ``--resume``
+(``dino_d2.engine.launch``, ``dino_d2.engine.job_env``).
 
 A COCO-format dataset can be used without writing Python::
 
@@ -78,6 +81,7 @@ from dino_d2.engine import (
     register_config_datasets,
     resolve_device,
 )
+from dino_d2.engine.job_env import resume_after_restart
 from dino_d2.engine.threads import AdaptiveThreadsHook
 from dino_d2.model_zoo import load_config_file
 
@@ -263,7 +267,12 @@ def main(args):
     cfg = LazyConfig.apply_overrides(cfg, opts)
     apply_dataset_overrides(cfg, dataset_overrides)
     use_slow_coco_eval_if_needed(cfg)
+    # torchrun restarted the job, or SLURM requeued it: it continues from its last checkpoint.
+    restart = not args.resume and not args.eval_only and resume_after_restart(cfg.train.output_dir)
+    args.resume = args.resume or restart
     default_setup(cfg, args)
+    if restart:
+        logger.info("A restarted job: resuming from the last checkpoint of train.output_dir")
     register_config_datasets(cfg)
     check_num_classes(cfg)
     device = resolve_device(cfg.train.get("device"))
