@@ -177,7 +177,11 @@ def ensure_cache(json_file: str, dataset_name: Optional[str] = None) -> str:
 
 
 def _move_into_place(building: str, final: str, key: str) -> None:
-    if os.path.exists(final):  # an incomplete or stale cache under this key
+    """Renames the cache built in ``building`` to ``final``, unless a builder elsewhere put a
+    valid cache there first (then ``building`` is left for the caller to remove)."""
+    if is_valid_cache(final, key):
+        return
+    if os.path.exists(final):  # an incomplete or foreign cache under this key
         stale = tempfile.mkdtemp(prefix=".stale-", dir=os.path.dirname(final))
         os.rename(final, os.path.join(stale, "cache"))
         shutil.rmtree(stale, ignore_errors=True)
