@@ -217,7 +217,9 @@ def apply_dataset_overrides(cfg: DictConfig, overrides: Dict[str, str]) -> None:
             a json, or train and test jsons whose categories (ids and names) differ.
     """
     overrides = dict(overrides)
-    options = {k: overrides.pop(k) for k in DATASET_OVERRIDE_KEYS if k in _BOOLEAN_DATASET_KEYS}
+    options = {
+        k: overrides.pop(k, None) for k in DATASET_OVERRIDE_KEYS if k in _BOOLEAN_DATASET_KEYS
+    }
     options = {k: v for k, v in options.items() if v is not None}
     if not overrides:
         if options:
