@@ -50,6 +50,11 @@ class CachedCocoDataset(Dataset):
             maps[name] = np.load(os.path.join(self.folder, f"{name}.npy"), mmap_mode="r")
         return maps[name]
 
+    def maps(self) -> Dict[str, np.ndarray]:
+        """Every array of the cache, memory-mapped read-only (see :mod:`.coco_cache`)."""
+        names = sorted(n[: -len(".npy")] for n in os.listdir(self.folder) if n.endswith(".npy"))
+        return {name: self._map(name) for name in names}
+
     def __getstate__(self) -> Dict:
         state = dict(self.__dict__)
         state.pop("_maps", None)
