@@ -40,7 +40,7 @@ import numpy as np
 import psutil
 import torch
 
-__all__ = ["main"]
+__all__ = ["measure", "main"]
 
 _TARGETS = {
     "convert_peak_rss_mb": "<= 8192 (full size)",

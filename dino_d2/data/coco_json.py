@@ -4,7 +4,9 @@ Detectron2's ``load_coco_json`` reports a malformed file with the bare error of 
 over it first: ``JSONDecodeError: Unterminated string ...`` without the file's name, or
 ``could not convert string to float: ','`` for a ``bbox`` given as ``"10,10,5,5"``, without the
 file or the annotation. Annotations whose ``image_id`` is not among the images are dropped.
-:func:`read_coco_json` and :func:`check_coco_json` check the file first:
+:func:`dino_d2.data.coco_reader.read_coco_json` and :func:`check_coco_json` check the file first
+(the cache of :mod:`dino_d2.data.coco_cache` calls the same per-entry checks, :func:`check_image`,
+:func:`check_categories` and :class:`AnnotationChecker`, on the streamed entries):
 
 * a file that is not valid JSON raises :class:`CocoFormatError` naming the file and the dataset,
   with the line, the column and the text around the error;
@@ -17,10 +19,13 @@ file or the annotation. Annotations whose ``image_id`` is not among the images a
   what was expected, or, with ``skip_bad_annotations=True``, is skipped; the skipped ones are
   counted by field and logged in one warning;
 * annotations whose ``image_id`` is not among the images are counted and logged in one warning
-  naming the file (they are dropped, as by Detectron2).
+  naming the file (they are dropped, as by Detectron2);
+* images whose ``file_name`` leaves the image folder (absolute, or ``..`` first) are counted;
+  :func:`check_images_inside_root` refuses them unless they are allowed, and then
+  :func:`log_coco_problems` warns once.
 
 The numbers themselves are not judged here: a NaN, empty or out-of-image box is a degenerate box
-(see :func:`dino_d2.data.datasets.log_degenerate_boxes`), counted when the dataset is loaded.
+(see :mod:`dino_d2.data.degenerate`), counted when the dataset is loaded.
 
 :func:`coco_to_dataset_dicts` then builds the dataset dicts exactly as Detectron2's
 ``load_coco_json`` does for boxes (images sorted by id; ``file_name``, ``height``, ``width``,
