@@ -29,8 +29,8 @@ fixed-size columns, which is all a record needs.
 Where: ``<json>.dino_d2-cache/<key>/`` beside the json, or, when the json's folder is not
 writable, under ``$DINO_D2_CACHE`` (default ``~/.cache/dino_d2``). The key is the format version
 with the json's size and modification time: a changed json gets a new folder, and the old one is
-removed. A cache is built in a temporary folder (``.tmp-*``, never read) and renamed into place,
-so a half-written cache is never read; builders on one machine take turns on a file lock (the
+removed. A cache is built in a temporary folder (``.tmp-*``, never read; a killed build's is
+removed a day later) and renamed into place, so a half-written cache is never read; builders on one machine take turns on a file lock (the
 first builds, the others find its cache), and two builders that do not share the lock (machines
 on a shared file system) both build and the second rename loses harmlessly.
 
@@ -45,6 +45,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter
 from contextlib import contextmanager
 from typing import Dict, List, Optional
@@ -95,6 +96,7 @@ _ARRAYS = (
     "nonempty",
 )
 _CHUNK = 1 << 16  # entries converted to numpy at a time
+_STALE_S = 24 * 3600  # age of a temporary folder left by a killed build before it is removed
 
 
 def cache_folder(json_file: str) -> str:
@@ -170,10 +172,25 @@ def ensure_cache(json_file: str, dataset_name: Optional[str] = None) -> str:
             _move_into_place(building, final, key)
         finally:
             shutil.rmtree(building, ignore_errors=True)
-        for name in os.listdir(parent):
-            if name != key and not name.startswith("."):
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        _remove_others(parent, key)
     return final
+
+
+def _remove_others(parent: str, key: str) -> None:
+    """Removes the caches of other keys, and the temporary folders of builds killed a day ago
+    or more (younger ones may be another machine's build in progress)."""
+    now = time.time()
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if name.startswith((".tmp-", ".stale-")):
+            try:
+                stale = now - os.stat(path).st_mtime > _STALE_S
+            except FileNotFoundError:
+                continue
+        else:
+            stale = name != key and not name.startswith(".")
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _move_into_place(building: str, final: str, key: str) -> None:

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from torch.utils.data import ConcatDataset, Dataset
 
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data.detection_utils import check_metadata_consistency
 
 from .cached_dataset import CachedCocoDataset
 from .coco_cache import ensure_cache, problems_of, raise_problems, read_meta
@@ -214,6 +215,8 @@ def get_detection_dataset(
     cached = [MetadataCatalog.get(name).get("coco_cache") for name in names]
     if not names or not all(cached) or kwargs:
         return get_detection_dataset_dicts(names, filter_empty=filter_empty, **kwargs)
+    if len(names) > 1:
+        check_metadata_consistency("thing_classes", names)
     datasets = []
     for name, folder in zip(names, cached):
         _report_cached(name)

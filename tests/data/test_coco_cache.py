@@ -186,9 +186,14 @@ def test_a_killed_builds_temporary_folder_is_never_read(tmp_path):
     os.makedirs(left)
     with open(os.path.join(left, "meta.json"), "w") as f:
         json.dump({"version": coco_cache.CACHE_VERSION, "key": key}, f)
+    old = os.path.join(parent, ".tmp-v0-killed-yesterday")
+    os.makedirs(old)
+    os.utime(old, (0, os.stat(old).st_mtime - 2 * 24 * 3600))
     folder = ensure_cache(path)
     assert folder == os.path.join(parent, key) and is_valid_cache(folder, key)
     assert len(CachedCocoDataset(folder, str(tmp_path))) == 4
+    # A recent one may be a build in progress elsewhere: kept; one from days ago is removed.
+    assert os.path.isdir(left) and not os.path.exists(old)
 
 
 def _build(path, queue):
