@@ -30,9 +30,10 @@ Where: ``<json>.dino_d2-cache/<key>/`` beside the json, or, when the json's fold
 writable, under ``$DINO_D2_CACHE`` (default ``~/.cache/dino_d2``). The key is the format version
 with the json's size and modification time: a changed json gets a new folder, and the old one is
 removed. A cache is built in a temporary folder (``.tmp-*``, never read; a killed build's is
-removed a day later) and renamed into place, so a half-written cache is never read; builders on one machine take turns on a file lock (the
-first builds, the others find its cache), and two builders that do not share the lock (machines
-on a shared file system) both build and the second rename loses harmlessly.
+removed a day later) and renamed into place, so a half-written cache is never read; builders on
+one machine take turns on a file lock (the first builds, the others find its cache), and two
+builders that do not share the lock (machines on a shared file system) both build and the second
+rename loses harmlessly.
 
 A cache is always built skipping malformed annotations (and counting them); a dataset registered
 without skipping raises the error of the first one (:func:`raise_problems`).

@@ -396,10 +396,11 @@ def check_images_inside_root(
         CocoFormatError: naming the file, the first such image and path, and the option.
     """
     if problems.outside_root and not allow:
+        count = _plural(problems.outside_root, "image")
         raise CocoFormatError(
-            f"{file_and_dataset(json_file, dataset_name)}: {problems.outside_examples[0]} points outside "
-            f"the image folder {image_root} ({_plural(problems.outside_root, 'image')} in all). "
-            f"Fix the file, or set {OUTSIDE_ROOT_OPTION} to read such paths as given."
+            f"{file_and_dataset(json_file, dataset_name)}: {problems.outside_examples[0]} points "
+            f"outside the image folder {image_root} ({count} in all). Fix the file, or set "
+            f"{OUTSIDE_ROOT_OPTION} to read such paths as given."
         )
 
 
