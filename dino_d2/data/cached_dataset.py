@@ -47,7 +47,10 @@ class CachedCocoDataset(Dataset):
     def _map(self, name: str) -> np.ndarray:
         maps = self.__dict__.setdefault("_maps", {})
         if name not in maps:
-            maps[name] = np.load(os.path.join(self.folder, f"{name}.npy"), mmap_mode="r")
+            mapped = np.load(os.path.join(self.folder, f"{name}.npy"), mmap_mode="r")
+            # A plain ndarray view of the memmap (which it keeps open): slicing a np.memmap
+            # costs more than the rest of a record.
+            maps[name] = mapped.view(np.ndarray)
         return maps[name]
 
     def maps(self) -> Dict[str, np.ndarray]:
