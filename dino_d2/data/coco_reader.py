@@ -99,7 +99,7 @@ def read_coco_json(json_file: str, dataset_name: Optional[str] = None) -> Dict:
 
 @functools.lru_cache(maxsize=None)
 def ijson_backend():
-    """ijson's C backend (yajl2_c); its pure-Python fallback, ~50 times slower, with a warning."""
+    """ijson's C backend (yajl2_c); else its default backend (much slower), with a warning."""
     try:
         return ijson.get_backend("yajl2_c")
     except ImportError:
