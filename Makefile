@@ -15,7 +15,7 @@ EXPORT_DEPS := "onnx>=1.23" "onnxruntime>=1.32" "onnxscript>=0.7"
 SLURM_DEPS := "submitit>=1.5"
 DEPS := "setuptools<81" wheel ninja "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" pycocotools \
 	timm==1.0.31 scipy omegaconf hydra-core yacs termcolor tabulate cloudpickle tqdm tensorboard \
-	matplotlib pillow "opencv-python-headless<5" pydot black psutil scikit-learn pytest \
+	matplotlib pillow "opencv-python-headless<5" pydot black psutil scikit-learn pytest ijson \
 	$(EXPORT_DEPS) $(SLURM_DEPS)
 
 .PHONY: setup test demo benchmark gpu-check clean-build

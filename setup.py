@@ -164,6 +164,8 @@ setup(
         "matplotlib",
         # dino_d2.cli.benchmark reports the process memory.
         "psutil",
+        # dino_d2.data.coco_reader streams COCO jsons of any size into the cache (C backend).
+        "ijson>=3.1",
     ],
     # `pip install -e .[export]`: ONNX export (onnxscript drives torch.onnx.export(dynamo=True))
     # and onnxruntime to run and verify the exported graphs (dino_d2.export).

@@ -94,6 +94,12 @@ dino_d2 additions:
       train/evaluate on COCO-format datasets; model.num_classes follows their categories.
   dataset.skip_bad_annotations=True
       skip their malformed annotations with one warning instead of stopping.
+  dataset.cache=False
+      read the jsons whole with Python's json instead of through their memory-mapped cache
+      (converted once, streamed, beside the json or under $DINO_D2_CACHE; any size fits).
+  dataset.allow_images_outside_root=True
+      read image paths that leave the image folder (../x.jpg, /abs/x.jpg) as given, with one
+      warning, instead of stopping.
   --unsafe-load
       load checkpoints holding Python objects (full unpickling: only files you trust).
 Examples:
