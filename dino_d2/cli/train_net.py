@@ -51,7 +51,8 @@ when things go wrong".
 
 import logging
 import os
-from contextlib import nullcontext
+import sys
+from contextlib import contextmanager, nullcontext
 
 import torch
 from omegaconf import ListConfig
@@ -267,11 +268,37 @@ def do_eval_only(args, cfg, device):
     return results
 
 
+@contextmanager
+def console_logging(name: str = "dino_d2"):
+    """Within the block, the main process prints logger ``name``'s INFO records to the console.
+
+    The datasets of ``dataset.train_json=...`` are registered (a large json converted into its
+    cache, which takes minutes) before :func:`default_setup` sets up logging, since the saved
+    config needs their number of classes; this says what the job is doing meanwhile. Does
+    nothing when the logger already has handlers.
+    """
+    log = logging.getLogger(name)
+    if log.handlers or not comm.is_main_process():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s", "%m/%d %H:%M:%S"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def main(args):
     opts, dataset_overrides = pop_dataset_overrides(args.opts)
     cfg = load_config_file(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, opts)
-    apply_dataset_overrides(cfg, dataset_overrides)
+    with console_logging():
+        apply_dataset_overrides(cfg, dataset_overrides)
     use_slow_coco_eval_if_needed(cfg)
     # torchrun restarted the job, or SLURM requeued it: it continues from its last checkpoint.
     restart = not args.resume and not args.eval_only and resume_after_restart(cfg.train.output_dir)

@@ -166,13 +166,18 @@ def ensure_cache(json_file: str, dataset_name: Optional[str] = None) -> str:
     with _locked(os.path.join(parent, ".lock")):
         if is_valid_cache(final, key):
             return final
-        logger.info(f"Converting {json_file} into a memory-mapped cache at {final}")
+        logger.info(
+            f"Converting {json_file} into a memory-mapped cache at {final} (once; a large json "
+            "takes minutes)"
+        )
+        start = time.perf_counter()
         building = tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=parent)
         try:
             build_cache(json_file, building, key, dataset_name)
             _move_into_place(building, final, key)
         finally:
             shutil.rmtree(building, ignore_errors=True)
+        logger.info(f"Converted {json_file} in {time.perf_counter() - start:.1f} s")
         _remove_others(parent, key)
     return final
 

@@ -24,7 +24,10 @@ def test_training_reads_the_cache_in_workers(data, tmp_path):  # noqa: F811
     path, overrides = _copy(data, tmp_path)
     output_dir = str(tmp_path / "out")
     workers = ["dataloader.train.num_workers=2", "train.max_iter=2"]
-    run(tmp_path, output_dir, *TINY, *workers, *overrides)
+    output = run(tmp_path, output_dir, *TINY, *workers, *overrides)
+    # The conversion runs before the job's logging is set up; it is shown all the same.
+    assert f"Converting {path} into a memory-mapped cache" in output
+    assert f"Converted {path} in " in output
     assert is_valid_cache(os.path.join(cache_folder(path), cache_key(path)), cache_key(path))
     assert checkpoint(output_dir, "model_final.pth")["iteration"] == 1
     # dataset.cache=False reads the json whole; a second run reuses the cache as it is.
