@@ -34,7 +34,7 @@ import random
 import shutil
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Set
 
 import numpy as np
 import psutil
@@ -90,6 +90,8 @@ def _speed(json_file: str, image_root: str, cache: bool, reads: int, queue) -> N
     dataset = _open(json_file, image_root, cache)
     dataset[0]
     startup = time.perf_counter() - start
+    # Before the reads: the pages of the maps they touch count in the resident memory too.
+    startup_rss = peak_rss_mb()
     indices = random.Random(0).choices(range(len(dataset)), k=reads)
     start = time.perf_counter()
     for index in indices:
@@ -98,7 +100,7 @@ def _speed(json_file: str, image_root: str, cache: bool, reads: int, queue) -> N
         {
             "startup_s": startup,
             "records_per_s": reads / (time.perf_counter() - start),
-            "startup_peak_rss_mb": peak_rss_mb(),
+            "startup_peak_rss_mb": startup_rss,
         }
     )
 
@@ -146,23 +148,26 @@ class _Phases(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def _pss(process: psutil.Process) -> List[float]:
-    """PSS in MiB of ``process`` and its children."""
-    return [_mb(p.memory_full_info().pss) for p in [process] + process.children(recursive=True)]
+def _pss(process: psutil.Process, others: Set[int]) -> List[float]:
+    """PSS in MiB of ``process`` and of its children but ``others`` (processes it had before
+    its data loader started: not part of the measured job)."""
+    children = [p for p in process.children(recursive=True) if p.pid not in others]
+    return [_mb(p.memory_full_info().pss) for p in [process] + children]
 
 
 def _job_memory(process: psutil.Process, loader, sampler, indices, workers, barrier):
+    others = {p.pid for p in process.children(recursive=True)}
     sampler.indices = indices
     for _ in loader:
         pass
     barrier.wait()
-    before = _pss(process)
+    before = _pss(process, others)
     barrier.wait()
     sampler.indices = [-1] * workers
     touched = sum(loader)
     touched += _touch(loader.dataset.dataset) if loader.dataset.dataset is not None else 0
     barrier.wait()
-    after = _pss(process)
+    after = _pss(process, others)
     barrier.wait()
     return before, after, int(touched)
 

@@ -2,6 +2,8 @@
 runs each in a fresh process): conversion, start-up and reads, the memory job's phases."""
 
 import queue
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -22,8 +24,17 @@ def json_file(tmp_path):
         MetadataCatalog.remove(benchmark_dataset._NAME)
 
 
+@pytest.fixture
+def other_child():
+    """A child process this process had before the measurement (as pytest may have)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield child
+    child.kill()
+    child.wait()
+
+
 @pytest.mark.parametrize("cache", [True, False], ids=["cache", "json"])
-def test_measurements(json_file, tmp_path, cache):
+def test_measurements(json_file, tmp_path, cache, other_child):
     results = queue.Queue()
     if cache:
         benchmark_dataset._convert(json_file, results)
@@ -36,7 +47,7 @@ def test_measurements(json_file, tmp_path, cache):
     memory = results.get()
     for phase in ("empty", "dataset"):
         before, after, touched = memory[phase]
-        assert len(before) == len(after) == 2  # the rank and its worker
+        assert len(before) == len(after) == 2  # the rank and its worker, not other_child
     # Every page of the dataset's memory was read, in the worker and in the rank.
     assert memory["dataset"][2] > 0 and memory["empty"][2] == 0
 
