@@ -51,6 +51,7 @@ from dino_d2.export.exporter import (
 )
 from dino_d2.export.graph import InferenceGraph
 from dino_d2.export.onnx import MSDA_ONNX_IMPLEMENTATIONS
+from dino_d2.layers.fast_path import optimize_for_cpu_inference
 
 __all__ = ["main", "test_resize", "sample_batch"]
 
@@ -120,7 +121,7 @@ def _preprocessing(cfg, graph: InferenceGraph, short: int, long: int) -> Dict:
             "pixel_mean": [float(v) for v in model.pixel_mean.flatten()],
             "pixel_std": [float(v) for v in model.pixel_std.flatten()],
         },
-        "size_divisibility": graph.size_divisibility,
+        "size_divisibility": model.size_divisibility,
         "min_input_size": min_input_size(graph),
         "num_select": model.num_select,
         "class_names": list(metadata.get("thing_classes", None) or []),
@@ -191,6 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ExportError(f"cannot load train.init_checkpoint={weights}: {e}") from e
         else:
             logger.warning("No train.init_checkpoint: exporting the model's random weights")
+        optimize_for_cpu_inference(model)
         graph = InferenceGraph(model, input_dtype=args.input_dtype)
         short, long = test_resize(cfg)
         result = export_model(

@@ -12,6 +12,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.data import transforms as T
 
+from ..layers.fast_path import optimize_for_cpu_inference
 from .defaults import resolve_device
 
 __all__ = ["Predictor"]
@@ -23,7 +24,8 @@ class Predictor:
     """Detectron2's ``DefaultPredictor`` for a LazyConfig: one image in, ``Instances`` out.
 
     Builds ``cfg.model`` in eval mode on ``device``, loads ``checkpoint`` (default
-    ``cfg.train.init_checkpoint``) with ``DetectionCheckpointer`` and resizes each image with
+    ``cfg.train.init_checkpoint``) with ``DetectionCheckpointer``, applies the inference fast
+    path (:func:`dino_d2.layers.fast_path.optimize_for_cpu_inference`) and resizes each image with
     ``cfg.dataloader.test.mapper.augmentations`` (no resize when the config has none).
 
     Args:
@@ -44,6 +46,7 @@ class Predictor:
             DetectionCheckpointer(self.model).load(checkpoint)
         else:
             logger.warning("No checkpoint given: the model keeps its random initial weights")
+        optimize_for_cpu_inference(self.model)
         self.input_format = getattr(self.model, "input_format", "RGB")
         augmentations = OmegaConf.select(cfg, "dataloader.test.mapper.augmentations")
         if augmentations is None:

@@ -57,7 +57,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 __all__ = [
     "MSDA_IMPLEMENTATIONS",
     "MultiScaleDeformableAttention",

@@ -20,7 +20,8 @@ from detectron2.modeling import Backbone
 from dino_d2.cli import export_model as export_cli
 from dino_d2.export.exporter import ExportError, export_model, random_verification
 from dino_d2.export.graph import InferenceGraph
-from dino_d2.export.verify import eager_detections, pair_detections
+from dino_d2.export.ties import pair_detections
+from dino_d2.export.verify import eager_detections
 
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is part of make test")
 
