@@ -57,7 +57,6 @@ is 1 when the fast path's or an export's detections differ from the eager model'
 """
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -89,7 +88,7 @@ from dino_d2.engine.benchmark import (
 from dino_d2.engine.parity import fast_path_parity, perturb_frozen_batchnorm
 from dino_d2.export.exporter import load_exported, load_openvino
 from dino_d2.export.verify import compare_detections, detections_of_outputs, eager_detections
-from dino_d2.layers.fast_path import optimize_for_cpu_inference
+from dino_d2.layers.fast_path import optimized_copy
 
 __all__ = ["main"]
 
@@ -275,8 +274,7 @@ def _inference(args, cfg, device) -> dict:
     if args.weights:
         DetectionCheckpointer(model).load(args.weights)
     # The plain model is kept for the fast path's parity; the transformed copy is timed.
-    plain, model = model, copy.deepcopy(model)
-    optimize_for_cpu_inference(model)
+    plain, model = model, optimized_copy(model)
     num_batches = args.warmup + args.num_iter
     if args.dataset:
         batches = dataset_batches(cfg, num_batches, args.batch_size)

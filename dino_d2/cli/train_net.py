@@ -70,6 +70,7 @@ from dino_d2.engine import (
     resolve_device,
 )
 from dino_d2.engine.threads import AdaptiveThreadsHook
+from dino_d2.layers.fast_path import optimized_copy
 
 logger = logging.getLogger("detectron2")
 
@@ -101,13 +102,16 @@ def use_slow_coco_eval_if_needed(cfg) -> None:
 
 
 def do_test(cfg, model, ema=None):
-    """Evaluates ``model`` (with the averaged weights of ``ema`` if given) on the test loader."""
+    """Evaluates ``model`` (with the averaged weights of ``ema`` if given) on the test loader,
+    through a copy with the inference fast path applied (the model itself, which training goes
+    on with, is not transformed)."""
     if "evaluator" not in cfg.dataloader:
         return {}
     with ema.applied_to(model) if ema is not None else nullcontext():
-        results = inference_on_dataset(
-            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-        )
+        evaluated = optimized_copy(model)
+    results = inference_on_dataset(
+        evaluated, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
     if comm.is_main_process():
         print_csv_format(results)
     return results

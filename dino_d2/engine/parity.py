@@ -9,7 +9,6 @@ detections as an export's are compared (:mod:`dino_d2.export.verify`); ``tools/b
 reports it beside the timing.
 """
 
-import copy
 from typing import Dict, List
 
 import torch
@@ -19,7 +18,7 @@ from detectron2.layers import FrozenBatchNorm2d
 
 from ..export.ties import forced_selection, recorded_selections, selection_tie_order
 from ..export.verify import DetectionComparison, compare_detections
-from ..layers.fast_path import optimize_for_cpu_inference
+from ..layers.fast_path import optimized_copy
 
 __all__ = ["fast_path_parity", "perturb_frozen_batchnorm"]
 
@@ -81,8 +80,7 @@ def fast_path_parity(
         model: a plain DINO (not transformed), in eval mode; it is not changed.
         batch: Detectron2 inputs (dicts with ``image``).
     """
-    fast = copy.deepcopy(model)
-    optimize_for_cpu_inference(fast)
+    fast = optimized_copy(model)
     with torch.no_grad():
         with recorded_selections(fast) as fast_selections:
             outputs = fast(batch)

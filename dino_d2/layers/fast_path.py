@@ -27,6 +27,7 @@ trained (training does not need the transform; the tools apply it where they bui
 inference).
 """
 
+import copy
 import functools
 from typing import Dict
 
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from .frozen_bn import fold_frozen_batchnorm
 
-__all__ = ["OneDNNLinear", "optimize_for_cpu_inference"]
+__all__ = ["OneDNNLinear", "optimize_for_cpu_inference", "optimized_copy"]
 
 _ACTIVATIONS = ("none", "relu")
 
@@ -132,3 +133,11 @@ def optimize_for_cpu_inference(model: nn.Module) -> Dict[str, int]:
             module.__class__ = OneDNNLinear
             swapped += 1
     return {"folded_batchnorms": folded, "fused_relus": fused, "onednn_linears": swapped + fused}
+
+
+def optimized_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with the fast path applied; ``model`` itself is
+    unchanged (e.g. to evaluate during training, or to compare against)."""
+    fast = copy.deepcopy(model).eval()
+    optimize_for_cpu_inference(fast)
+    return fast
