@@ -95,8 +95,9 @@ def sample_batch(
     return batch, torch.tensor([[height, width], list(crop)], dtype=torch.int64)
 
 
-def _preprocessing(cfg, graph: InferenceGraph, short: int, long: int) -> Dict:
+def _preprocessing(cfg, graph: InferenceGraph, short: int, long: int, outputs: List[str]) -> Dict:
     model = graph.model
+    extras = {name: "(N, K, ...) the extra head's output at each detection" for name in outputs[3:]}
     metadata = load_metadata(cfg, model.num_classes)
     return {
         "inputs": {
@@ -107,6 +108,7 @@ def _preprocessing(cfg, graph: InferenceGraph, short: int, long: int) -> Dict:
             "boxes": "(N, K, 4) float32 absolute XYXY in the resized image's pixels",
             "scores": "(N, K) float32, descending",
             "classes": "(N, K) int64",
+            **extras,
         },
         "input_format": model.input_format,
         "input_dtype": graph.input_dtype,
@@ -195,12 +197,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         optimize_for_cpu_inference(model)
         graph = InferenceGraph(model, input_dtype=args.input_dtype)
         short, long = test_resize(cfg)
+        sample = sample_batch(graph, short, long, args.sample_image)
         result = export_model(
             graph,
-            sample_batch(graph, short, long, args.sample_image),
+            sample,
             args.format,
             args.output,
-            preprocessing=_preprocessing(cfg, graph, short, long),
+            preprocessing=_preprocessing(cfg, graph, short, long, graph.output_names(*sample)),
             verification=random_verification(graph, short, long),
             msda_impl=args.msda_impl,
             opset=args.opset,
