@@ -269,6 +269,8 @@ class DINO(nn.Module):
             height = width = max(square, height, width)
         if d > 1:
             height, width = height + (d - height % d) % d, width + (d - width % d) % d
+        if not isinstance(height, torch.SymInt) and (height, width) == tuple(x.shape[-2:]):
+            return x  # already padded (Detectron2's batching pads to the divisibility)
         return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
 
     def extract_features(
