@@ -156,13 +156,16 @@ setup(
         "fvcore",
         "omegaconf",
         "tabulate",
-        "cloudpickle",
+        # dino_d2.model_zoo reads yaml configs as data (safe loading).
+        "PyYAML",
         "pycocotools",
         "scikit-learn",
         # dino_d2.cli.plot_metrics draws the curves.
         "matplotlib",
         # dino_d2.cli.benchmark reports the process memory.
         "psutil",
+        # dino_d2.data.coco_reader streams COCO jsons of any size into the cache (C backend).
+        "ijson>=3.1",
     ],
     # `pip install -e .[export]`: ONNX export (onnxscript drives torch.onnx.export(dynamo=True))
     # and onnxruntime to run and verify the exported graphs (dino_d2.export).
@@ -171,6 +174,7 @@ setup(
     extras_require={
         "export": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"],
         "openvino": ["openvino>=2024.0"],
+        "slurm": ["submitit>=1.5"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

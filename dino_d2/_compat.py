@@ -22,7 +22,8 @@ Every difference is detected by looking for the feature, never by comparing vers
 * ``build_detection_test_loader``: only main takes ``batch_size`` (v0.6 always batches one
   image). See :func:`build_detection_test_loader`.
 * ``MapDataset``: when a mapper returns None (an image to skip), v0.6 picks another image with
-  ``random.sample`` of a set, a TypeError since Python 3.11; main samples from a list. See
+  ``random.sample`` of a set, a TypeError since Python 3.11; main samples from a list. Both keep
+  a set of every index in each process (about 117 MiB at Objects365's 1.74M images). See
   :func:`build_detection_train_loader`.
 * Checkpoint writing (``DetectionCheckpointer.save`` / ``tag_last_checkpoint``) is fvcore's
   ``Checkpointer`` on both, with the same signatures, so
@@ -43,6 +44,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import random
 import sys
 from importlib import metadata
 from typing import Callable, Dict, List, Optional
@@ -51,9 +53,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from detectron2.data.common import DatasetFromList, MapDataset
+from detectron2.data.common import DatasetFromList
 from detectron2.structures import ImageList
 from detectron2.utils import comm
+from detectron2.utils.serialize import PicklableWrapper
 
 __all__ = [
     "create_local_process_group",
@@ -263,12 +266,13 @@ def build_detection_train_loader(dataset, *, mapper: Optional[Callable], **kwarg
     """Detectron2's ``build_detection_train_loader`` (same arguments), whose mapper may return
     None to skip an image on both versions.
 
-    Where Detectron2's ``MapDataset`` cannot pick another image (see the module docstring), the
-    dataset is mapped here by a ``MapDataset`` that can, and handed over already mapped.
+    A map-style dataset is mapped here by :class:`_SkippingMapDataset` (which can pick another
+    image on both versions and whose memory does not grow with the dataset) and handed over
+    already mapped.
     """
     from detectron2.data import build
 
-    if mapper is not None and not _map_dataset_can_skip():
+    if mapper is not None:
         if isinstance(dataset, list):
             dataset = DatasetFromList(dataset, copy=False)
         if not isinstance(dataset, torch.utils.data.IterableDataset):
@@ -276,37 +280,46 @@ def build_detection_train_loader(dataset, *, mapper: Optional[Callable], **kwarg
     return build.build_detection_train_loader(dataset, mapper=mapper, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
-def _map_dataset_can_skip() -> bool:
-    try:
-        MapDataset([0, 1], _none_for_zero)[0]
-    except TypeError:
-        return False
-    return True
+class _SkippingMapDataset(torch.utils.data.Dataset):
+    """A map-style dataset mapped by ``map_func``; an element it maps to None (an image to skip)
+    is replaced by another one drawn at random, as by Detectron2's ``MapDataset``.
 
+    Only the indices skipped so far are remembered (Detectron2 keeps a set of every index in
+    each process), so the memory does not grow with the dataset.
+    """
 
-def _none_for_zero(x):
-    return None if x == 0 else x
+    def __init__(self, dataset, map_func: Callable):
+        self._dataset = dataset
+        self._map_func = PicklableWrapper(map_func)
+        self._rng = random.Random(42)
+        self._skipped = set()
 
-
-class _SkippingMapDataset(MapDataset):
-    """Detectron2's ``MapDataset`` for map-style datasets, drawing the replacement of a skipped
-    element from a sorted list of the candidates (as Detectron2 main does)."""
+    def __len__(self) -> int:
+        return len(self._dataset)
 
     def __getitem__(self, idx):
-        index = int(idx)
-        for attempt in range(1, len(self._dataset) + 1):
+        index, size = int(idx), len(self._dataset)
+        for attempt in range(1, size + 1):
             data = self._map_func(self._dataset[index])
             if data is not None:
-                self._fallback_candidates.add(index)
+                self._skipped.discard(index)
                 return data
-            self._fallback_candidates.discard(index)
-            if not self._fallback_candidates:
+            self._skipped.add(index)
+            if len(self._skipped) >= size:
                 break
             if attempt == 3:
                 logger.warning(f"Failed to map element {idx} after {attempt} attempts")
-            index = self._rng.sample(sorted(self._fallback_candidates), k=1)[0]
+            index = self._draw_unskipped(size)
         raise RuntimeError("the mapper skipped every element of the dataset")
+
+    def _draw_unskipped(self, size: int) -> int:
+        """A uniformly drawn index that has not been skipped (at least one is left)."""
+        if 2 * len(self._skipped) < size:
+            while True:  # accepted with probability > 1/2 per draw
+                index = self._rng.randrange(size)
+                if index not in self._skipped:
+                    return index
+        return self._rng.choice([i for i in range(size) if i not in self._skipped])
 
 
 _VITDET_MODULE = "detectron2.modeling.backbone.vit"

@@ -1,3 +1,5 @@
+import pickle
+
 import pytest
 import torch
 
@@ -34,3 +36,45 @@ def tiny_dino_config(*, decoder_layers=1, num_queries=10, num_select=10, test_si
 def tiny_dino_config_fixture():
     """The :func:`tiny_dino_config` factory, for tests in any folder."""
     return tiny_dino_config
+
+
+class _CreatesMarker:
+    """Unpickling this object opens ``marker`` for writing: the file appears if loading ran the
+    code a pickle carries (``open`` stands for any function, e.g. ``os.system``)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def write_payload(path, marker, weights=None, zip_format=True):
+    """Writes a checkpoint at ``path`` whose unpickling would create ``marker``: a ``torch.save``
+    file (``zip_format=False``: torch's pre-1.6 format), or for ``.pkl`` Detectron2's model-zoo
+    pickle (numpy arrays); ``weights`` (name -> tensor, default none) go under ``"model"``.
+
+    Returns:
+        the global the payload names (``io.open``), which a refusal must report.
+    """
+    weights = dict(weights or {})
+    path = str(path)
+    if path.endswith(".pkl"):
+        data = {
+            "model": {name: value.numpy() for name, value in weights.items()},
+            "__author__": "payload",
+            "matching_heuristics": False,
+            "extra": _CreatesMarker(marker),
+        }
+        with open(path, "wb") as f:
+            pickle.dump(data, f)
+    else:
+        data = {"model": weights, "extra": _CreatesMarker(marker)}
+        torch.save(data, path, _use_new_zipfile_serialization=zip_format)
+    return f"{open.__module__}.{open.__qualname__}"
+
+
+@pytest.fixture(name="write_payload", scope="session")
+def write_payload_fixture():
+    """The :func:`write_payload` writer, for tests in any folder."""
+    return write_payload

@@ -66,3 +66,24 @@ def test_vitdet_parts_follow_the_installed_detectron2():
         for name in ("ViT", "SimpleFeaturePyramid"):
             with pytest.raises(ImportError, match=f"{name} .* only in Detectron2 main"):
                 getattr(_compat, name)(in_feature="last_feat")
+
+
+def _none_for_even(x):
+    return None if x % 2 == 0 else x
+
+
+def test_train_loader_replaces_skipped_images_by_unskipped_ones():
+    mapped = _compat._SkippingMapDataset(list(range(1000)), _none_for_even)
+    drawn = [mapped[i] for i in range(0, 1000, 2)]  # every request hits a skipped element
+    assert all(x % 2 == 1 for x in drawn)
+    assert len(set(drawn)) > 100  # drawn at random, not one fixed stand-in
+    # Only the skipped indices are remembered, not every index of the dataset.
+    assert mapped._skipped <= set(range(0, 1000, 2)) and len(mapped._skipped) >= 500
+    assert mapped[3] == 3 and len(mapped) == 1000
+
+
+def test_train_loader_draws_among_the_few_left_when_most_are_skipped():
+    mapped = _compat._SkippingMapDataset(list(range(9)), lambda x: x if x == 7 else None)
+    assert {mapped[i] for i in range(9)} == {7}
+    with pytest.raises(RuntimeError, match="skipped every element"):
+        _compat._SkippingMapDataset([0, 2, 4], _none_for_even)[0]

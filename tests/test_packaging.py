@@ -70,8 +70,12 @@ def declared_requirements() -> Dict[str, Requirement]:
     return {_canonical(r.name): r for r in requirements}
 
 
-# Subpackages whose imports an extra may provide instead of install_requires.
-EXTRA_OF_SUBPACKAGE = {"dino_d2/export/": ("export", "openvino")}
+# Subpackages (or modules) whose imports an extra may provide instead of install_requires.
+EXTRA_OF_SUBPACKAGE = {
+    "dino_d2/export/": ("export", "openvino"),
+    "dino_d2/engine/slurm.py": ("slurm",),
+    "dino_d2/cli/submit_slurm.py": ("slurm",),
+}
 
 
 def extra_requirements(extra: str) -> Set[str]:
@@ -104,9 +108,19 @@ def test_every_import_is_declared():
     for module, files in sorted(third_party(imported_modules()).items()):
         distributions = {_canonical(d) for d in providers.get(module, [])}
         allowed = set(declared)
-        for prefix, extras in EXTRA_OF_SUBPACKAGE.items():
-            if all(f.startswith(prefix) for f in files):
-                allowed |= {name for extra in extras for name in extra_requirements(extra)}
+        # The extras that every importing file may rely on.
+        extras = set.intersection(
+            *(
+                {
+                    e
+                    for prefix, names in EXTRA_OF_SUBPACKAGE.items()
+                    if f.startswith(prefix)
+                    for e in names
+                }
+                for f in files
+            )
+        )
+        allowed |= {name for extra in extras for name in extra_requirements(extra)}
         if not distributions and _canonical(module) in allowed - set(declared):
             continue  # an optional extra that is not installed here (openvino in CI)
         if not distributions:

@@ -20,10 +20,13 @@ import sys
 from dino_d2.checkpoint import (
     SOURCES,
     ConversionError,
+    UntrustedFileError,
+    add_unsafe_load_argument,
     convert_checkpoint,
     load_checkpoint_file,
     save_checkpoint,
 )
+from dino_d2.model_zoo import UnsafeConfigError
 
 
 def parse_args(argv=None):
@@ -48,11 +51,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--use-ema", action="store_true", help="convert the authors' 'ema_model' weights"
     )
-    parser.add_argument(
-        "--unsafe-load",
-        action="store_true",
-        help="unpickle arbitrary objects in INPUT (only for files you trust)",
-    )
+    add_unsafe_load_argument(parser, "INPUT")
     return parser.parse_args(argv)
 
 
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
         )
         del checkpoint
         save_checkpoint(result, args.output)
-    except ConversionError as error:
+    except (ConversionError, UntrustedFileError, UnsafeConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     for note in result.notes:

@@ -64,6 +64,8 @@ UNUSED_CLASS_BIAS = -100.0
 
 
 def parse_args(argv=None):
+    from dino_d2.checkpoint import add_unsafe_load_argument
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--authors-repo", required=True, help="checkout of IDEA-Research/DINO (read, imported)"
@@ -82,11 +84,7 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, default=480, help="width of the first image")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed difference")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--unsafe-load",
-        action="store_true",
-        help="unpickle arbitrary objects in --checkpoint (only for files you trust)",
-    )
+    add_unsafe_load_argument(parser, "--checkpoint")
     return parser.parse_args(argv)
 
 
@@ -446,16 +444,20 @@ def verify_image(ours, authors, postprocess, image, coco_ids, tolerance) -> Tupl
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dino_d2.checkpoint import ConversionError, convert_checkpoint
+    from dino_d2.checkpoint import ConversionError, UntrustedFileError, convert_checkpoint
     from dino_d2.checkpoint.classes import coco_category_ids
 
     start = time.perf_counter()
     coco_ids = coco_category_ids()
     dino = import_authors(args.authors_repo)
     with tempfile.TemporaryDirectory() as folder:
-        authors, postprocess, checkpoint, description = prepare_authors(
-            args, dino, coco_ids, folder
-        )
+        try:
+            authors, postprocess, checkpoint, description = prepare_authors(
+                args, dino, coco_ids, folder
+            )
+        except UntrustedFileError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(f"authors' model: {description}")
         try:
             result = convert_checkpoint("idea", checkpoint)

@@ -6,7 +6,9 @@
 is ``tools/convert_checkpoint.py``. :class:`AtomicCheckpointer` is the training script's
 checkpointer: Detectron2's, with files that a killed job never leaves half-written;
 :mod:`dino_d2.checkpoint.atomic` writes any file of the output folder that way, with errors
-that say how much space a failed write needed.
+that say how much space a failed write needed. Every checkpoint is read by
+:func:`load_checkpoint_file` (:mod:`dino_d2.checkpoint.loading`), which never runs code a file
+carries unless ``--unsafe-load`` is given.
 """
 
 from .atomic import OutputWriteError, append_or_roll_back, atomic_write, write_error, write_json
@@ -16,10 +18,10 @@ from .convert import (
     ConversionResult,
     convert_checkpoint,
     detect_source,
-    load_checkpoint_file,
     load_config,
     save_checkpoint,
 )
+from .loading import UntrustedFileError, add_unsafe_load_argument, load_checkpoint_file
 from .mapping import ConversionError
 from .swin import convert_swin_checkpoint
 
@@ -37,6 +39,8 @@ __all__ = [
     "convert_swin_checkpoint",
     "detect_source",
     "load_checkpoint_file",
+    "add_unsafe_load_argument",
+    "UntrustedFileError",
     "load_config",
     "save_checkpoint",
 ]

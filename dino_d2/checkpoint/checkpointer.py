@@ -15,6 +15,12 @@ A write that fails (a full disk, a folder that became read-only) removes its tem
 leaves the previous checkpoint and ``last_checkpoint`` as they were, and raises
 :class:`dino_d2.checkpoint.atomic.OutputWriteError` naming the folder, the checkpoint's size and
 the free space, and the checkpoint ``last_checkpoint`` still names.
+
+Reading a file goes through :func:`dino_d2.checkpoint.loading.load_checkpoint_file`: a checkpoint
+whose pickle would run code is refused (:class:`~dino_d2.checkpoint.loading.UntrustedFileError`)
+unless the checkpointer was made with ``unsafe_load=True``. The loaded data is then arranged as
+Detectron2's ``DetectionCheckpointer._load_file`` arranges it (model-zoo ``.pkl`` files, Caffe2
+blobs, pycls ``.pyth`` files, native ``.pth``).
 """
 
 import io
@@ -28,18 +34,14 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from .atomic import TEMPORARY_FILE, WRITE_DELAY_ENV, atomic_write, os_error_of, write_error
+from .class_map import ClassMap, is_class_head, log_class_map, remap_class_rows
+from .loading import load_checkpoint_file
 
-__all__ = ["AtomicCheckpointer", "atomic_write", "WRITE_DELAY_ENV"]
+__all__ = ["AtomicCheckpointer", "atomic_write", "detectron2_layout", "WRITE_DELAY_ENV"]
 
 logger = logging.getLogger(__name__)
 
 _MTIME_MARGIN = 1.0  # seconds
-
-
-def _is_class_head(name: str) -> bool:
-    """Parameters with one row per class: the encoder / decoder class heads (``class_embed``,
-    ``class_embed.<layer>``) and the denoising label embedding."""
-    return ".class_embed." in f".{name}" or name.endswith("label_enc.weight")
 
 
 class _ByteCounter(io.RawIOBase):
@@ -65,6 +67,37 @@ def _serialized_size(data: Dict[str, Any]) -> int:
     return counter.size
 
 
+def detectron2_layout(path: str, data: Any, log: logging.Logger) -> Dict[str, Any]:
+    """A loaded file arranged as ``DetectionCheckpointer._load_file`` returns it.
+
+    Args:
+        path: the file's name (its extension says the format).
+        data: what :func:`load_checkpoint_file` read from it.
+        log: where to say whose model-zoo file it is.
+
+    Returns:
+        ``{"model": weights, ...}``; ``matching_heuristics`` is True for Caffe2 blobs and pycls
+        files, whose names Detectron2 matches to the model's by heuristics.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}; a checkpoint is a dict")
+    if path.endswith(".pkl"):
+        if "model" in data and "__author__" in data:
+            log.info(f"Reading a file from '{data['__author__']}'")
+            return data
+        blobs = data.get("blobs", data)  # Caffe2 detection models have "blobs"
+        weights = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+        return {"model": weights, "__author__": "Caffe2", "matching_heuristics": True}
+    if path.endswith(".pyth"):
+        if "model_state" not in data:
+            raise ValueError(f"{path}: a pycls .pyth checkpoint must contain 'model_state'")
+        weights = {
+            k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")
+        }
+        return {"model": weights, "__author__": "pycls", "matching_heuristics": True}
+    return data if "model" in data else {"model": data}
+
+
 class AtomicCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with atomic writes of the checkpoints and ``last_checkpoint``.
 
@@ -77,14 +110,45 @@ class AtomicCheckpointer(DetectionCheckpointer):
     naming ``model.num_classes`` and the checkpoint's number: when fine-tuning on another
     dataset this is expected (the class heads start from scratch), otherwise set
     ``model.num_classes`` to the checkpoint's.
+
+    Files are read by :func:`load_checkpoint_file`, without running code they carry; the
+    keyword ``unsafe_load=True`` (a tool's ``--unsafe-load``) allows full unpickling, for
+    files you trust.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, unsafe_load: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.unsafe_load = unsafe_load
         self._created = time.time()
         self._stale_files_removed = False
+        self._class_map = None
+
+    def load_with_class_map(self, path: str, class_map: ClassMap) -> Dict[str, Any]:
+        """Loads the model weights of ``path`` (no other checkpointables), every class head
+        gathered by ``class_map`` (:func:`dino_d2.checkpoint.class_map.remap_class_rows`), and
+        logs one line counting the matched and unmatched classes.
+
+        Returns:
+            what Detectron2's ``load`` returns.
+        """
+        self._class_map = class_map
+        try:
+            loaded = self.load(path, checkpointables=[])
+        finally:
+            self._class_map = None
+        log_class_map(class_map, path)
+        return loaded
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        data = load_checkpoint_file(filename, unsafe=self.unsafe_load)
+        return detectron2_layout(filename, data, self.logger)
 
     def _load_model(self, checkpoint: Any):
+        if self._class_map is not None:
+            model = self.model.module if hasattr(self.model, "module") else self.model
+            checkpoint["model"] = remap_class_rows(
+                checkpoint["model"], model.state_dict(), self._class_map
+            )
         self._warn_about_class_heads(checkpoint.get("model", {}))
         return super()._load_model(checkpoint)
 
@@ -96,7 +160,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         own = model.state_dict()
         found = set()
         for name, value in weights.items():
-            if name not in own or not _is_class_head(name):
+            if name not in own or not is_class_head(name):
                 continue
             shape = tuple(getattr(value, "shape", ()))
             if shape and shape != tuple(own[name].shape) and own[name].shape[0] == num_classes:

@@ -17,7 +17,6 @@ Sources (``SOURCES``):
 * ``swin``: Microsoft's Swin Transformer release, as a backbone initialization.
 """
 
-import argparse
 import inspect
 import os
 import pickle
@@ -30,7 +29,9 @@ import torch
 from torch import nn
 
 from .architecture import Architecture, infer_swin_architecture
+from .checkpointer import AtomicCheckpointer
 from .dino import DETECTOR_LAYOUTS
+from .loading import load_checkpoint_file
 from .mapping import ConversionError, format_keys, map_state_dict
 from .resnet import infer_resnet_depth, is_resnet_extra, resnet_rules
 from .swin import convert_swin_checkpoint
@@ -40,7 +41,6 @@ __all__ = [
     "ConversionResult",
     "convert_checkpoint",
     "detect_source",
-    "load_checkpoint_file",
     "load_config",
     "save_checkpoint",
 ]
@@ -109,33 +109,13 @@ class ConversionResult:
 
 
 def load_config(config: str):
-    """A LazyConfig from a file path, or a shipped config by name (``dino_r50_4scale_12ep.py``)."""
-    from detectron2.config import LazyConfig
-
-    from dino_d2.model_zoo import get_config
+    """A LazyConfig from a file path (a yaml read as data only), or a shipped config by name
+    (``dino_r50_4scale_12ep.py``)."""
+    from dino_d2.model_zoo import get_config, load_config_file
 
     if os.path.isfile(config):
-        return LazyConfig.load(config)
+        return load_config_file(config)
     return get_config(config)
-
-
-def load_checkpoint_file(path: str, unsafe: bool = False) -> Any:
-    """Loads a checkpoint on the CPU.
-
-    Tensors, containers and the ``argparse.Namespace`` of the authors' files are read with
-    ``torch.load(weights_only=True)``; anything else needs ``unsafe=True`` (full unpickling,
-    only for files you trust).
-    """
-    if unsafe:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ConversionError(
-            f"{path} holds Python objects besides tensors ({str(error).splitlines()[0]}); if you "
-            "trust the file, load it with unsafe=True (--unsafe-load)"
-        ) from None
 
 
 def _backbone_state_dict(source: str, checkpoint: Any) -> Optional[Dict[str, torch.Tensor]]:
@@ -407,17 +387,11 @@ def _write(result: ConversionResult, path: str) -> None:
 
 
 def _read_back(path: str) -> Dict[str, torch.Tensor]:
-    if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            data = pickle.load(f)
-        return {k: torch.as_tensor(v) for k, v in data["model"].items()}
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return {k: torch.as_tensor(v) for k, v in load_checkpoint_file(path)["model"].items()}
 
 
 def _verify(result: ConversionResult, path: str, model: nn.Module) -> None:
     """Loads ``path`` strictly into ``model`` and checks every tensor comes back unchanged."""
-    from detectron2.checkpoint import DetectionCheckpointer
-
     loaded = _read_back(path)
     module, prefix = (model.backbone.bottom_up, _BACKBONE) if result.backbone_only else (model, "")
     try:
@@ -430,7 +404,7 @@ def _verify(result: ConversionResult, path: str, model: nn.Module) -> None:
     if not result.backbone_only:
         # Detectron2's own reader, as train.init_checkpoint uses it (a backbone-only file would
         # only make it log the detector's keys as missing).
-        DetectionCheckpointer(model).load(path)
+        AtomicCheckpointer(model).load(path)
     current = model.state_dict()
     changed = [k for k, v in result.state_dict.items() if not torch.equal(current[k], v)]
     if changed:
@@ -447,7 +421,7 @@ def save_checkpoint(
 
     The file goes to a temporary name in the same folder, is loaded strictly into ``model`` (by
     default built from ``result.config`` and ``result.overrides``) and through
-    ``DetectionCheckpointer``, and is renamed to ``path`` only when every tensor comes back
+    :class:`AtomicCheckpointer` (Detectron2's reader), and is renamed to ``path`` only when every tensor comes back
     unchanged; on any failure nothing is left behind. ``.pkl`` paths get Detectron2's pickle
     format (numpy arrays), others ``torch.save``.
 

@@ -20,6 +20,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.logger import setup_logger
 
 from dino_d2.engine.flops import count_macs
+from dino_d2.model_zoo import load_config_file
 
 __all__ = ["count_flops", "count_parameters", "main"]
 
@@ -80,7 +81,7 @@ def main(argv=None):
     setup_logger(name="dino_d2")
     setup_logger(name="fvcore", abbrev_name="fvcore")
 
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    cfg = LazyConfig.apply_overrides(load_config_file(args.config_file), args.opts)
     device = cfg.train.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, device)
     if "parameter" in tasks:

@@ -45,7 +45,9 @@ Inference also reports, unless ``--no-limit`` / ``--no-parity``:
 export's ``model.json``, float) batch, in the same run as the eager model, and compare their
 detections with the eager model's. The config, overrides and ``--weights`` must be those of the
 export: without the export's checkpoint the eager model has other weights and the comparison
-fails. ``--baseline-s SECONDS`` prints the speed-up against an earlier figure; with
+fails. ``--weights`` is read without running code it may carry, and ``--pt2`` / ``--aoti`` (a
+program whose loading can run code) are only loaded with ``--unsafe-load``, for files you trust;
+``model.json`` is read as data, each value checked. ``--baseline-s SECONDS`` prints the speed-up against an earlier figure; with
 ``--baseline-sgemm GMACS`` (the sgemm rate of the machine that figure came from) also scaled
 to this machine's rate.
 
@@ -67,10 +69,10 @@ import psutil
 import torch
 from omegaconf import OmegaConf
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 
 import dino_d2.modeling  # noqa: F401  (registers DINO and the backbones)
+from dino_d2.checkpoint import AtomicCheckpointer, UntrustedFileError, add_unsafe_load_argument
 from dino_d2.engine import resolve_device
 from dino_d2.engine.benchmark import (
     build_training,
@@ -89,6 +91,7 @@ from dino_d2.engine.parity import fast_path_parity, perturb_frozen_batchnorm
 from dino_d2.export.exporter import load_exported, load_openvino
 from dino_d2.export.verify import compare_detections, detections_of_outputs, eager_detections
 from dino_d2.layers.fast_path import optimized_copy
+from dino_d2.model_zoo import UnsafeConfigError, load_config_file
 
 __all__ = ["main"]
 
@@ -96,6 +99,12 @@ logger = logging.getLogger("dino_d2.benchmark")
 
 # Inference and training defaults: (num_iter, warmup, batch_size, height, width).
 _DEFAULTS = {False: (50, 5, 1, 800, 1333), True: (5, 2, 2, 640, 640)}
+# model.json's input_dtype -> the dtype of the image batch an export takes.
+_EXPORT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
+
+
+class ExportInfoError(ValueError):
+    """The ``model.json`` beside an export holds a value the benchmark cannot use."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -154,8 +163,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the --onnx file in OpenVINO (pip install openvino; float32 precision)",
     )
-    parser.add_argument("--pt2", metavar="FILE", help="also time this torch.export program")
-    parser.add_argument("--aoti", metavar="FILE", help="also time this AOTInductor package")
+    parser.add_argument(
+        "--pt2", metavar="FILE", help="also time this torch.export program (needs --unsafe-load)"
+    )
+    parser.add_argument(
+        "--aoti", metavar="FILE", help="also time this AOTInductor package (needs --unsafe-load)"
+    )
+    add_unsafe_load_argument(
+        parser,
+        "--weights, and allow --pt2 / --aoti (a torch.export program falls back to full "
+        "unpickling, an AOTInductor package is compiled code)",
+    )
     parser.add_argument(
         "--baseline-s",
         type=float,
@@ -194,6 +212,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--onnx, --pt2 and --aoti time inference: drop --train")
     if args.openvino and not args.onnx:
         parser.error("--openvino runs the --onnx file: give --onnx FILE")
+    for flag, path in (("--pt2", args.pt2), ("--aoti", args.aoti)):
+        if path and not args.unsafe_load:
+            parser.error(
+                f"{flag} {path}: loading it can run code (torch.export.load falls back to full "
+                "unpickling; an AOTInductor package is compiled code). Give --unsafe-load if you "
+                "trust the file (one you exported yourself)"
+            )
     for flag, path in zip(("--onnx", "--pt2", "--aoti"), exported):
         if path and not os.path.isfile(path):
             parser.error(
@@ -216,8 +241,23 @@ def _export_inputs(path: str) -> Tuple[torch.dtype, int]:
     if not os.path.isfile(json_path):
         return torch.uint8, 0
     with open(json_path) as f:
-        info = json.load(f)
-    return getattr(torch, info.get("input_dtype", "uint8")), int(info.get("min_input_size", 0))
+        try:
+            info = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ExportInfoError(f"{json_path} is not valid JSON: {error}") from None
+    if not isinstance(info, dict):
+        raise ExportInfoError(f"{json_path} holds a {type(info).__name__}; expected an object")
+    dtype = info.get("input_dtype", "uint8")
+    if dtype not in _EXPORT_DTYPES:
+        raise ExportInfoError(
+            f"{json_path}: input_dtype is {dtype!r}; expected one of {sorted(_EXPORT_DTYPES)}"
+        )
+    min_size = info.get("min_input_size", 0)
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+        raise ExportInfoError(
+            f"{json_path}: min_input_size is {min_size!r}; expected a non-negative integer"
+        )
+    return _EXPORT_DTYPES[dtype], min_size
 
 
 def _exported_runtimes(args):
@@ -272,7 +312,7 @@ def _time_exports(args, model, batches) -> dict:
 def _inference(args, cfg, device) -> dict:
     model = instantiate(cfg.model).to(device).eval()
     if args.weights:
-        DetectionCheckpointer(model).load(args.weights)
+        AtomicCheckpointer(model, unsafe_load=args.unsafe_load).load(args.weights)
     # The plain model is kept for the fast path's parity; the transformed copy is timed.
     plain, model = model, optimized_copy(model)
     num_batches = args.warmup + args.num_iter
@@ -412,13 +452,17 @@ def main(argv=None) -> int:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s"
     )
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-    if args.train and args.amp:
-        cfg.train.amp.enabled = True
-        cfg.train.amp.precision = args.amp
-    device = resolve_device(OmegaConf.select(cfg, "train.device", default=None))
-    measure = _training if args.train else _inference
-    timings = measure(args, cfg, device)
+    try:
+        cfg = LazyConfig.apply_overrides(load_config_file(args.config_file), args.opts)
+        if args.train and args.amp:
+            cfg.train.amp.enabled = True
+            cfg.train.amp.precision = args.amp
+        device = resolve_device(OmegaConf.select(cfg, "train.device", default=None))
+        measure = _training if args.train else _inference
+        timings = measure(args, cfg, device)
+    except (UntrustedFileError, UnsafeConfigError, ExportInfoError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
     results = {
         "config": args.config_file,
         "mode": "train" if args.train else "inference",

@@ -44,8 +44,10 @@ from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
 
+from dino_d2.checkpoint import UntrustedFileError, add_unsafe_load_argument
 from dino_d2.data import register_builtin_datasets
 from dino_d2.engine.predictor import Predictor
+from dino_d2.model_zoo import UnsafeConfigError, load_config_file
 
 __all__ = [
     "DemoError",
@@ -278,6 +280,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--skip-bad-images", action="store_true", help="warn about unreadable images and go on"
     )
+    add_unsafe_load_argument(parser, "--checkpoint")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
     args = parser.parse_args(argv)
     if args.opts[:1] == ["--"]:
@@ -290,8 +293,8 @@ def main(argv=None) -> int:
         if args.checkpoint and "://" not in args.checkpoint and not os.path.isfile(args.checkpoint):
             raise DemoError(f"the checkpoint {args.checkpoint} does not exist")
         plan_outputs(images, args.output, args.overwrite)  # fail before building the model
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
-        predictor = Predictor(cfg, checkpoint=args.checkpoint)
+        cfg = LazyConfig.apply_overrides(load_config_file(args.config_file), args.opts)
+        predictor = Predictor(cfg, checkpoint=args.checkpoint, unsafe_load=args.unsafe_load)
         logger.info(f"Device: {predictor.device}; {len(images)} image(s) -> {args.output}")
         metadata = load_metadata(cfg, OmegaConf.select(cfg, "model.num_classes", default=None))
         run_demo(
@@ -304,7 +307,7 @@ def main(argv=None) -> int:
             skip_bad_images=args.skip_bad_images,
             extra={"config": args.config_file, "checkpoint": predictor.checkpoint},
         )
-    except DemoError as e:
+    except (DemoError, UntrustedFileError, UnsafeConfigError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     logger.info(f"Wrote {os.path.join(args.output, DETECTIONS_FILE)}")

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import transforms as T
 from detectron2.evaluation import inference_on_dataset
 from detectron2.utils.logger import setup_logger
 
 from dino_d2 import _compat
+from dino_d2.checkpoint import AtomicCheckpointer, UntrustedFileError, add_unsafe_load_argument
 from dino_d2.cli.demo import load_metadata
 from dino_d2.data import read_image, register_builtin_datasets
 from dino_d2.export.evaluate import ExportedDetector
@@ -52,6 +52,7 @@ from dino_d2.export.exporter import (
 from dino_d2.export.graph import InferenceGraph
 from dino_d2.export.onnx import MSDA_ONNX_IMPLEMENTATIONS
 from dino_d2.layers.fast_path import optimize_for_cpu_inference
+from dino_d2.model_zoo import UnsafeConfigError, load_config_file
 
 __all__ = ["main", "test_resize", "sample_batch"]
 
@@ -179,18 +180,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--score-tolerance", type=float, default=1e-4)
     parser.add_argument("--box-tolerance", type=float, default=1e-2, help="pixels")
+    add_unsafe_load_argument(parser, "train.init_checkpoint")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
     args = parser.parse_args(argv)
     setup_logger(name="dino_d2")
     setup_logger(name="fvcore", abbrev_name="fvcore")
     try:
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        cfg = LazyConfig.apply_overrides(load_config_file(args.config_file), args.opts)
         model = instantiate(cfg.model).to("cpu").eval()
         weights = OmegaConf.select(cfg, "train.init_checkpoint", default="") or ""
         if weights:
             try:
-                DetectionCheckpointer(model).load(weights)
-            except (OSError, ValueError) as e:  # urllib's URLError is an OSError
+                AtomicCheckpointer(model, unsafe_load=args.unsafe_load).load(weights)
+            except (OSError, ValueError, UntrustedFileError) as e:  # URLError is an OSError
                 raise ExportError(f"cannot load train.init_checkpoint={weights}: {e}") from e
         else:
             logger.warning("No train.init_checkpoint: exporting the model's random weights")
@@ -224,7 +226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"(difference {difference:.3f}, at most 0.1: {'PASS' if difference <= 0.1 else 'FAIL'})"
             )
             passed &= difference <= 0.1
-    except ExportError as e:
+    except (ExportError, UnsafeConfigError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     return 0 if passed else 1

@@ -10,9 +10,12 @@ The command line is Detectron2's (``default_argument_parser``)::
     # any config value: key=value overrides
     python tools/lazyconfig_train_net.py --config-file ... train.max_iter=500 optimizer.lr=1e-4
 
-``--num-gpus N`` starts N processes: one per GPU with NCCL, or, on a machine without CUDA,
-N CPU processes with Gloo (each gets an equal share of the CPU threads). The total batch
-``dataloader.train.total_batch_size`` is split between them.
+``--num-gpus N`` starts N processes (torch's elastic agent): one per GPU with NCCL, or, on a
+machine without CUDA, N CPU processes with Gloo (each gets an equal share of the CPU threads).
+The total batch ``dataloader.train.total_batch_size`` is split between them. Started by
+``torchrun``, ``srun`` or submitit (``tools/submit_slurm.py``), the script joins their job
+instead, and a restarted or requeued job resumes from ``train.output_dir`` without ``--resume``
+(``dino_d2.engine.launch``, ``dino_d2.engine.job_env``).
 
 A COCO-format dataset can be used without writing Python::
 
@@ -28,8 +31,16 @@ Besides Detectron2's keys of ``train`` (see configs/common/train.py), the script
 ``train.clip_grad`` (full-model gradient clipping), ``train.model_ema`` (weight EMA, saved in
 the checkpoints under ``"ema"``; ``use_for_eval`` evaluates with the averaged weights) and
 ``train.amp.precision`` (optional: ``float16`` or ``bfloat16``; default float16 on CUDA with a
-GradScaler, bfloat16 on the CPU). ``--eval-only`` evaluates ``train.init_checkpoint`` (the last
+GradScaler, bfloat16 on the CPU) and ``train.init_class_map`` (optional: the name of a
+``dino_d2.checkpoint.class_map`` map, e.g. ``objects365_v2_to_coco``; training from
+``train.init_checkpoint`` then gathers its class heads by that map; not on ``--resume``, not
+with ``--eval-only``). ``--eval-only`` evaluates ``train.init_checkpoint`` (the last
 checkpoint of ``train.output_dir`` with ``--resume``) and writes ``output_dir/eval_results.json``.
+
+Checkpoints are read without running code they may carry (``dino_d2.checkpoint.loading``): one
+holding Python objects other than tensors, numbers and containers stops the job with an error
+naming the file and the object, unless ``--unsafe-load`` is given (for files you trust). A yaml
+``--config-file`` is read as data; a ``.py`` config is code and runs.
 
 Checkpoints are written atomically (``dino_d2.checkpoint.AtomicCheckpointer``): a job killed at any
 moment resumes with ``--resume`` from its last complete checkpoint; a full disk loses nothing.
@@ -40,7 +51,8 @@ when things go wrong".
 
 import logging
 import os
-from contextlib import nullcontext
+import sys
+from contextlib import contextmanager, nullcontext
 
 import torch
 from omegaconf import ListConfig
@@ -53,7 +65,8 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
 from dino_d2._compat import fast_coco_eval_available
-from dino_d2.checkpoint import AtomicCheckpointer, write_json
+from dino_d2.checkpoint import AtomicCheckpointer, add_unsafe_load_argument, write_json
+from dino_d2.checkpoint.class_map import get_class_map
 from dino_d2.engine import (
     EMAHook,
     EvalHook,
@@ -69,8 +82,10 @@ from dino_d2.engine import (
     register_config_datasets,
     resolve_device,
 )
+from dino_d2.engine.job_env import resume_after_restart
 from dino_d2.engine.threads import AdaptiveThreadsHook
-from dino_d2.layers.fast_path import optimized_copy
+from dino_d2.layers.fast_path import optimize_for_training, optimized_copy
+from dino_d2.model_zoo import load_config_file
 
 logger = logging.getLogger("detectron2")
 
@@ -81,6 +96,14 @@ dino_d2 additions:
       train/evaluate on COCO-format datasets; model.num_classes follows their categories.
   dataset.skip_bad_annotations=True
       skip their malformed annotations with one warning instead of stopping.
+  dataset.cache=False
+      read the jsons whole with Python's json instead of through their memory-mapped cache
+      (converted once, streamed, beside the json or under $DINO_D2_CACHE; any size fits).
+  dataset.allow_images_outside_root=True
+      read image paths that leave the image folder (../x.jpg, /abs/x.jpg) as given, with one
+      warning, instead of stopping.
+  --unsafe-load
+      load checkpoints holding Python objects (full unpickling: only files you trust).
 Examples:
   %(prog)s --config-file configs/dino_r18_digits.py
   %(prog)s --config-file configs/dino_r18_digits.py --resume
@@ -123,8 +146,42 @@ def build_model(cfg, device):
     return model.to(device)
 
 
+def load_initial_weights(checkpointer: AtomicCheckpointer, train, resume: bool) -> None:
+    """Loads the weights training starts from.
+
+    With ``resume`` and a checkpoint in the output folder, that checkpoint (model, optimizer,
+    iteration, ...). Otherwise ``train.init_checkpoint`` (model weights only); when
+    ``train.init_class_map`` names a class map, its class heads are gathered by that map
+    (:meth:`dino_d2.checkpoint.AtomicCheckpointer.load_with_class_map`).
+
+    Args:
+        checkpointer: the training's checkpointer.
+        train: the config's ``train`` node.
+        resume: ``--resume`` was given.
+
+    Raises:
+        KeyError: ``train.init_class_map`` is not a known class map.
+        ValueError: ``train.init_class_map`` is set without ``train.init_checkpoint``, or the
+            checkpoint's or the model's class heads do not have the map's sizes.
+    """
+    name = train.get("init_class_map")
+    class_map = get_class_map(name) if name else None
+    if class_map is None or (resume and checkpointer.has_checkpoint()):
+        checkpointer.resume_or_load(train.init_checkpoint, resume=resume)
+    elif not train.init_checkpoint:
+        raise ValueError(
+            f"train.init_class_map={name!r} needs train.init_checkpoint: the checkpoint whose "
+            "class heads it maps"
+        )
+    else:
+        checkpointer.load_with_class_map(train.init_checkpoint, class_map)
+
+
 def do_train(args, cfg, device):
     model = build_model(cfg, device)
+    # Frozen batch norms folded into their convolutions, channels-last backbone: the same
+    # training, faster; parameters and checkpoints unchanged.
+    optimize_for_training(model)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
@@ -155,7 +212,9 @@ def do_train(args, cfg, device):
     checkpointables = {"trainer": trainer}
     if ema is not None:
         checkpointables["ema"] = ema
-    checkpointer = AtomicCheckpointer(model, cfg.train.output_dir, **checkpointables)
+    checkpointer = AtomicCheckpointer(
+        model, cfg.train.output_dir, unsafe_load=args.unsafe_load, **checkpointables
+    )
     eval_ema = ema if ema is not None and ema_cfg.use_for_eval else None
     trainer.register_hooks(
         [
@@ -182,7 +241,7 @@ def do_train(args, cfg, device):
         ]
     )
 
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    load_initial_weights(checkpointer, cfg.train, args.resume)
     # A checkpoint stores the iteration that had just finished.
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
@@ -195,7 +254,10 @@ def do_eval_only(args, cfg, device):
     if ema_cfg.enabled and ema_cfg.use_for_eval:
         ema = ModelEMA(model, decay=ema_cfg.decay)
     checkpointer = AtomicCheckpointer(
-        model, cfg.train.output_dir, **({"ema": ema} if ema is not None else {})
+        model,
+        cfg.train.output_dir,
+        unsafe_load=args.unsafe_load,
+        **({"ema": ema} if ema is not None else {}),
     )
     if args.resume and checkpointer.has_checkpoint():
         path = checkpointer.get_checkpoint_file()
@@ -213,13 +275,44 @@ def do_eval_only(args, cfg, device):
     return results
 
 
+@contextmanager
+def console_logging(name: str = "dino_d2"):
+    """Within the block, the main process prints logger ``name``'s INFO records to the console.
+
+    The datasets of ``dataset.train_json=...`` are registered (a large json converted into its
+    cache, which takes minutes) before :func:`default_setup` sets up logging, since the saved
+    config needs their number of classes; this says what the job is doing meanwhile. Does
+    nothing when the logger already has handlers.
+    """
+    log = logging.getLogger(name)
+    if log.handlers or not comm.is_main_process():
+        yield
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s]: %(message)s", "%m/%d %H:%M:%S"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def main(args):
     opts, dataset_overrides = pop_dataset_overrides(args.opts)
-    cfg = LazyConfig.load(args.config_file)
+    cfg = load_config_file(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, opts)
-    apply_dataset_overrides(cfg, dataset_overrides)
+    with console_logging():
+        apply_dataset_overrides(cfg, dataset_overrides)
     use_slow_coco_eval_if_needed(cfg)
+    # torchrun restarted the job, or SLURM requeued it: it continues from its last checkpoint.
+    restart = not args.resume and not args.eval_only and resume_after_restart(cfg.train.output_dir)
+    args.resume = args.resume or restart
     default_setup(cfg, args)
+    if restart:
+        logger.info("A restarted job: resuming from the last checkpoint of train.output_dir")
     register_config_datasets(cfg)
     check_num_classes(cfg)
     device = resolve_device(cfg.train.get("device"))
@@ -232,7 +325,9 @@ def main(args):
 def invoke_main(argv=None) -> None:
     """Parses Detectron2's command line (``argv``, default ``sys.argv[1:]``) and launches
     :func:`main` in ``--num-gpus`` processes on each of ``--num-machines`` machines."""
-    args = default_argument_parser(epilog=EPILOG).parse_args(argv)
+    parser = default_argument_parser(epilog=EPILOG)
+    add_unsafe_load_argument(parser, "train.init_checkpoint and the checkpoints --resume reads")
+    args = parser.parse_args(argv)
     launch(
         main,
         args.num_gpus,

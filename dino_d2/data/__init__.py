@@ -1,10 +1,15 @@
 """Data: DETR-style augmentation, a DatasetMapper with clear errors for unreadable images, the
 digits demo dataset, dataset registration (including the builtin datasets registered on demand
-by name) and COCO jsons read with errors that name the file, annotation and field."""
+by name: the digits, Objects365 v1 and v2), COCO jsons read with errors that name the file,
+annotation and field, and their memory-mapped cache for datasets of any size."""
 
 from .builtin import builtin_dataset_names, register_builtin, register_builtin_datasets
+from .cached_dataset import CachedCocoDataset
+from .coco_cache import ensure_cache
 from .coco_json import CocoFormatError
 from .datasets import (
+    get_detection_dataset,
+    load_cached_coco,
     default_datasets_root,
     load_coco_format_json,
     log_degenerate_boxes,
@@ -18,6 +23,7 @@ from .digits import (
     generate_digits_dataset,
 )
 from .mapper import DatasetMapper, UnreadableImageError, read_image
+from .objects365 import Objects365LayoutError, register_objects365
 from .transforms import RandomChoice, detr_test_augmentation, detr_train_augmentation
 
 __all__ = [
@@ -37,7 +43,13 @@ __all__ = [
     "load_coco_format_json",
     "CocoFormatError",
     "log_degenerate_boxes",
+    "load_cached_coco",
+    "get_detection_dataset",
+    "CachedCocoDataset",
+    "ensure_cache",
     "register_builtin",
     "builtin_dataset_names",
     "register_builtin_datasets",
+    "register_objects365",
+    "Objects365LayoutError",
 ]

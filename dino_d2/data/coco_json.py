@@ -4,7 +4,9 @@ Detectron2's ``load_coco_json`` reports a malformed file with the bare error of 
 over it first: ``JSONDecodeError: Unterminated string ...`` without the file's name, or
 ``could not convert string to float: ','`` for a ``bbox`` given as ``"10,10,5,5"``, without the
 file or the annotation. Annotations whose ``image_id`` is not among the images are dropped.
-:func:`read_coco_json` and :func:`check_coco_json` check the file first:
+:func:`dino_d2.data.coco_reader.read_coco_json` and :func:`check_coco_json` check the file first
+(the cache of :mod:`dino_d2.data.coco_cache` calls the same per-entry checks, :func:`check_image`,
+:func:`check_categories` and :class:`AnnotationChecker`, on the streamed entries):
 
 * a file that is not valid JSON raises :class:`CocoFormatError` naming the file and the dataset,
   with the line, the column and the text around the error;
@@ -17,10 +19,13 @@ file or the annotation. Annotations whose ``image_id`` is not among the images a
   what was expected, or, with ``skip_bad_annotations=True``, is skipped; the skipped ones are
   counted by field and logged in one warning;
 * annotations whose ``image_id`` is not among the images are counted and logged in one warning
-  naming the file (they are dropped, as by Detectron2).
+  naming the file (they are dropped, as by Detectron2);
+* images whose ``file_name`` leaves the image folder (absolute, or ``..`` first) are counted;
+  :func:`check_images_inside_root` refuses them unless they are allowed, and then
+  :func:`log_coco_problems` warns once.
 
 The numbers themselves are not judged here: a NaN, empty or out-of-image box is a degenerate box
-(see :func:`dino_d2.data.datasets.log_degenerate_boxes`), counted when the dataset is loaded.
+(see :mod:`dino_d2.data.degenerate`), counted when the dataset is loaded.
 
 :func:`coco_to_dataset_dicts` then builds the dataset dicts exactly as Detectron2's
 ``load_coco_json`` does for boxes (images sorted by id; ``file_name``, ``height``, ``width``,
@@ -42,20 +47,30 @@ from detectron2.structures import BoxMode
 
 __all__ = [
     "CocoFormatError",
+    "CocoProblems",
     "CheckedCocoJson",
-    "read_coco_json",
+    "file_and_dataset",
+    "entries_of",
+    "points_outside_root",
+    "check_image",
+    "check_categories",
+    "AnnotationChecker",
+    "malformed_annotation_error",
+    "note_outside_root",
     "check_coco_json",
+    "check_images_inside_root",
     "log_coco_problems",
     "coco_to_dataset_dicts",
     "SKIP_OPTION",
+    "OUTSIDE_ROOT_OPTION",
 ]
 
 logger = logging.getLogger(__name__)
 
 # How the training script's users ask for skipping (named in the errors).
 SKIP_OPTION = "dataset.skip_bad_annotations=True"
+OUTSIDE_ROOT_OPTION = "dataset.allow_images_outside_root=True"
 
-_CONTEXT_CHARS = 60  # characters of the file shown on each side of a JSON syntax error
 _EXAMPLES = 3  # malformed annotations described in a warning
 _MISSING = object()
 
@@ -65,95 +80,58 @@ class CocoFormatError(ValueError):
 
 
 @dataclass
-class CheckedCocoJson:
-    """A COCO json's content after :func:`check_coco_json`.
+class CocoProblems:
+    """What checking a COCO json's entries found, short of an error.
+
+    Attributes:
+        skipped: malformed annotations skipped, counted by the first bad field.
+        unmatched: well-formed annotations whose ``image_id`` is not among the images.
+        examples: a description of the first few skipped or unmatched annotations.
+        first_malformed: the description of the first malformed annotation ("" if none): the
+            error raised when skipping is not asked for.
+        outside_root: images whose ``file_name`` points outside the image folder.
+        outside_examples: ``image id <id>: '<file_name>'`` of the first few of them.
+    """
+
+    skipped: Counter = field(default_factory=Counter)
+    unmatched: int = 0
+    examples: List[str] = field(default_factory=list)
+    first_malformed: str = ""
+    outside_root: int = 0
+    outside_examples: List[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckedCocoJson(CocoProblems):
+    """A COCO json's content after :func:`check_coco_json`, and its :class:`CocoProblems`.
 
     Attributes:
         images: the ``images`` entries, as in the file.
         categories: the ``categories`` entries, as in the file.
         annotations: the well-formed annotations whose image is among ``images``.
-        skipped: malformed annotations skipped, counted by the first bad field.
-        unmatched: well-formed annotations whose ``image_id`` is not among the images.
-        examples: a description of the first few skipped or unmatched annotations.
     """
 
-    images: List[Dict]
-    categories: List[Dict]
-    annotations: List[Dict]
-    skipped: Counter = field(default_factory=Counter)
-    unmatched: int = 0
-    examples: List[str] = field(default_factory=list)
+    images: List[Dict] = field(default_factory=list)
+    categories: List[Dict] = field(default_factory=list)
+    annotations: List[Dict] = field(default_factory=list)
 
 
-def _where(json_file: str, dataset_name: Optional[str]) -> str:
+def file_and_dataset(json_file: str, dataset_name: Optional[str]) -> str:
+    """``"<file> (dataset '<name>')"``, how the messages name a file."""
     return f"{json_file} (dataset '{dataset_name}')" if dataset_name else json_file
 
 
-def _excerpt(text: str, position: int) -> str:
-    """The line of ``text`` around ``position``, cut to a window, with a caret under it."""
-    start = text.rfind("\n", 0, position) + 1
-    end = text.find("\n", position)
-    end = len(text) if end < 0 else end
-    left = max(start, position - _CONTEXT_CHARS)
-    right = min(end, position + _CONTEXT_CHARS)
-    prefix = "..." if left > start else ""
-    suffix = "..." if right < end else ""
-    line = prefix + text[left:right] + suffix
-    caret = " " * (len(prefix) + position - left) + "^"
-    return f"    {line}\n    {caret}"
-
-
-def read_coco_json(json_file: str, dataset_name: Optional[str] = None) -> Dict:
-    """Reads a COCO json file.
-
-    Args:
-        json_file: the file.
-        dataset_name: named in the errors.
-
-    Returns:
-        the parsed json object (a dict).
-
-    Raises:
-        CocoFormatError: the file is not UTF-8 JSON, or not a JSON object; the message names the
-            file and the dataset and, for a syntax error, gives the line, the column and the
-            text around the error.
-    """
-    where = _where(json_file, dataset_name)
-    with open(json_file, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise CocoFormatError(
-            f"{where} is not UTF-8 text (byte {error.start}: {error.reason}); a COCO json is "
-            "UTF-8 JSON"
-        ) from error
-    try:
-        content = json.loads(text)
-    except json.JSONDecodeError as error:
-        truncated = not text.rstrip().endswith("}")
-        hint = (
-            "\nThe file does not end with '}': is it truncated (an interrupted copy or download)?"
-        )
-        raise CocoFormatError(
-            f"{where} is not valid JSON: {error.msg}: line {error.lineno}, column {error.colno} "
-            f"(character {error.pos} of {len(text)}):\n{_excerpt(text, error.pos)}"
-            + (hint if truncated else "")
-        ) from error
-    if not isinstance(content, dict):
-        raise CocoFormatError(
-            f"{where} holds a JSON {type(content).__name__}; a COCO json is an object with "
-            "'images', 'annotations' and 'categories'"
-        )
-    return content
-
-
 def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    # type() first: the abstract-class check costs microseconds, times millions of boxes.
+    return type(value) is int or (
+        isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    )
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return type(value) in (int, float) or (
+        isinstance(value, numbers.Real) and not isinstance(value, bool)
+    )
 
 
 def _shown(value: Any) -> str:
@@ -176,7 +154,8 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def _entries(content: Dict, key: str, where: str, *, required: bool) -> List:
+def entries_of(content: Dict, key: str, where: str, *, required: bool) -> List:
+    """``content[key]``, a list (``[]`` when absent or null and not ``required``), or raises."""
     value = content.get(key)
     if value is None and not required:
         return []
@@ -189,39 +168,56 @@ def _entries(content: Dict, key: str, where: str, *, required: bool) -> List:
     return value
 
 
-def _check_images(images: List, where: str) -> set:
-    ids = set()
-    for index, image in enumerate(images):
-        if not isinstance(image, dict):
-            raise CocoFormatError(
-                f"{where}: images[{index}] is {_shown(image)}; expected an object"
-            )
-        name = f"image id {image.get('id')!r} (images[{index}])"
-        if not _is_int(image.get("id")):
-            raise CocoFormatError(
-                f"{where}: images[{index}] has 'id' {_shown(image.get('id', _MISSING))}; "
-                "expected an integer"
-            )
-        if image["id"] in ids:
-            raise CocoFormatError(f"{where}: {name}: the id is used by another image too")
-        if not isinstance(image.get("file_name"), str):
-            raise CocoFormatError(
-                f"{where}: {name} has 'file_name' {_shown(image.get('file_name', _MISSING))}; "
-                "expected "
-                "a string (the path relative to the image folder)"
-            )
-        for key in ("width", "height"):
-            if not (_is_number(image.get(key)) and image[key] > 0):
-                raise CocoFormatError(
-                    f"{where}: {name} has '{key}' {_shown(image.get(key, _MISSING))}; expected a "
-                    "positive "
-                    "number of pixels"
-                )
-        ids.add(image["id"])
-    return ids
+def points_outside_root(file_name: str) -> bool:
+    """Whether an image's ``file_name`` leaves the image folder: absolute, or ``..`` first.
+
+    Decided on the path alone (symbolic links inside the folder are the user's business), so
+    the answer does not depend on where the image folder is.
+    """
+    normalized = os.path.normpath(file_name)
+    return (
+        os.path.isabs(file_name)
+        or normalized == os.pardir
+        or normalized.startswith(os.pardir + os.sep)
+    )
 
 
-def _check_categories(categories: List, where: str) -> set:
+def check_image(image: Any, index: int, ids: set, where: str) -> bool:
+    """Checks ``images[index]`` and adds its id to ``ids``.
+
+    Returns:
+        whether its ``file_name`` points outside the image folder (:func:`points_outside_root`).
+
+    Raises:
+        CocoFormatError: a malformed entry or a repeated id, naming the file and the image.
+    """
+    if not isinstance(image, dict):
+        raise CocoFormatError(f"{where}: images[{index}] is {_shown(image)}; expected an object")
+    name = f"image id {image.get('id')!r} (images[{index}])"
+    if not _is_int(image.get("id")):
+        raise CocoFormatError(
+            f"{where}: images[{index}] has 'id' {_shown(image.get('id', _MISSING))}; "
+            "expected an integer"
+        )
+    if image["id"] in ids:
+        raise CocoFormatError(f"{where}: {name}: the id is used by another image too")
+    if not isinstance(image.get("file_name"), str):
+        raise CocoFormatError(
+            f"{where}: {name} has 'file_name' {_shown(image.get('file_name', _MISSING))}; "
+            "expected a string (the path relative to the image folder)"
+        )
+    for key in ("width", "height"):
+        if not (_is_number(image.get(key)) and image[key] > 0):
+            raise CocoFormatError(
+                f"{where}: {name} has '{key}' {_shown(image.get(key, _MISSING))}; expected a "
+                "positive number of pixels"
+            )
+    ids.add(image["id"])
+    return points_outside_root(image["file_name"])
+
+
+def check_categories(categories: List, where: str) -> set:
+    """Checks the ``categories`` entries; returns their ids."""
     ids = set()
     for index, category in enumerate(categories):
         ok = isinstance(category, dict) and _is_int(category.get("id"))
@@ -264,6 +260,87 @@ def _annotation_problem(annotation: Any, category_ids: set, seen_ids: set):
     return None
 
 
+class AnnotationChecker:
+    """Checks annotations one at a time, in file order; the json path and the cache share it.
+
+    Args:
+        where: the file (and dataset) named in the messages.
+        category_ids: the ids of the json's categories.
+        image_ids: the ids of the json's images (any object with ``in``).
+        problems: where skipped and unmatched annotations are counted.
+        skip_bad_annotations: count malformed annotations instead of raising.
+        seen_ids: the ids of the annotations accepted so far (to find repeated ids); any object
+            with ``in`` and ``add``.
+    """
+
+    def __init__(
+        self,
+        where: str,
+        category_ids: set,
+        image_ids,
+        problems: CocoProblems,
+        *,
+        skip_bad_annotations: bool,
+        seen_ids=None,
+    ):
+        self.where = where
+        self.category_ids = category_ids
+        self.image_ids = image_ids
+        self.problems = problems
+        self.skip_bad_annotations = skip_bad_annotations
+        self.seen_ids = set() if seen_ids is None else seen_ids
+
+    def __call__(self, annotation: Any, index: int) -> bool:
+        """Checks ``annotations[index]``.
+
+        Returns:
+            True when it is kept: well-formed, with its image among the images.
+
+        Raises:
+            CocoFormatError: a malformed annotation, unless skipping.
+        """
+        problems = self.problems
+        problem = _annotation_problem(annotation, self.category_ids, self.seen_ids)
+        if problem is not None:
+            key, value, expected = problem
+            name = f"annotations[{index}]"
+            if isinstance(annotation, dict) and _is_int(annotation.get("id")):
+                name = f"annotation id {annotation['id']} ({name})"
+            description = f"{name}: '{key}' is {_shown(value)}; expected {expected}"
+            if not self.skip_bad_annotations:
+                raise malformed_annotation_error(self.where, description)
+            problems.first_malformed = problems.first_malformed or description
+            problems.skipped[key] += 1
+            if len(problems.examples) < _EXAMPLES:
+                problems.examples.append(description)
+            return False
+        self.seen_ids.add(annotation["id"])
+        if annotation["image_id"] not in self.image_ids:
+            problems.unmatched += 1
+            if len(problems.examples) < _EXAMPLES:
+                problems.examples.append(
+                    f"annotation id {annotation['id']}: image_id {annotation['image_id']} is "
+                    "not among the images"
+                )
+            return False
+        return True
+
+
+def malformed_annotation_error(where: str, description: str) -> CocoFormatError:
+    """The error for a malformed annotation described as ``"annotation id 3 (...): ..."``."""
+    return CocoFormatError(
+        f"{where}: {description}. Fix the file, or set {SKIP_OPTION} to skip "
+        "malformed annotations (with one warning counting them)."
+    )
+
+
+def note_outside_root(problems: CocoProblems, image: Dict) -> None:
+    """Counts an image whose ``file_name`` points outside the image folder."""
+    problems.outside_root += 1
+    if len(problems.outside_examples) < _EXAMPLES:
+        problems.outside_examples.append(f"image id {image['id']}: {image['file_name']!r}")
+
+
 def check_coco_json(
     content: Dict,
     json_file: str,
@@ -287,63 +364,68 @@ def check_coco_json(
         CocoFormatError: a malformed image or category entry, or (unless skipping) annotation,
             naming the file, the entry's id, the field and what was expected.
     """
-    where = _where(json_file, dataset_name)
-    images = _entries(content, "images", where, required=True)
-    categories = _entries(content, "categories", where, required=True)
-    annotations = _entries(content, "annotations", where, required=False)
-    image_ids = _check_images(images, where)
-    category_ids = _check_categories(categories, where)
-    result = CheckedCocoJson(images=images, categories=categories, annotations=[])
-    seen_ids = set()
-    for index, annotation in enumerate(annotations):
-        problem = _annotation_problem(annotation, category_ids, seen_ids)
-        if problem is not None:
-            key, value, expected = problem
-            name = f"annotations[{index}]"
-            if isinstance(annotation, dict) and _is_int(annotation.get("id")):
-                name = f"annotation id {annotation['id']} ({name})"
-            description = f"{name}: '{key}' is {_shown(value)}; expected {expected}"
-            if not skip_bad_annotations:
-                raise CocoFormatError(
-                    f"{where}: {description}. Fix the file, or set {SKIP_OPTION} to skip "
-                    "malformed annotations (with one warning counting them)."
-                )
-            result.skipped[key] += 1
-            if len(result.examples) < _EXAMPLES:
-                result.examples.append(description)
-            continue
-        seen_ids.add(annotation["id"])
-        if annotation["image_id"] not in image_ids:
-            result.unmatched += 1
-            if len(result.examples) < _EXAMPLES:
-                result.examples.append(
-                    f"annotation id {annotation['id']}: image_id {annotation['image_id']} is "
-                    "not among the images"
-                )
-            continue
-        result.annotations.append(annotation)
+    where = file_and_dataset(json_file, dataset_name)
+    images = entries_of(content, "images", where, required=True)
+    categories = entries_of(content, "categories", where, required=True)
+    annotations = entries_of(content, "annotations", where, required=False)
+    result = CheckedCocoJson(images=images, categories=categories)
+    image_ids = set()
+    for index, image in enumerate(images):
+        if check_image(image, index, image_ids, where):
+            note_outside_root(result, image)
+    check = AnnotationChecker(
+        where,
+        check_categories(categories, where),
+        image_ids,
+        result,
+        skip_bad_annotations=skip_bad_annotations,
+    )
+    result.annotations = [a for index, a in enumerate(annotations) if check(a, index)]
     return result
 
 
-def log_coco_problems(checked: CheckedCocoJson, json_file: str, dataset_name: str) -> None:
-    """Logs one warning for the skipped and the unmatched annotations of a checked json."""
+def check_images_inside_root(
+    problems: CocoProblems, json_file: str, dataset_name: str, image_root: str, *, allow: bool
+) -> None:
+    """Refuses images whose ``file_name`` points outside ``image_root`` unless ``allow``.
+
+    A COCO json is untrusted data: ``../../x.jpg`` or ``/etc/x.jpg`` would make the data
+    loader read files outside the dataset.
+
+    Raises:
+        CocoFormatError: naming the file, the first such image and path, and the option.
+    """
+    if problems.outside_root and not allow:
+        count = _plural(problems.outside_root, "image")
+        raise CocoFormatError(
+            f"{file_and_dataset(json_file, dataset_name)}: {problems.outside_examples[0]} points "
+            f"outside the image folder {image_root} ({count} in all). Fix the file, or set "
+            f"{OUTSIDE_ROOT_OPTION} to read such paths as given."
+        )
+
+
+def log_coco_problems(problems: CocoProblems, json_file: str, dataset_name: str) -> None:
+    """Logs one warning for the skipped and the unmatched annotations of a checked json, and
+    one for its images outside the image folder (registration allowed them)."""
+    where = file_and_dataset(json_file, dataset_name)
     parts = []
-    if checked.skipped:
-        total = sum(checked.skipped.values())
-        kinds = ", ".join(f"{n} with a bad '{k}'" for k, n in sorted(checked.skipped.items()))
+    if problems.skipped:
+        total = sum(problems.skipped.values())
+        kinds = ", ".join(f"{n} with a bad '{k}'" for k, n in sorted(problems.skipped.items()))
         parts.append(f"{_plural(total, 'malformed annotation')} skipped ({kinds})")
-    if checked.unmatched:
+    if problems.unmatched:
         parts.append(
-            f"{_plural(checked.unmatched, 'annotation')} dropped: the image_id is not among the "
+            f"{_plural(problems.unmatched, 'annotation')} dropped: the image_id is not among the "
             "images"
         )
     if parts:
         logger.warning(
-            f"{_where(json_file, dataset_name)}: "
-            + "; ".join(parts)
-            + ". For example: "
-            + "; ".join(checked.examples)
-            + "."
+            f"{where}: " + "; ".join(parts) + ". For example: " + "; ".join(problems.examples) + "."
+        )
+    if problems.outside_root:
+        logger.warning(
+            f"{where}: {_plural(problems.outside_root, 'image')} outside the image folder, read "
+            f"as given ({OUTSIDE_ROOT_OPTION}): " + "; ".join(problems.outside_examples)
         )
 
 

@@ -11,7 +11,11 @@ dataset from the command line, without writing Python::
 registers the two datasets as ``custom_train`` and ``custom_test``, points the config's data
 loaders (and so the evaluator) at them and sets ``model.num_classes`` from the json's categories.
 ``dataset.skip_bad_annotations=True`` skips their malformed annotations with one warning instead
-of stopping (see :mod:`dino_d2.data.coco_json`).
+of stopping (see :mod:`dino_d2.data.coco_json`). The jsons are read through their memory-mapped
+cache (:mod:`dino_d2.data.coco_cache`, converted once, so any size fits in memory);
+``dataset.cache=False`` reads them whole with Python's json instead.
+``dataset.allow_images_outside_root=True`` reads image paths that leave the image folder
+(``../x.jpg``, absolute) as given, with one warning, instead of stopping.
 """
 
 import functools
@@ -53,8 +57,10 @@ DATASET_OVERRIDE_KEYS = (
     "test_json",
     "test_images",
     "skip_bad_annotations",
+    "cache",
+    "allow_images_outside_root",
 )
-_BOOLEAN_DATASET_KEYS = {"skip_bad_annotations"}
+_BOOLEAN_DATASET_KEYS = {"skip_bad_annotations", "cache", "allow_images_outside_root"}
 _BOOLEANS = {"true": True, "false": False}
 CUSTOM_TRAIN_DATASET = "custom_train"
 CUSTOM_TEST_DATASET = "custom_test"
@@ -158,7 +164,8 @@ def pop_dataset_overrides(opts: Sequence[str]) -> Tuple[List[str], Dict[str, str
 
     Returns:
         the other overrides (for ``LazyConfig.apply_overrides``), and ``{key: value}`` of the
-        dataset ones (a bool for ``skip_bad_annotations``, strings for the paths).
+        dataset ones (bools for ``skip_bad_annotations``, ``cache`` and
+        ``allow_images_outside_root``, strings for the paths).
 
     Raises:
         ValueError: a ``dataset.*`` key other than :data:`DATASET_OVERRIDE_KEYS`, a repeated
@@ -200,20 +207,25 @@ def apply_dataset_overrides(cfg: DictConfig, overrides: Dict[str, str]) -> None:
     ``dataloader.train.dataset.names``; ``test_json`` + ``test_images`` register
     :data:`CUSTOM_TEST_DATASET` and set ``dataloader.test.dataset.names`` (the evaluator follows
     it in dino_d2's configs). ``model.num_classes`` is set to the number of categories.
-    ``skip_bad_annotations`` is passed on to :func:`register_coco_format_dataset`. Call it in
-    every process (registrations are per process).
+    ``skip_bad_annotations``, ``cache`` and ``allow_images_outside_root`` are passed on to
+    :func:`register_coco_format_dataset`. Call it in every process (registrations are per
+    process); the processes of a machine take turns to build a json's cache (a file lock), so
+    it is converted once.
 
     Raises:
-        ValueError: a json without its image folder (or the reverse), ``skip_bad_annotations``
-            without a json, or train and test jsons whose categories (ids and names) differ.
+        ValueError: a json without its image folder (or the reverse), a boolean option without
+            a json, or train and test jsons whose categories (ids and names) differ.
     """
     overrides = dict(overrides)
-    skip_bad_annotations = overrides.pop("skip_bad_annotations", None)
+    options = {
+        k: overrides.pop(k, None) for k in DATASET_OVERRIDE_KEYS if k in _BOOLEAN_DATASET_KEYS
+    }
+    options = {k: v for k, v in options.items() if v is not None}
     if not overrides:
-        if skip_bad_annotations is not None:
+        if options:
             raise ValueError(
-                "dataset.skip_bad_annotations applies to the datasets of dataset.train_json and "
-                "dataset.test_json; give them too"
+                f"dataset.{next(iter(options))} applies to the datasets of dataset.train_json "
+                "and dataset.test_json; give them too"
             )
         return
     logger = logging.getLogger(__name__)
@@ -225,9 +237,7 @@ def apply_dataset_overrides(cfg: DictConfig, overrides: Dict[str, str]) -> None:
             raise ValueError(f"dataset.{split}_json and dataset.{split}_images go together")
         if json_file is None:
             continue
-        num_classes = register_coco_format_dataset(
-            dataset_name, json_file, image_root, skip_bad_annotations=bool(skip_bad_annotations)
-        )
+        num_classes = register_coco_format_dataset(dataset_name, json_file, image_root, **options)
         OmegaConf.update(cfg, f"dataloader.{split}.dataset.names", dataset_name, merge=False)
         splits[split] = (dataset_name, num_classes)
     if "train" in splits and "test" in splits:

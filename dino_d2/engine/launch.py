@@ -1,36 +1,33 @@
-"""Launching a multi-process job in which one failing process stops every process within seconds.
+"""Starting a job's processes with torch's elastic agent, or joining a job started from outside.
 
-:func:`launch` takes Detectron2's ``launch`` arguments and runs ``main_func`` in one process per
-GPU with NCCL, or, without CUDA, in that many CPU processes with Gloo (Detectron2 v0.6's launcher
-requires CUDA; see :mod:`dino_d2._compat` for the per-machine process group).
+:func:`launch` takes Detectron2's ``launch`` arguments:
 
-Without supervision, a process that raises (a NaN loss, an unreadable image, a full disk) stops
-only itself: processes that wait for it in a collective operation notice at best when its
-connections close, and with NCCL, or a process stuck elsewhere, only at the collective timeout
-(30 minutes by default). A launcher on another machine cannot see the failure at all. Here:
+* in a process that ``torchrun``, ``srun`` or submitit started (:func:`~dino_d2.engine.job_env.
+  distributed_env`), it joins that job: it starts no process itself, and ``--num-gpus`` above 1 is
+  an error;
+* else, for ``num_machines * num_gpus_per_machine > 1``, it runs torch's elastic agent
+  (``torch.distributed.launcher.api.elastic_launch``) on this machine: ``num_gpus_per_machine``
+  processes, a "static" rendezvous at ``dist_url`` (machine ``machine_rank`` keeps its rank, as
+  in Detectron2; machine 0 hosts the job's store) and no restarts. The agent checks its processes
+  every :data:`MONITOR_SECONDS` and stops all of them when one fails.
 
-* the launcher of machine 0 hosts the job's rendezvous store (a ``TCPStore`` at the
-  ``--dist-url`` address, which the processes' process group also uses), so it outlives any
-  process of the job; the launchers of the other machines connect to it;
-* a process whose ``main_func`` raises writes the failure (rank, machine, host and traceback)
-  to the store before it exits;
-* every launcher watches its own processes and the store, every :data:`POLL_SECONDS`. When a
-  failure appears in the store it stops its processes (SIGTERM, then SIGKILL after
-  :data:`STOP_GRACE_SECONDS`; the failed process itself is given :data:`FAILED_EXIT_SECONDS` to
-  exit) and raises :class:`JobFailedError` with the failed process's error and traceback. When
-  one of its processes exits non-zero before that, it stops the others the same way, writes the
-  failure to the store if the process could not (a SIGKILL, say) and raises that process's
-  error;
-* each launcher also counts a heartbeat in the store: a machine whose launcher stops beating for
-  :data:`LOST_MACHINE_SECONDS` (a machine that went away), or a store that cannot be reached
-  (machine 0's launcher went away), stops the others too;
-* machine 0's launcher keeps the store up until every launcher has finished (at most
-  :data:`FINISH_WAIT_SECONDS`), so that all of them can read a failure.
+Every process initialises the process group from torch's variables (a store at
+``MASTER_ADDR:MASTER_PORT``, with keys of its own in each run of a restarted job): NCCL with
+CUDA, Gloo without (each process then takes its share of the CPU threads), and Detectron2's
+per-machine group (:func:`dino_d2._compat.create_local_process_group`).
 
-Checkpoints are written atomically, so a process stopped during a write leaves the last complete
-checkpoint in place. The supervision needs a ``tcp://`` ``dist_url`` (Detectron2's default); with
-another scheme the processes are started as Detectron2 does and only this machine's launcher
-watches them.
+What the agent does not do is tell the other machines. Here:
+
+* a process whose work raises writes its failure (rank, machine, host, traceback) to the job's
+  store, unless another process wrote one first; a process that fails because another one did
+  (a collective whose peer is gone) raises :class:`JobFailedError` with that process's failure;
+* every process checks the store every :data:`POLL_SECONDS` and stops (exit code 1, with the
+  failure as its error) when another process's failure appears or the store is gone;
+* a launcher whose agent reports a failure writes it to the store if its process could not (a
+  SIGKILL), and raises :class:`JobFailedError` with the job's first failure and its traceback.
+
+Each process ends with a barrier and destroys its process group: a process group or store left
+to interpreter exit can abort a process whose work succeeded (SIGABRT, a joinable C++ thread).
 """
 
 import gc
@@ -38,54 +35,50 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 from datetime import timedelta
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ErrorHandler, record
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from detectron2.utils import comm
 
 from .._compat import create_local_process_group
+from .job_env import DistributedEnv, distributed_env
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "MONITOR_SECONDS",
     "POLL_SECONDS",
-    "STOP_GRACE_SECONDS",
-    "FAILED_EXIT_SECONDS",
-    "LOST_MACHINE_SECONDS",
     "FINISH_WAIT_SECONDS",
     "JobFailedError",
     "launch",
+    "run_in_job",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+#: How often the elastic agent checks its processes.
+MONITOR_SECONDS = 0.1
+#: How often a process checks the job's store for another process's failure.
 POLL_SECONDS = 0.5
-STOP_GRACE_SECONDS = 5.0
-FAILED_EXIT_SECONDS = 30.0
-LOST_MACHINE_SECONDS = 30.0
-FINISH_WAIT_SECONDS = 60.0
+#: How long a launcher keeps the job's store up after a failure, for the other machines.
+FINISH_WAIT_SECONDS = 10.0
 
-_FAILURE_KEY = "dino_d2/failure"
+_FAILURE_KEY = "dino_d2/failure/{attempt}"
+_DONE_KEY = "dino_d2/done/{machine}"
 _TRACEBACK_CHARS = 4000
 
 
 class JobFailedError(RuntimeError):
-    """Another process of the job failed; this machine's processes were stopped."""
-
-
-def _tcp_address(dist_url: str) -> Optional[Tuple[str, int]]:
-    url = urlparse(dist_url)
-    if url.scheme != "tcp" or not url.hostname or url.port is None:
-        return None
-    return url.hostname, url.port
+    """A process of the job failed; every process of the job was stopped."""
 
 
 def launch(
@@ -97,118 +90,139 @@ def launch(
     args: Sequence = (),
     timeout: timedelta = DEFAULT_TIMEOUT,
 ) -> None:
-    """Runs ``main_func(*args)`` in one process, or in ``num_gpus_per_machine`` spawned ones.
-
-    Same arguments as Detectron2's ``launch``; see the module docstring for what happens when a
-    process fails.
+    """Runs ``main_func(*args)`` in this process, or in the processes of a job (module doc).
 
     Args:
         main_func: the function to run; it must be picklable (defined at a module's top level).
         num_gpus_per_machine: processes per machine (GPUs when CUDA is available).
         num_machines: number of machines.
         machine_rank: rank of this machine, ``0..num_machines-1``.
-        dist_url: the rendezvous URL, e.g. ``"tcp://127.0.0.1:50152"``; ``"auto"`` (or None on
-            one machine) picks a free local port.
+        dist_url: ``"tcp://HOST:PORT"`` of machine 0; ``"auto"`` (or None) on one machine picks a
+            free local port.
         args: arguments of ``main_func``.
         timeout: timeout of the collective operations.
 
     Raises:
-        torch.multiprocessing.ProcessRaisedException / ProcessExitedException: a process of
-            this machine failed (with its traceback).
-        JobFailedError: a process of another machine failed, or a machine went away.
+        ValueError: ``--num-gpus`` above 1 in a job started by torchrun/SLURM; a ``dist_url``
+            that is not ``tcp://HOST:PORT`` for several machines.
+        JobFailedError: a process of the job failed (its error and traceback in the message).
     """
-    world_size = num_machines * num_gpus_per_machine
-    if world_size <= 1:
+    env = distributed_env()
+    if env is not None:
+        if num_gpus_per_machine > 1 or num_machines > 1:
+            raise ValueError(
+                f"This process was started by {env.source} as rank {env.rank} of "
+                f"{env.world_size}: the processes are started by it, not by --num-gpus "
+                f"{num_gpus_per_machine} / --num-machines {num_machines}; drop those flags"
+            )
+        run_in_job(main_func, args, env, timeout)
+        return
+    if num_machines * num_gpus_per_machine <= 1:
         main_func(*args)
         return
-    if dist_url is None or dist_url == "auto":
-        if num_machines != 1:
-            raise ValueError("dist_url must be given explicitly for a multi-machine job")
-        dist_url = "tcp://127.0.0.1:0"
-    address = _tcp_address(dist_url)
-    store = None
-    if address is None:
-        logger.warning(f"{dist_url}: only tcp:// URLs let one failing process stop other machines")
-        if num_machines > 1 and dist_url.startswith("file://"):
-            logger.warning("file:// is not a reliable init_method in multi-machine jobs")
-    else:
-        store = _connect(address, machine_rank == 0, timeout)
-        address = (address[0], store.port)
-        dist_url = f"tcp://{address[0]}:{address[1]}"
-    context = mp.start_processes(
-        _distributed_worker,
-        nprocs=num_gpus_per_machine,
-        args=(
-            main_func,
-            world_size,
-            num_gpus_per_machine,
-            machine_rank,
-            dist_url,
-            address,
-            tuple(args),
-            timeout,
-        ),
-        daemon=False,
-        start_method="spawn",
-        join=False,
+    host, port = _endpoint(dist_url, num_machines)
+    store = dist.TCPStore(
+        host,
+        port,
+        None,
+        machine_rank == 0,
+        timeout,
+        wait_for_workers=False,
+        multi_tenant=True,  # the agent's rendezvous on machine 0 shares this server
     )
-    _Supervisor(context, store, machine_rank, num_machines, num_gpus_per_machine).run()
-
-
-def _connect(address: Tuple[str, int], is_master: bool, timeout: timedelta):
-    """The launcher's connection to the job's store (machine 0's launcher hosts it)."""
-    host, port = address
-    # A client waits up to `timeout` for machine 0's launcher to start.
-    store = dist.TCPStore(host, port, None, is_master, timeout, wait_for_workers=False)
-    # Once connected, a store that stops answering means machine 0's launcher is gone.
-    store.set_timeout(timedelta(seconds=LOST_MACHINE_SECONDS))
-    return store
-
-
-def _distributed_worker(
-    local_rank: int,
-    main_func: Callable,
-    world_size: int,
-    num_gpus_per_machine: int,
-    machine_rank: int,
-    dist_url: str,
-    address: Optional[Tuple[str, int]],
-    args: tuple,
-    timeout: timedelta,
-) -> None:
-    use_cuda = torch.cuda.is_available()
-    if use_cuda and num_gpus_per_machine > torch.cuda.device_count():
-        raise RuntimeError(
-            f"{num_gpus_per_machine} processes per machine requested but only "
-            f"{torch.cuda.device_count()} GPUs are visible"
-        )
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    else:
-        # The processes share the machine's cores.
-        torch.set_num_threads(max(1, torch.get_num_threads() // num_gpus_per_machine))
-    global_rank = machine_rank * num_gpus_per_machine + local_rank
-    backend = "nccl" if use_cuda else "gloo"
-    store = None
+    config = LaunchConfig(
+        min_nodes=num_machines,
+        max_nodes=num_machines,
+        nproc_per_node=num_gpus_per_machine,
+        run_id=f"dino_d2_{port}",
+        rdzv_backend="static",
+        rdzv_endpoint=f"{host}:{port}",
+        rdzv_configs={"rank": machine_rank, "timeout": int(timeout.total_seconds())},
+        max_restarts=0,
+        monitor_interval=MONITOR_SECONDS,
+        start_method="spawn",
+    )
     try:
-        if address is not None:
-            store = dist.TCPStore(address[0], address[1], None, False, timeout)
-            dist.init_process_group(
-                backend, store=store, rank=global_rank, world_size=world_size, timeout=timeout
-            )
+        elastic_launch(config, _elastic_worker)(main_func, tuple(args), timeout)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        message = failure.message
+        if isinstance(message, dict):
+            details = message.get("extraInfo", {}).get("py_callstack", "")
+            message = message["message"]
         else:
-            dist.init_process_group(
-                backend,
-                init_method=dist_url,
-                world_size=world_size,
-                rank=global_rank,
-                timeout=timeout,
+            details = ""
+        own = _failure_record(rank, machine_rank, failure.local_rank, message, details)
+        own["pid"] = failure.pid
+        first = _exchange_failure(store, 0, own)
+        raise JobFailedError(f"The job was stopped: {_describe(first)}") from None
+    finally:
+        _finish(store, machine_rank, num_machines)
+
+
+def _endpoint(dist_url: Optional[str], num_machines: int):
+    if dist_url in (None, "auto"):
+        if num_machines > 1:
+            raise ValueError("--dist-url must be tcp://HOST:PORT of machine 0 for several machines")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return "127.0.0.1", sock.getsockname()[1]
+    url = urlparse(dist_url)
+    if url.scheme != "tcp" or not url.hostname or url.port is None:
+        raise ValueError(f"--dist-url {dist_url!r}: expected tcp://HOST:PORT (or auto)")
+    return url.hostname, url.port
+
+
+@record
+def _elastic_worker(main_func: Callable, args: tuple, timeout: timedelta) -> None:
+    """A process the elastic agent started; ``@record`` writes its error for the agent."""
+    run_in_job(main_func, args, distributed_env(), timeout)
+
+
+def run_in_job(
+    main_func: Callable, args: Sequence, env: DistributedEnv, timeout: timedelta = DEFAULT_TIMEOUT
+) -> None:
+    """Runs ``main_func(*args)`` as process ``env.rank`` of a job (see the module docstring).
+
+    Raises:
+        RuntimeError: more processes per machine than visible GPUs.
+        JobFailedError: another process failed first.
+    """
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        if env.local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"Local rank {env.local_rank} has no GPU: {torch.cuda.device_count()} visible"
             )
-    except Exception:
-        logger.error(f"Process group URL: {dist_url}")
-        raise
+        torch.cuda.set_device(env.local_rank)
+    else:
+        # The processes of a machine share its cores.
+        torch.set_num_threads(max(1, torch.get_num_threads() // env.local_world_size))
+    env.export()
+    # torchrun's agent hosts the store and keeps it across restarts: each run gets its own keys
+    # (a process of a restarted run could otherwise read a peer's address of the run before).
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    hosts = env.rank == 0 and not agent_store
+    store = dist.TCPStore(
+        env.master_addr,
+        env.master_port,
+        env.world_size if hosts else None,
+        hosts,
+        timeout,
+        wait_for_workers=False,
+        multi_tenant=True,
+    )
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo",
+        store=dist.PrefixStore(f"dino_d2/run_{env.restart_count}", store),
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+    )
+    watch = None
     try:
-        create_local_process_group(num_gpus_per_machine)
+        create_local_process_group(env.local_world_size)
+        watch = _FailureWatch(env)
         # One barrier before the work starts: a late process could otherwise time out a collective.
         comm.synchronize()
         main_func(*args)
@@ -216,162 +230,114 @@ def _distributed_worker(
         # process whose peer closes a connection it still reads from.
         comm.synchronize()
     except Exception as error:
-        if store is not None:
-            _report_failure(
-                store,
-                rank=global_rank,
-                machine=machine_rank,
-                local_rank=local_rank,
-                error=f"{type(error).__name__}: {error}",
-                details=traceback.format_exc()[-_TRACEBACK_CHARS:],
-            )
+        if watch is None:
+            raise
+        own = _failure_record(
+            env.rank,
+            env.machine_rank,
+            env.local_rank,
+            f"{type(error).__name__}: {error}",
+            traceback.format_exc(),
+        )
+        first = _exchange_failure(watch.store, env.restart_count, own)
+        if first is not None and first["rank"] != env.rank:
+            raise JobFailedError(f"Stopped because {_describe(first)}") from error
         raise
     finally:
+        if watch is not None:
+            watch.stop()
         dist.destroy_process_group()
-        # Release the process groups' and the store's C++ objects (and their threads) now:
-        # left to interpreter exit, a still-joinable thread can abort the process (SIGABRT,
-        # "terminate called without an active exception") after its work succeeded.
-        del store
+        # Release the process groups' and the store's C++ objects (and their threads) now.
+        del watch, store
         gc.collect()
 
 
-def _report_failure(store, **record) -> None:
-    """Writes the job's first failure to the store (later ones keep the first)."""
-    record.update(host=socket.gethostname(), pid=os.getpid())
+def _failure_record(rank, machine, local_rank, error: str, details: str) -> Dict:
+    return {
+        "rank": rank,
+        "machine": machine,
+        "local_rank": local_rank,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "error": error.strip().splitlines()[0] if error.strip() else error,
+        "details": details[-_TRACEBACK_CHARS:],
+    }
+
+
+def _exchange_failure(store, attempt: int, record: Dict) -> Dict:
+    """Writes ``record`` as the job's failure unless one is there; returns the first one (or
+    ``record`` when the store cannot be reached)."""
+    key = _FAILURE_KEY.format(attempt=attempt)
     try:
-        store.compare_set(_FAILURE_KEY, "", json.dumps(record))
-    except Exception as error:  # the store may be gone with machine 0: nothing left to tell
-        logger.warning(f"Could not report the failure to the job's store: {error}")
-
-
-def _read_failure(store) -> Optional[Dict]:
-    if not store.check([_FAILURE_KEY]):
-        return None
-    return json.loads(store.get(_FAILURE_KEY))
+        store.compare_set(key, "", json.dumps(record))
+        return json.loads(store.get(key))
+    except dist.DistError as error:  # the store left with machine 0: nothing more to learn
+        logger.warning(f"Could not reach the job's store to report the failure: {error}")
+        return record
 
 
 def _describe(record: Dict) -> str:
-    return (
+    text = (
         f"process rank {record['rank']} (machine {record['machine']}, local rank "
-        f"{record['local_rank']}, host {record.get('host')}, pid {record.get('pid')}) failed: "
+        f"{record['local_rank']}, host {record['host']}, pid {record['pid']}) failed: "
         f"{record['error']}"
     )
+    if record.get("details"):
+        text += f"\nIts traceback:\n{record['details']}"
+    return text
 
 
-class _Supervisor:
-    """Watches this machine's processes and the job's store (see the module docstring)."""
-
-    def __init__(self, context, store, machine_rank: int, num_machines: int, per_machine: int):
-        self.context = context
-        self.store = store
-        self.machine_rank = machine_rank
-        self.num_machines = num_machines
-        self.per_machine = per_machine
-        self._beats: Dict[int, Tuple[int, float]] = {}
-
-    def run(self) -> None:
-        try:
-            while not self._join():
-                if self.store is None:
-                    continue
-                try:
-                    record = _read_failure(self.store)
-                    self._beat()
-                except dist.DistError as error:
-                    self._stop_all()
-                    raise JobFailedError(
-                        f"Lost contact with the job's store (hosted by machine 0's launcher): "
-                        f"{error}. Machine 0's launcher has stopped; this machine's processes "
-                        "were stopped."
-                    ) from error
-                if record is not None:
-                    self._stop_for(record)
-        except BaseException:
-            self._stop_all()
-            self._finish()
-            raise
-        self._finish()
-
-    def _join(self, timeout: float = POLL_SECONDS) -> bool:
-        """``context.join``; a local failure is written to the store before it is raised."""
-        try:
-            # On a failure torch stops the other processes: SIGTERM after `grace_period`, SIGKILL
-            # after another; they are stuck waiting for the failed one, so the first is short.
-            return self.context.join(timeout=timeout, grace_period=1.0)
-        except ProcessException as error:
-            if self.store is not None:
-                local_rank = error.error_index
-                _report_failure(
-                    self.store,
-                    rank=self.machine_rank * self.per_machine + local_rank,
-                    machine=self.machine_rank,
-                    local_rank=local_rank,
-                    error=str(error).strip().splitlines()[-1],
-                    details=str(error)[-_TRACEBACK_CHARS:],
-                )
-            raise
-
-    def _stop_for(self, record: Dict) -> None:
-        """Stops this machine's processes because of ``record``; raises JobFailedError."""
-        failed = None
-        if record["machine"] == self.machine_rank:
-            failed = self.context.processes[record["local_rank"]]
-        self._stop_all(spare=failed)
-        if failed is not None:
-            # The failed process is ours and exiting: let it finish (its error file, its logs).
-            failed.join(FAILED_EXIT_SECONDS)
-            self._stop_all()
-        raise JobFailedError(
-            f"Stopping this machine's processes: {_describe(record)}\n"
-            f"Its traceback:\n{record.get('details', '')}"
-        )
-
-    def _stop_all(self, spare=None) -> None:
-        """SIGTERM, then SIGKILL after a grace period, for the processes still running (but
-        ``spare``)."""
-        processes = [p for p in self.context.processes if p.is_alive() and p is not spare]
-        for process in processes:
-            process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for process in processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
-
-    def _beat(self) -> None:
-        """Counts this launcher's heartbeat; raises JobFailedError for a machine gone quiet."""
-        self.store.add(f"dino_d2/alive/{self.machine_rank}", 1)
-        now = time.monotonic()
-        for machine in range(self.num_machines):
-            if machine == self.machine_rank:
-                continue
-            if self.store.check([f"dino_d2/finished/{machine}"]):
-                continue
-            beats = self.store.add(f"dino_d2/alive/{machine}", 0)
-            last = self._beats.get(machine)
-            if last is None or beats != last[0]:
-                self._beats[machine] = (beats, now)
-            elif beats > 0 and now - last[1] > LOST_MACHINE_SECONDS:
-                self._stop_all()
-                raise JobFailedError(
-                    f"Machine {machine}'s launcher stopped answering for "
-                    f"{LOST_MACHINE_SECONDS:.0f} s (the machine went away?); this machine's "
-                    "processes were stopped."
-                )
-
-    def _finish(self) -> None:
-        """Marks this launcher finished; machine 0's keeps the store up for the others."""
-        if self.store is None:
+def _finish(store, machine_rank: int, num_machines: int) -> None:
+    """Marks this launcher done; machine 0's keeps the store up a while for the others."""
+    try:
+        store.set(_DONE_KEY.format(machine=machine_rank), "1")
+        if machine_rank != 0:
             return
-        try:
-            self.store.set(f"dino_d2/finished/{self.machine_rank}", "1")
-            if self.machine_rank != 0:
+        keys = [_DONE_KEY.format(machine=m) for m in range(num_machines)]
+        deadline = time.monotonic() + FINISH_WAIT_SECONDS
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
+    except dist.DistError as error:
+        logger.warning(f"The job's store could not be reached at the end: {error}")
+
+
+class _FailureWatch:
+    """A thread that stops this process when another process's failure appears in the job's store
+    (the one at ``MASTER_ADDR:MASTER_PORT``), or when the store is gone."""
+
+    def __init__(self, env: DistributedEnv):
+        self.env = env
+        self.store = dist.TCPStore(
+            env.master_addr, env.master_port, None, False, timedelta(seconds=30)
+        )
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dino_d2-failure-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        key = _FAILURE_KEY.format(attempt=self.env.restart_count)
+        while not self._stopped.wait(POLL_SECONDS):
+            try:
+                if not self.store.check([key]):
+                    continue
+                first = json.loads(self.store.get(key))
+            except dist.DistError as error:
+                self._exit(f"Lost contact with the job's store (machine 0 went away?): {error}")
                 return
-            keys = [f"dino_d2/finished/{m}" for m in range(self.num_machines)]
-            deadline = time.monotonic() + FINISH_WAIT_SECONDS
-            while not self.store.check(keys) and time.monotonic() < deadline:
-                time.sleep(POLL_SECONDS)
-        except dist.DistError as error:
-            logger.warning(f"The job's store could not be reached at the end: {error}")
+            if first["rank"] != self.env.rank:
+                self._exit(f"Stopped because {_describe(first)}")
+                return
+
+    def _exit(self, message: str) -> None:
+        """Ends this process at once: its main thread may be stuck in a collective operation."""
+        if self._stopped.is_set():
+            return
+        error = JobFailedError(message)
+        logger.error(f"Rank {self.env.rank}: {message}")
+        ErrorHandler().record_exception(error)  # the agent's report shows it (torchrun)
+        logging.shutdown()
+        os._exit(1)

@@ -19,16 +19,17 @@ import errno
 import glob
 import logging
 import os
+import pickletools
 import shutil
 import uuid
 from typing import Dict, List, Optional, Tuple
 
-import cloudpickle
 from omegaconf import DictConfig, OmegaConf
 
 from detectron2.config import LazyConfig
 
 from ..checkpoint.atomic import OutputWriteError, format_size, fsync_dir
+from ..model_zoo import load_config_file
 
 __all__ = [
     "OutputDirConflictError",
@@ -121,23 +122,27 @@ def config_differences(old: Dict, new: Dict) -> List[Tuple[str, object, object]]
 
 def _load_container(path: str) -> Optional[Dict]:
     try:
-        return OmegaConf.to_container(LazyConfig.load(path), resolve=False)
+        return OmegaConf.to_container(load_config_file(path), resolve=False)
     except Exception as error:  # a yaml we cannot read says nothing about the run
         logger.info(f"Could not read {path} ({type(error).__name__}: {error}); not compared")
         return None
 
 
-def _loadable_pickle(path: str) -> bool:
+def _complete_pickle(path: str) -> bool:
     """Whether ``path`` is a complete pickle (LazyConfig.save's fallback for a config that
-    cannot be written as yaml)."""
+    cannot be written as yaml), judged by walking its opcodes to the final STOP with
+    ``pickletools.genops``: nothing in it is unpickled, so nothing it refers to runs."""
     if not os.path.isfile(path):
         return False
+    with open(path, "rb") as f:
+        data = f.read()
+    last = None
     try:
-        with open(path, "rb") as f:
-            cloudpickle.load(f)
-    except Exception:  # any failure means the file is not a usable pickle
+        for last, _, _ in pickletools.genops(data):
+            pass
+    except ValueError:  # an unknown opcode, or the data ends before STOP: cut short
         return False
-    return True
+    return last is not None and last.name == "STOP"
 
 
 def _same_keys(a, b) -> bool:
@@ -218,7 +223,7 @@ def prepare_output_dir(cfg: DictConfig, resume: bool) -> str:
         new = _load_container(staged) if os.path.isfile(staged) else None
         if new is not None and not _same_keys(new, OmegaConf.to_container(cfg, resolve=False)):
             new = None  # a write cut short can still parse, without the keys after the cut
-        if new is None and not _loadable_pickle(pickled):
+        if new is None and not _complete_pickle(pickled):
             free = _free(output_dir)
             raise OutputWriteError(
                 f"Could not write config.yaml in {os.path.abspath(output_dir)}: the written file "

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.data import transforms as T
 
+from ..checkpoint import AtomicCheckpointer
 from ..layers.fast_path import optimize_for_cpu_inference
 from .defaults import resolve_device
 
@@ -24,17 +24,31 @@ class Predictor:
     """Detectron2's ``DefaultPredictor`` for a LazyConfig: one image in, ``Instances`` out.
 
     Builds ``cfg.model`` in eval mode on ``device``, loads ``checkpoint`` (default
-    ``cfg.train.init_checkpoint``) with ``DetectionCheckpointer``, applies the inference fast
-    path (:func:`dino_d2.layers.fast_path.optimize_for_cpu_inference`) and resizes each image with
+    ``cfg.train.init_checkpoint``) with Detectron2's checkpointer, through
+    :func:`dino_d2.checkpoint.load_checkpoint_file` (a file whose pickle would run code is refused
+    unless ``unsafe_load``), applies the inference fast path
+    (:func:`dino_d2.layers.fast_path.optimize_for_cpu_inference`) and resizes each image with
     ``cfg.dataloader.test.mapper.augmentations`` (no resize when the config has none).
 
     Args:
         cfg: a loaded LazyConfig.
         checkpoint: weights to load; None reads ``cfg.train.init_checkpoint``; "" loads nothing.
         device: e.g. "cpu"; None reads ``cfg.train.device`` (None there: CUDA if available).
+        unsafe_load: load ``checkpoint`` with full unpickling (``--unsafe-load``; only a file
+            you trust).
+
+    Raises:
+        UntrustedFileError: the checkpoint holds Python objects and ``unsafe_load`` is False.
     """
 
-    def __init__(self, cfg, checkpoint: Optional[str] = None, device: Optional[str] = None):
+    def __init__(
+        self,
+        cfg,
+        checkpoint: Optional[str] = None,
+        device: Optional[str] = None,
+        *,
+        unsafe_load: bool = False,
+    ):
         if device is None:
             device = resolve_device(OmegaConf.select(cfg, "train.device", default=None))
         self.device = torch.device(device)
@@ -43,7 +57,7 @@ class Predictor:
             checkpoint = OmegaConf.select(cfg, "train.init_checkpoint", default="") or ""
         self.checkpoint = checkpoint
         if checkpoint:
-            DetectionCheckpointer(self.model).load(checkpoint)
+            AtomicCheckpointer(self.model, unsafe_load=unsafe_load).load(checkpoint)
         else:
             logger.warning("No checkpoint given: the model keeps its random initial weights")
         optimize_for_cpu_inference(self.model)

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 SCRIPT_TRAIN_KEYS = (
     "output_dir",
     "init_checkpoint",
+    "init_class_map",
     "max_iter",
     "amp.enabled",
     "amp.precision",

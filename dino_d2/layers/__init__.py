@@ -1,6 +1,11 @@
 """Ops and small building blocks shared by the DINO model."""
 
-from .fast_path import OneDNNLinear, optimize_for_cpu_inference, optimized_copy
+from .fast_path import (
+    OneDNNLinear,
+    optimize_for_cpu_inference,
+    optimize_for_training,
+    optimized_copy,
+)
 from .ms_deform_attn import (
     MSDA_IMPLEMENTATIONS,
     MultiScaleDeformableAttention,
@@ -27,5 +32,6 @@ __all__ = [
     "multi_scale_deformable_attn_gather",
     "multi_scale_deformable_attn_pytorch",
     "optimize_for_cpu_inference",
+    "optimize_for_training",
     "optimized_copy",
 ]

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .frozen_bn import fold_frozen_batchnorm
 
-__all__ = ["OneDNNLinear", "optimize_for_cpu_inference", "optimized_copy"]
+__all__ = ["OneDNNLinear", "optimize_for_cpu_inference", "optimize_for_training", "optimized_copy"]
 
 _ACTIVATIONS = ("none", "relu")
 
@@ -124,8 +124,7 @@ def optimize_for_cpu_inference(model: nn.Module) -> Dict[str, int]:
         what changed: ``{"folded_batchnorms": ..., "fused_relus": ..., "onednn_linears": ...}``
         (the last counts the fused ones too).
     """
-    folded = fold_frozen_batchnorm(model)
-    getattr(model, "backbone", model).to(memory_format=torch.channels_last)
+    folded = optimize_for_training(model)
     fused = _fuse_relus(model)
     swapped = 0
     for module in model.modules():
@@ -133,6 +132,21 @@ def optimize_for_cpu_inference(model: nn.Module) -> Dict[str, int]:
             module.__class__ = OneDNNLinear
             swapped += 1
     return {"folded_batchnorms": folded, "fused_relus": fused, "onednn_linears": swapped + fused}
+
+
+def optimize_for_training(model: nn.Module) -> int:
+    """The part of the fast path that also serves training, applied to ``model`` in place: the
+    frozen batch norms folded into their convolutions (the folded weight is computed from the
+    trainable one on every call, so gradients and checkpoints are unchanged) and the backbone's
+    weights channels-last (a model without a ``backbone`` attribute is made channels-last
+    whole). The training script applies it to the model it trains.
+
+    Returns:
+        the number of batch norms folded.
+    """
+    folded = fold_frozen_batchnorm(model)
+    getattr(model, "backbone", model).to(memory_format=torch.channels_last)
+    return folded
 
 
 def optimized_copy(model: nn.Module) -> nn.Module:

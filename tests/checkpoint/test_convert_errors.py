@@ -11,6 +11,7 @@ from checkpoint_layouts import SMALL, authors_state_dict, build_model, detrex_st
 
 from dino_d2.checkpoint import (
     ConversionError,
+    UntrustedFileError,
     convert_checkpoint,
     load_checkpoint_file,
     save_checkpoint,
@@ -155,6 +156,6 @@ def test_loading_files_with_args_safely(idea_source, tmp_path):
         convert_checkpoint("easycv", {"state_dict": idea_source}, use_ema=True)
 
     torch.save({"model": {}, "meta": Opaque()}, path)
-    with pytest.raises(ConversionError, match="--unsafe-load"):
+    with pytest.raises(UntrustedFileError, match="--unsafe-load"):
         load_checkpoint_file(path)
     assert isinstance(load_checkpoint_file(path, unsafe=True)["meta"], Opaque)

@@ -36,10 +36,16 @@ EPOCHS = {"12ep": (12, 11), "24ep": (24, 20), "36ep": (36, 30)}
 DEMOS = ["dino_r18_digits"]
 # DINO on plain ViTs, with layer-wise lr decay (tests/configs/test_vit_configs.py).
 VIT = ["dino_timm_vit_small_4scale_12ep", "dino_vitdet_b_4scale_12ep"]
+# Objects365 pre-training and its COCO fine-tuning (tests/configs/test_objects365_configs.py).
+OBJECTS365 = [
+    "dino_swin_large_384_5scale_objects365v2_26ep",
+    "dino_swin_large_384_5scale_objects365v2_coco_18ep",
+]
 
 
 def test_every_required_variant_ships():
-    assert sorted(REQUIRED + DEMOS + VIT) == sorted(name[:-3] for name in list_configs())
+    shipped = sorted(name[:-3] for name in list_configs())
+    assert sorted(REQUIRED + DEMOS + VIT + OBJECTS365) == shipped
 
 
 @pytest.mark.parametrize("name", REQUIRED)

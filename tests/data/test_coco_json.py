@@ -1,7 +1,9 @@
 """Malformed COCO jsons: errors that name the file, the dataset, the annotation and the field;
-skipping on request with one warning; annotations of unknown images counted once."""
+skipping on request with one warning; annotations of unknown images counted once. Each test runs
+on both paths: the memory-mapped cache (the default) and the json read whole (cache=False)."""
 
 import copy
+import functools
 import json
 import logging
 import re
@@ -17,7 +19,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 
 from dino_d2.data import register_coco_format_dataset
-from dino_d2.data.coco_json import CocoFormatError, read_coco_json
+from dino_d2.data.coco_json import CocoFormatError
 from dino_d2.data.datasets import load_coco_format_json
 
 NAME = "test_coco_json"
@@ -50,39 +52,45 @@ def folder(tmp_path):
         MetadataCatalog.remove(NAME)
 
 
+@pytest.fixture(params=[True, False], ids=["cache", "json"])
+def register(request):
+    return functools.partial(register_coco_format_dataset, cache=request.param)
+
+
 def _write(folder, content, name="instances.json"):
     path = folder / name
     path.write_text(json.dumps(content) if not isinstance(content, str) else content)
     return str(path)
 
 
-def test_truncated_json_names_file_and_dataset_with_position_and_text(folder):
+def test_truncated_json_names_file_and_dataset_with_position_and_text(folder, register):
     text = json.dumps(_content())
     path = _write(folder, text[:300])
     with pytest.raises(CocoFormatError) as error:
-        register_coco_format_dataset(NAME, path, folder)
+        register(NAME, path, folder)
     message = str(error.value)
     assert path in message and f"dataset '{NAME}'" in message
-    json_error = error.value.__cause__
-    assert isinstance(json_error, json.JSONDecodeError)
-    assert f"line 1, column {json_error.colno}" in message
+    line, column = (int(v) for v in re.search(r"line (\d+), column (\d+)", message).groups())
+    assert line == 1
+    if isinstance(error.value.__cause__, json.JSONDecodeError):
+        assert column == error.value.__cause__.colno
     excerpt_line, caret_line = message.splitlines()[1:3]
     # The excerpt is the file's text around the error, the caret under the error's character.
     assert excerpt_line.strip(" .") in text[:300]
-    column = caret_line.index("^")
-    position = json_error.pos
-    assert excerpt_line[column - 20 : column] == text[position - 20 : position]
+    caret = caret_line.index("^")
+    position = column - 1
+    assert excerpt_line[caret - 20 : caret] == text[position - 20 : position]
     assert "is it truncated" in message
     assert NAME not in DatasetCatalog.list()
 
 
-def test_syntax_error_on_a_later_line_shows_that_line(folder):
+def test_syntax_error_on_a_later_line_shows_that_line(folder, register):
     lines = json.dumps(_content(), indent=1).splitlines()
     broken = next(i for i, line in enumerate(lines) if '"file_name": "b.png"' in line)
     lines[broken] = lines[broken].rstrip(",")  # a missing comma
     path = _write(folder, "\n".join(lines))
     with pytest.raises(CocoFormatError) as error:
-        read_coco_json(path, NAME)
+        register(NAME, path, folder)
     message = str(error.value)
     assert f"line {broken + 2}, column" in message
     excerpt_line, caret_line = message.splitlines()[1:3]
@@ -91,13 +99,13 @@ def test_syntax_error_on_a_later_line_shows_that_line(folder):
     assert "truncated" not in message
 
 
-def test_not_utf8_and_not_an_object(folder):
+def test_not_utf8_and_not_an_object(folder, register):
     path = folder / "latin1.json"
     path.write_bytes('{"images": [{"file_name": "\xe9"}]}'.encode("latin-1"))
     with pytest.raises(CocoFormatError, match=re.escape(f"{path} (dataset '{NAME}') is not UTF-8")):
-        read_coco_json(str(path), NAME)
+        register(NAME, str(path), folder)
     with pytest.raises(CocoFormatError, match="holds a JSON list"):
-        read_coco_json(_write(folder, "[1, 2]"), NAME)
+        register(NAME, _write(folder, "[1, 2]"), folder)
 
 
 BAD_ANNOTATIONS = [
@@ -116,13 +124,13 @@ BAD_ANNOTATIONS = [
 
 @pytest.mark.parametrize("field, value, shown, expected", BAD_ANNOTATIONS)
 def test_malformed_annotation_names_file_annotation_field_and_expectation(
-    folder, field, value, shown, expected
+    folder, register, field, value, shown, expected
 ):
     content = _content()
     content["annotations"][2][field] = value
     path = _write(folder, content)
     with pytest.raises(CocoFormatError) as error:
-        register_coco_format_dataset(NAME, path, folder)
+        register(NAME, path, folder)
     message = str(error.value)
     assert message.startswith(f"{path} (dataset '{NAME}'): ")
     name = "annotation id 3 (annotations[2])" if field != "id" else "annotations[2]"
@@ -130,14 +138,14 @@ def test_malformed_annotation_names_file_annotation_field_and_expectation(
     assert "dataset.skip_bad_annotations=True" in message
 
 
-def test_missing_field_and_repeated_id(folder):
+def test_missing_field_and_repeated_id(folder, register):
     content = _content()
     del content["annotations"][1]["bbox"]
     with pytest.raises(
         CocoFormatError,
         match=r"annotation id 2 \(annotations\[1\]\): 'bbox' is " "missing; expected",
     ):
-        register_coco_format_dataset(NAME, _write(folder, content), folder)
+        register(NAME, _write(folder, content), folder)
     content = _content()
     content["annotations"][3]["id"] = 1
     with pytest.raises(
@@ -145,21 +153,21 @@ def test_missing_field_and_repeated_id(folder):
         match="annotation id 1 .annotations.3..: 'id' is 1 .int.; "
         "expected an integer, unique in the file .this one is repeated.",
     ):
-        register_coco_format_dataset(NAME, _write(folder, content), folder)
+        register(NAME, _write(folder, content), folder)
 
 
-def test_malformed_image_and_category_entries(folder):
+def test_malformed_image_and_category_entries(folder, register):
     content = _content()
     content["images"][1]["height"] = "40"
     with pytest.raises(CocoFormatError, match=r"image id 2 \(images\[1\]\) has 'height' \"40\""):
-        register_coco_format_dataset(NAME, _write(folder, content), folder)
+        register(NAME, _write(folder, content), folder)
     content = _content()
     content["categories"][1]["id"] = "7"
     with pytest.raises(CocoFormatError, match=r"categories\[1\] is .* expected an object with"):
-        register_coco_format_dataset(NAME, _write(folder, content), folder)
+        register(NAME, _write(folder, content), folder)
 
 
-def test_skipping_counts_malformed_annotations_by_field_in_one_warning(folder, caplog):
+def test_skipping_counts_malformed_annotations_by_field_in_one_warning(folder, register, caplog):
     content = _content()
     good = copy.deepcopy(content["annotations"])
     extra = [
@@ -172,7 +180,7 @@ def test_skipping_counts_malformed_annotations_by_field_in_one_warning(folder, c
         content["annotations"].append(dict(good[0], id=100 + k, **change))
     path = _write(folder, content)
     with caplog.at_level(logging.WARNING):
-        assert register_coco_format_dataset(NAME, path, folder, skip_bad_annotations=True) == 2
+        assert register(NAME, path, folder, skip_bad_annotations=True) == 2
         dicts = DatasetCatalog.get(NAME)
         DatasetCatalog.get(NAME)
     warnings = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
@@ -189,11 +197,11 @@ def test_skipping_counts_malformed_annotations_by_field_in_one_warning(folder, c
     assert "json_file" not in metadata.as_dict() and metadata.coco_json_file == path
 
 
-def test_evaluation_after_skipping_uses_the_kept_annotations(folder, tmp_path):
+def test_evaluation_after_skipping_uses_the_kept_annotations(folder, register, tmp_path):
     content = _content()
     content["annotations"].append(dict(content["annotations"][0], id=50, bbox="1,2,3,4"))
     path = _write(folder, content)
-    register_coco_format_dataset(NAME, path, folder, skip_bad_annotations=True)
+    register(NAME, path, folder, skip_bad_annotations=True)
     evaluator = COCOEvaluator(NAME, output_dir=str(tmp_path / "eval"), use_fast_impl=False)
     evaluator.reset()
     for record in DatasetCatalog.get(NAME):
@@ -207,13 +215,13 @@ def test_evaluation_after_skipping_uses_the_kept_annotations(folder, tmp_path):
     assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(100.0)
 
 
-def test_annotations_of_unknown_images_are_counted_once_naming_the_file(folder, caplog):
+def test_annotations_of_unknown_images_are_counted_once_naming_the_file(folder, register, caplog):
     content = _content()
     content["annotations"][1]["image_id"] = 999
     content["annotations"][3]["image_id"] = 3
     path = _write(folder, content)
     with caplog.at_level(logging.WARNING):
-        register_coco_format_dataset(NAME, path, folder)
+        register(NAME, path, folder)
         dicts = DatasetCatalog.get(NAME)
         DatasetCatalog.get(NAME)
     warnings = [r.getMessage() for r in caplog.records if "not among the images" in r.getMessage()]
@@ -225,13 +233,13 @@ def test_annotations_of_unknown_images_are_counted_once_naming_the_file(folder, 
     assert MetadataCatalog.get(NAME).json_file == path
 
 
-def test_same_dataset_dicts_as_detectron2_load_coco_json(folder):
+def test_same_dataset_dicts_as_detectron2_load_coco_json(folder, register):
     content = _content()
     content["annotations"][0]["iscrowd"] = 1
     del content["annotations"][1]["iscrowd"]
     content["annotations"][2]["bbox"] = [1.5, 2.25, 30.0, 10]
     path = _write(folder, content)
-    register_coco_format_dataset(NAME, path, folder)
+    register(NAME, path, folder)
     ours = load_coco_format_json(path, str(folder), NAME)
     theirs = load_coco_json(path, str(folder), NAME)
     assert ours == theirs

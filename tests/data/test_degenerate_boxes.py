@@ -34,7 +34,8 @@ def dataset(tmp_path):
         "categories": [{"id": 1, "name": "thing"}],
     }
     (tmp_path / "boxes.json").write_text(json.dumps(coco))
-    register_coco_format_dataset(NAME, str(tmp_path / "boxes.json"), str(tmp_path))
+    # NaN is not JSON: only the json path (Python's json) reads it; the cache refuses the file.
+    register_coco_format_dataset(NAME, str(tmp_path / "boxes.json"), str(tmp_path), cache=False)
     yield NAME
     DatasetCatalog.remove(NAME)
     MetadataCatalog.remove(NAME)

@@ -1,15 +1,19 @@
 """Jobs for tests/engine/test_launch.py, run by ``python launch_jobs.py`` as one "machine".
 
 Usage: ``launch_jobs.py SCENARIO MACHINE_RANK NUM_MACHINES PROCESSES_PER_MACHINE PORT``. The
-functions are at module level so that the spawned processes can import them.
+functions are at module level so that the spawned processes can import them. With SLURM's or
+torch's variables set, give ``0 1 1 0``: the process joins the job they describe.
 """
 
+import json
 import os
 import signal
 import sys
 import time
 
 import torch.distributed as dist
+
+from detectron2.utils import comm
 
 from dino_d2.engine.launch import launch
 
@@ -49,6 +53,24 @@ def succeed_unevenly():
         time.sleep(3)
 
 
+def comm_state():
+    """What Detectron2's comm sees in this process (a collective call)."""
+    gathered = comm.all_gather(comm.get_rank())
+    return {
+        "rank": comm.get_rank(),
+        "world_size": comm.get_world_size(),
+        "local_rank": comm.get_local_rank(),
+        "local_size": comm.get_local_size(),
+        "backend": dist.get_backend(),
+        "gathered": gathered,
+    }
+
+
+def report():
+    """Prints :func:`comm_state` as one JSON line."""
+    print(f"REPORT {json.dumps(comm_state())}", flush=True)
+
+
 def sleep_long():
     """Every rank leaves a file in $LAUNCH_TEST_MARKERS once running, then sleeps."""
     with open(os.path.join(os.environ["LAUNCH_TEST_MARKERS"], f"rank{dist.get_rank()}"), "w"):
@@ -62,6 +84,7 @@ SCENARIOS = {
     "kill": killed_in_one_rank,
     "succeed": succeed_unevenly,
     "sleep": sleep_long,
+    "report": report,
 }
 
 if __name__ == "__main__":

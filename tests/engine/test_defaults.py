@@ -10,6 +10,7 @@ from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from dino_d2.data import builtin, builtin_dataset_names, register_builtin_datasets
+from dino_d2.data.coco_cache import cache_key
 from dino_d2.data.digits import generate_digits_dataset
 from dino_d2.engine import (
     CUSTOM_TEST_DATASET,
@@ -72,6 +73,22 @@ def test_pop_dataset_overrides():
     assert datasets == {"skip_bad_annotations": False}
     with pytest.raises(ValueError, match="takes True or False"):
         pop_dataset_overrides(["dataset.skip_bad_annotations=yes"])
+    _, datasets = pop_dataset_overrides(
+        ["dataset.cache=False", "dataset.allow_images_outside_root=true"]
+    )
+    assert datasets == {"cache": False, "allow_images_outside_root": True}
+
+
+def test_cache_override_reaches_the_registration(digits_root, custom_names):
+    cfg = get_config("dino_r18_digits.py")
+    apply_dataset_overrides(cfg, _overrides(digits_root))
+    assert MetadataCatalog.get(CUSTOM_TRAIN_DATASET).coco_cache.endswith(
+        os.path.join("train.json.dino_d2-cache", cache_key(_overrides(digits_root)["train_json"]))
+    )
+    apply_dataset_overrides(cfg, dict(_overrides(digits_root), cache=False))
+    assert MetadataCatalog.get(CUSTOM_TRAIN_DATASET).coco_cache is None
+    with pytest.raises(ValueError, match="dataset.cache applies to the datasets of"):
+        apply_dataset_overrides(cfg, {"cache": False})
 
 
 def test_skip_bad_annotations_override_reaches_the_registration(

@@ -122,7 +122,7 @@ def test_exported_model_timed_and_compared_with_eager(tiny_dino_config, tmp_path
     common = [
         "--config-file", config, "--height", "96", "--width", "128", "--num-iter", "2",
         "--warmup", "1", "--no-limit", "--no-parity", "--pt2", export.path, "--json",
-        "--baseline-s", "10", "--baseline-sgemm", "1",
+        "--baseline-s", "10", "--baseline-sgemm", "1", "--unsafe-load",
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1"}
     result = _run_tool(*common, "--weights", weights, "train.device=cpu", env=env)
@@ -214,7 +214,11 @@ def test_training_steps_idle_and_busy(tiny_config):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--busy", "1"], "add --train"), (["--train", "--num-boxes", "0"], "--num-boxes")],
+    [
+        (["--busy", "1"], "add --train"),
+        (["--train", "--num-boxes", "0"], "--num-boxes"),
+        (["--pt2", "model.pt2"], "can run code"),
+    ],
 )
 def test_bad_arguments(args, message):
     result = _run_tool("--config-file", "unused.py", *args)

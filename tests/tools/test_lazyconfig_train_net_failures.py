@@ -24,9 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 300  # seconds; a job that waits for its collective timeout would take 30 minutes
 
 
-def start(tmp_path, output_dir, *args):
-    """Starts the script (flags first in ``args``, then overrides)."""
-    command = [sys.executable, SCRIPT, "--config-file", CONFIG, *args]
+def start(tmp_path, output_dir, *args, launcher=()):
+    """Starts the script (flags first in ``args``, then overrides), by ``python *launcher``."""
+    command = [sys.executable, *launcher, SCRIPT, "--config-file", CONFIG, *args]
     command += [f"train.output_dir={output_dir}", f"dataloader.evaluator.output_dir={output_dir}"]
     path = os.pathsep.join(p for p in (REPO, HERE, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
@@ -165,7 +165,8 @@ def test_two_processes_stop_when_one_fails_in_the_last_iteration(data, tmp_path)
         *data,
     )
     assert code != 0
-    assert "RuntimeError: injected failure in rank 0 at call 4" in output
+    assert "JobFailedError: The job was stopped: process rank 0 (machine 0, local rank 0" in output
+    assert "failed: RuntimeError: injected failure in rank 0 at call 4" in output
     assert "Start inference" not in output
     _complete_checkpoint(output_dir, expected_iteration=1)
 
@@ -194,11 +195,14 @@ def test_two_machines_stop_when_one_has_a_non_finite_loss(data, tmp_path):  # no
     ]
     (code_0, output_0), (code_1, output_1) = finish(*machines)
     assert code_0 != 0 and code_1 != 0
-    # Machine 0's launcher shows machine 1's error.
-    assert "JobFailedError: Stopping this machine's processes: process rank 1 (machine 1, " in (
-        output_0
+    # Machine 0's launcher shows machine 1's error: where, what, and its traceback.
+    assert (
+        "JobFailedError: The job was stopped: process rank 1 (machine 1, local rank 0, host "
+        in (output_0)
     )
     assert "failed: FloatingPointError: Loss became infinite or NaN at iteration 2" in output_0
+    traceback = output_0[output_0.index("Its traceback:") :]
+    assert "check_losses_finite" in traceback and "FloatingPointError: Loss became" in traceback
     assert "FloatingPointError: Loss became infinite or NaN at iteration 2" in output_1
     _complete_checkpoint(str(tmp_path / "out0"), expected_iteration=1)
 

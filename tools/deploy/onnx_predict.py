@@ -17,6 +17,10 @@ model and the JSON that ``tools/deploy/export_model.py`` writes next to it (``mo
   right, with ``image_sizes (N, 2)`` int64 giving each image's real height and width. The
   graph normalizes, pads to the backbone's divisibility and masks the padding itself.
 
+``model.json`` is read as data: each value used (``input_format``, ``resize``, ``class_names``)
+is checked for its type and range, and a wrong one stops with an error naming the file, the key,
+the value and what was expected; nothing in it is evaluated.
+
 Boxes come back in the resized image's pixels and are scaled to the original image and
 clipped, empty ones dropped, as Detectron2's ``detector_postprocess`` does.
 ``OUTPUT/detections.json`` has the layout of ``tools/demo.py``'s and ``OUTPUT/<image>.png`` the
@@ -47,6 +51,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DETECTIONS_FILE = "detections.json"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _DTYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
+_INPUT_FORMATS = ("RGB", "BGR")
+# The largest resize target accepted from model.json, in pixels a side.
+MAX_IMAGE_SIDE = 1 << 15
 
 
 class InputError(Exception):
@@ -66,10 +73,37 @@ def load_preprocessing(model_path: str, path: Optional[str] = None) -> Dict:
             info = json.load(f)
         except json.JSONDecodeError as e:
             raise InputError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(info, dict):
+        raise InputError(f"{path} holds a JSON {type(info).__name__}; expected an object")
     missing = [k for k in ("input_format", "resize") if k not in info]
     if missing:
         raise InputError(f"{path} lacks {missing}; re-export the model to get a complete one")
+    _check_preprocessing(path, info)
     return info
+
+
+def _invalid(path: str, key: str, value, expected: str) -> InputError:
+    return InputError(f"{path}: {key} is {value!r}; expected {expected}")
+
+
+def _check_preprocessing(path: str, info: Dict) -> None:
+    """Checks the type and range of each value :class:`OnnxPredictor` reads."""
+    if info["input_format"] not in _INPUT_FORMATS:
+        raise _invalid(path, "input_format", info["input_format"], "'RGB' or 'BGR'")
+    resize = info["resize"]
+    if not isinstance(resize, dict):
+        raise _invalid(path, "resize", resize, "an object with short_edge_length and max_size")
+    if resize.get("type", "ResizeShortestEdge") != "ResizeShortestEdge":
+        raise _invalid(path, "resize.type", resize["type"], "'ResizeShortestEdge'")
+    for key in ("short_edge_length", "max_size"):
+        value = resize.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_IMAGE_SIDE:
+            raise _invalid(path, f"resize.{key}", value, f"an integer in 1..{MAX_IMAGE_SIDE}")
+    names = info.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(name, str) for name in names)
+    ):
+        raise _invalid(path, "class_names", names, "a list of strings")
 
 
 def read_image(path: str, input_format: str) -> np.ndarray:

@@ -1,9 +1,9 @@
 from omegaconf import OmegaConf
 
 from detectron2.config import LazyCall as L
-from detectron2.data import get_detection_dataset_dicts
 
 from dino_d2._compat import build_detection_test_loader, build_detection_train_loader
+from dino_d2.data.datasets import get_detection_dataset
 from dino_d2.data.mapper import DatasetMapper
 from dino_d2.data.transforms import detr_test_augmentation, detr_train_augmentation
 from dino_d2.evaluation import COCOEvaluator
@@ -12,8 +12,10 @@ dataloader = OmegaConf.create()
 
 # Flip, then either a multi-scale resize (shortest side 480..800, longest 1333) or
 # resize -> random crop 384..600 -> multi-scale resize, each with probability 0.5.
+# get_detection_dataset: a memory-mapped dataset read by index for datasets registered with the
+# cache (dataset.train_json=...), Detectron2's list of dicts for the others.
 dataloader.train = L(build_detection_train_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),
+    dataset=L(get_detection_dataset)(names="coco_2017_train"),
     mapper=L(DatasetMapper)(
         is_train=True,
         augmentations=L(detr_train_augmentation)(),
@@ -28,7 +30,7 @@ dataloader.train = L(build_detection_train_loader)(
 )
 
 dataloader.test = L(build_detection_test_loader)(
-    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
+    dataset=L(get_detection_dataset)(names="coco_2017_val", filter_empty=False),
     mapper=L(DatasetMapper)(
         is_train=False,
         augmentations=L(detr_test_augmentation)(),
