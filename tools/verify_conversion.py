@@ -35,7 +35,6 @@ Prints the largest differences and PASS or FAIL; the exit code is 1 on FAIL.
 """
 
 import argparse
-import dataclasses
 import importlib
 import importlib.util
 import math
@@ -231,39 +230,20 @@ def run_ours(model, image: torch.Tensor, order=None, substitute=None) -> Dict[st
     """dino_d2's outputs for one 0-255 RGB (3, H, W) image, as :func:`run_authors` returns them.
 
     The transformer's output is read with a forward hook. ``order`` (k,) reorders the selected
-    proposals (anchors, encoder logits and boxes; the content queries stay) with a hook on the
-    query selection, whose output is a ``SelectedQueries``. ``substitute``, ``(positions,
-    enc_boxes, enc_logits)``, then puts other proposals at those positions (see
-    :func:`cut_substitutions`).
+    proposals and ``substitute``, ``(positions, enc_boxes, enc_logits)``, then puts other
+    proposals at those positions (:func:`dino_d2.export.ties.forced_selection`).
     """
-
-    def reorder(module, inputs, output):
-        anchors, enc_logits, enc_boxes = output.anchors, output.enc_logits, output.enc_boxes
-        indices = output.indices
-        if order is not None:
-            anchors, enc_logits = anchors[:, order], enc_logits[:, order]
-            enc_boxes, indices = enc_boxes[:, order], indices[:, order]
-        if substitute is not None:
-            positions, boxes, logits = substitute
-            anchors, enc_logits, enc_boxes = anchors.clone(), enc_logits.clone(), enc_boxes.clone()
-            enc_boxes[0, positions] = boxes
-            anchors[0, positions] = torch.logit(boxes.double()).to(anchors.dtype)
-            enc_logits[0, positions] = logits
-        return dataclasses.replace(
-            output, anchors=anchors, enc_logits=enc_logits, enc_boxes=enc_boxes, indices=indices
-        )
+    from dino_d2.export.ties import forced_selection
 
     height, width = image.shape[-2:]
     captured = []
-    handles = [model.transformer.register_forward_hook(lambda m, i, out: captured.append(out))]
-    if order is not None or substitute is not None:
-        handles.append(model.transformer.query_selection.register_forward_hook(reorder))
+    handle = model.transformer.register_forward_hook(lambda m, i, out: captured.append(out))
+    forced = None if order is None else order[None]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forced_selection(model, forced, substitute):
             instances = model([{"image": image, "height": height, "width": width}])[0]["instances"]
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     (out,) = captured
     return {
         "logits": out.pred_logits[-1, 0],
@@ -290,60 +270,39 @@ def detectron2_detections(theirs, coco_ids, height, width):
 
 
 def tie_break_order(ours, theirs, tolerance: float) -> Optional[torch.Tensor]:
-    """The order that puts our selected proposals in the authors' order, or None if they agree.
-
-    The queries' anchors are the top-k encoder proposals in descending order of their best class
-    logit, and query i gets the learned content embedding i. Proposals whose scores tie to within
-    a rounding error may come out of the top-k in either order (and a different order pairs them
-    with different content embeddings). A proposal found at another index of the authors'
-    selection (same refined box within ``tolerance``) is moved there when the scores at both
-    indices agree within ``tolerance``; other differences are left for the comparison to report.
+    """The order that puts our selected proposals in the authors' order, or None if they agree
+    (:func:`dino_d2.export.ties.selection_tie_order`).
 
     Returns:
         (k,) int64: position j of the reordered selection takes our proposal ``order[j]``.
     """
-    k = len(ours["enc_boxes"])
-    index = torch.arange(k)
-    wrong = ((ours["enc_boxes"] - theirs["enc_boxes"]).abs().amax(1) > tolerance).nonzero()[:, 0]
+    from dino_d2.export.ties import selection_tie_order
+
     score = ours["enc_logits"].amax(1)
-    for i in wrong.tolist():
-        distance = (theirs["enc_boxes"][wrong] - ours["enc_boxes"][i]).abs().amax(1)
-        tied = (score[wrong] - score[i]).abs() <= tolerance
-        distance = distance.masked_fill(~tied, float("inf"))
-        j = int(distance.argmin())
-        if float(distance[j]) <= tolerance:
-            index[i] = wrong[j]
-    if torch.equal(index, torch.arange(k)) or len(index.unique()) != k:
-        return None
-    return torch.argsort(index)
+    return selection_tie_order(ours["enc_boxes"], score, theirs["enc_boxes"], tolerance)
 
 
 def cut_substitutions(ours, theirs, coco_ids, tolerance):
-    """Queries at the top-k cut that hold another proposal than the authors' at that index.
-
-    Two proposals whose scores tie to within a rounding error at the k-th place may be the one in
-    either model's top-k (a proposal is kept or not: no reordering can pair them). Where our
-    selection still differs from the authors' after :func:`tie_break_order`, only at places whose
-    scores agree within ``tolerance`` with the authors' k-th score, the authors' proposal (its
-    refined box and logits, which ours match to within the same rounding) is put there, so that
-    every other query can then be compared.
+    """Queries at the top-k cut that hold another proposal than the authors' at that index
+    (:func:`dino_d2.export.ties.cut_ties`), with the authors' proposals (their refined boxes
+    and logits, which ours match to within the same rounding) to put there, so that every other
+    query can then be compared.
 
     Returns:
         ``(positions, enc_boxes, enc_logits)`` for :func:`run_ours`, or None.
     """
-    their_logits = theirs["enc_logits"][:, coco_ids]
-    their_scores = theirs["enc_logits"].amax(1)
-    wrong = ((ours["enc_boxes"] - theirs["enc_boxes"]).abs().amax(1) > tolerance).nonzero()[:, 0]
-    if not len(wrong):
-        return None
-    cut = float(their_scores[-1])
-    our_scores = ours["enc_logits"].amax(1)
-    at_cut = ((our_scores[wrong] - cut).abs() <= tolerance) & (
-        (their_scores[wrong] - cut).abs() <= tolerance
+    from dino_d2.export.ties import cut_ties
+
+    positions = cut_ties(
+        ours["enc_boxes"],
+        ours["enc_logits"].amax(1),
+        theirs["enc_boxes"],
+        theirs["enc_logits"].amax(1),
+        tolerance,
     )
-    if not bool(at_cut.all()):
+    if positions is None:
         return None
-    return wrong, theirs["enc_boxes"][wrong], their_logits[wrong]
+    return positions, theirs["enc_boxes"][positions], theirs["enc_logits"][:, coco_ids][positions]
 
 
 def compare(ours, theirs, coco_ids, size, tolerance) -> Tuple[bool, List[str]]:
@@ -366,7 +325,7 @@ def compare(ours, theirs, coco_ids, size, tolerance) -> Tuple[bool, List[str]]:
         passed &= ok
         lines.append(f"  {name:30s} max |diff| {diff:.2e}  {'ok' if ok else 'FAIL'}")
 
-    from dino_d2.export.verify import pair_detections
+    from dino_d2.export.ties import pair_detections, unpaired_beyond_cut
 
     # Detections: scores in [0, 1] within the tolerance; boxes in pixels, within the tolerance
     # of normalized coordinates times the image size.
@@ -378,7 +337,7 @@ def compare(ours, theirs, coco_ids, size, tolerance) -> Tuple[bool, List[str]]:
     )
     # A detection may be unpaired only at the top-k cut: its score ties the last kept one.
     cut = min(float(ours["scores"].min()), float(reference[1].min()))
-    bad = [d for d in unpaired + their_unpaired if d[0] > cut + tolerance]
+    bad = unpaired_beyond_cut(unpaired + their_unpaired, cut, tolerance)
     ok = not bad and len(score_diffs) > 0
     passed &= ok
     lines.append(

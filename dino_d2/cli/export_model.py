@@ -51,6 +51,7 @@ from dino_d2.export.exporter import (
 )
 from dino_d2.export.graph import InferenceGraph
 from dino_d2.export.onnx import MSDA_ONNX_IMPLEMENTATIONS
+from dino_d2.layers.fast_path import optimize_for_cpu_inference
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
 
 __all__ = ["main", "test_resize", "sample_batch"]
@@ -95,8 +96,9 @@ def sample_batch(
     return batch, torch.tensor([[height, width], list(crop)], dtype=torch.int64)
 
 
-def _preprocessing(cfg, graph: InferenceGraph, short: int, long: int) -> Dict:
+def _preprocessing(cfg, graph: InferenceGraph, short: int, long: int, outputs: List[str]) -> Dict:
     model = graph.model
+    extras = {name: "(N, K, ...) the extra head's output at each detection" for name in outputs[3:]}
     metadata = load_metadata(cfg, model.num_classes)
     return {
         "inputs": {
@@ -107,6 +109,7 @@ def _preprocessing(cfg, graph: InferenceGraph, short: int, long: int) -> Dict:
             "boxes": "(N, K, 4) float32 absolute XYXY in the resized image's pixels",
             "scores": "(N, K) float32, descending",
             "classes": "(N, K) int64",
+            **extras,
         },
         "input_format": model.input_format,
         "input_dtype": graph.input_dtype,
@@ -121,7 +124,7 @@ def _preprocessing(cfg, graph: InferenceGraph, short: int, long: int) -> Dict:
             "pixel_mean": [float(v) for v in model.pixel_mean.flatten()],
             "pixel_std": [float(v) for v in model.pixel_std.flatten()],
         },
-        "size_divisibility": graph.size_divisibility,
+        "size_divisibility": model.size_divisibility,
         "min_input_size": min_input_size(graph),
         "num_select": model.num_select,
         "class_names": list(metadata.get("thing_classes", None) or []),
@@ -193,14 +196,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ExportError(f"cannot load train.init_checkpoint={weights}: {e}") from e
         else:
             logger.warning("No train.init_checkpoint: exporting the model's random weights")
+        optimize_for_cpu_inference(model)
         graph = InferenceGraph(model, input_dtype=args.input_dtype)
         short, long = test_resize(cfg)
+        sample = sample_batch(graph, short, long, args.sample_image)
         result = export_model(
             graph,
-            sample_batch(graph, short, long, args.sample_image),
+            sample,
             args.format,
             args.output,
-            preprocessing=_preprocessing(cfg, graph, short, long),
+            preprocessing=_preprocessing(cfg, graph, short, long, graph.output_names(*sample)),
             verification=random_verification(graph, short, long),
             msda_impl=args.msda_impl,
             opset=args.opset,

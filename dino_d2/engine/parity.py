@@ -1,25 +1,24 @@
 """The CPU fast path against the plain eager model: the same weights must give the same
 detections.
 
-DINO runs inference on the CPU with its frozen batch norms folded into their convolutions, a
-channels-last backbone and oneDNN's linear layers with bias and ReLU fused
-(:mod:`dino_d2.layers.frozen_bn`, :mod:`dino_d2.layers.linear`). :func:`fast_path_parity`
-builds the same config without them and compares the detections as an export's are compared
-(:mod:`dino_d2.export.verify`); ``tools/benchmark.py`` reports it beside the timing.
+The fast path is a transform of a built model
+(:func:`dino_d2.layers.fast_path.optimize_for_cpu_inference`: folded frozen batch norms, a
+channels-last backbone, oneDNN's linear layers with bias and ReLU fused).
+:func:`fast_path_parity` applies it to a copy of a model and compares the two models'
+detections as an export's are compared (:mod:`dino_d2.export.verify`); ``tools/benchmark.py``
+reports it beside the timing.
 """
 
-import copy
-import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from detectron2.config import instantiate
 from detectron2.layers import FrozenBatchNorm2d
 
+from ..export.ties import forced_selection, recorded_selections, selection_tie_order
 from ..export.verify import DetectionComparison, compare_detections
-from ..layers.linear import onednn_linear
+from ..layers.fast_path import optimized_copy
 
 __all__ = ["fast_path_parity", "perturb_frozen_batchnorm"]
 
@@ -48,88 +47,51 @@ def perturb_frozen_batchnorm(model: nn.Module, seed: int = 0) -> int:
     return changed
 
 
-def _tie_order(fast, plain, tolerance: float) -> Optional[Tensor]:
-    """The order that puts the plain model's selected encoder proposals in the fast model's
-    order, per image, when both selections hold the same proposals and the ones that moved score
-    alike within ``tolerance``; None when they already agree or differ otherwise."""
-    if fast.indices.shape != plain.indices.shape:
-        return None
-    orders = []
-    for ours, theirs, scores in zip(fast.indices, plain.indices, plain.enc_logits.amax(-1)):
-        position = {int(token): i for i, token in enumerate(theirs)}
-        if set(position) != set(ours.tolist()):
-            return None
-        order = torch.tensor([position[int(token)] for token in ours])
-        if (scores[order] - scores).abs().max() > tolerance:
-            return None
-        orders.append(order)
-    order = torch.stack(orders)
-    return None if torch.equal(order, torch.arange(order.shape[1]).expand_as(order)) else order
+def _tie_order(plain, fast, tolerance: float):
+    """(N, k) order that puts the plain run's selected proposals in the fast run's order, or
+    None when no image's selection moved (see :func:`selection_tie_order`)."""
+    orders, moved = [], False
+    for boxes, logits, their_boxes in zip(plain.enc_boxes, plain.enc_logits, fast.enc_boxes):
+        order = selection_tie_order(boxes, logits.amax(-1), their_boxes, tolerance)
+        moved |= order is not None
+        orders.append(torch.arange(len(boxes)) if order is None else order)
+    return torch.stack(orders) if moved else None
 
 
 def fast_path_parity(
-    cfg, model, batch: List[Dict], *, score_tolerance: float = 1e-4, box_tolerance: float = 1e-2
+    model: nn.Module,
+    batch: List[Dict],
+    *,
+    score_tolerance: float = 1e-4,
+    box_tolerance: float = 1e-2,
 ) -> DetectionComparison:
-    """The model as built (the fast path: folded batch norms, channels-last backbone, oneDNN's
-    fused linears) against the same weights in the plain eager model, on ``batch``.
+    """The fast path (a transformed copy of ``model``) against ``model`` itself, on ``batch``.
 
-    The plain model is ``cfg.model`` with ``fuse_frozen_batchnorm=False`` and
-    ``channels_last=False``, loaded with ``model``'s state dict and run with
-    ``onednn_linear(False)``. Detections are paired as an export's are
+    Detections are paired as an export's are
     (:func:`dino_d2.export.verify.compare_detections`).
 
     Query selection is a top-k over the encoder's proposals: two proposals whose scores tie to a
     rounding error (common with random weights) may come out in either order, and query i pairs
     the i-th with the i-th learned content query, so a swap changes those queries' detections.
-    When the two selections hold the same proposals and only tied ones moved, the plain model is
-    run again with its selection in the fast one's order, and the swap is noted in the result.
+    When only tied proposals moved (:mod:`dino_d2.export.ties`), the plain model is run again
+    with its selection in the fast one's order, and the swap is noted in the result.
+
+    Args:
+        model: a plain DINO (not transformed), in eval mode; it is not changed.
+        batch: Detectron2 inputs (dicts with ``image``).
     """
-    plain_cfg = copy.deepcopy(cfg.model)
-    plain_cfg.fuse_frozen_batchnorm = False
-    plain_cfg.channels_last = False
-    plain = instantiate(plain_cfg)
-    plain.load_state_dict(model.state_dict())
-    plain.to(next(model.parameters()).device).eval()
-    selections = {}
-
-    def capture(name):
-        def hook(module, inputs, output):
-            selections[name] = output
-
-        return hook
-
-    def reorder(module, inputs, output):
-        index = order.to(output.indices.device)
-
-        def take(t):
-            return torch.gather(t, 1, index.view(*index.shape, *[1] * (t.dim() - 2)).expand_as(t))
-
-        return dataclasses.replace(
-            output,
-            anchors=take(output.anchors),
-            enc_logits=take(output.enc_logits),
-            enc_boxes=take(output.enc_boxes),
-            indices=take(output.indices),
-        )
-
-    handles = [
-        model.transformer.query_selection.register_forward_hook(capture("fast")),
-        plain.transformer.query_selection.register_forward_hook(capture("plain")),
-    ]
-    try:
-        with torch.no_grad():
-            fast = model(batch)
-            with onednn_linear(False):
-                reference = plain(batch)
-                order = _tie_order(selections["fast"], selections["plain"], score_tolerance)
-                if order is not None:
-                    handles.append(plain.transformer.query_selection.register_forward_hook(reorder))
-                    reference = plain(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    fast = optimized_copy(model)
+    with torch.no_grad():
+        with recorded_selections(fast) as fast_selections:
+            outputs = fast(batch)
+        with recorded_selections(model) as plain_selections:
+            reference = model(batch)
+        order = _tie_order(plain_selections[0], fast_selections[0], score_tolerance)
+        if order is not None:
+            with forced_selection(model, order):
+                reference = model(batch)
     pairs = []
-    for i, (ref, out) in enumerate(zip(reference, fast)):
+    for i, (ref, out) in enumerate(zip(reference, outputs)):
         ref, out = ref["instances"], out["instances"]
         pairs.append(
             (

@@ -12,6 +12,7 @@ from detectron2.config import instantiate
 from detectron2.data import transforms as T
 
 from ..checkpoint import AtomicCheckpointer
+from ..layers.fast_path import optimize_for_cpu_inference
 from .defaults import resolve_device
 
 __all__ = ["Predictor"]
@@ -25,7 +26,8 @@ class Predictor:
     Builds ``cfg.model`` in eval mode on ``device``, loads ``checkpoint`` (default
     ``cfg.train.init_checkpoint``) with Detectron2's checkpointer, through
     :func:`dino_d2.checkpoint.load_checkpoint_file` (a file whose pickle would run code is refused
-    unless ``unsafe_load``), and resizes each image with
+    unless ``unsafe_load``), applies the inference fast path
+    (:func:`dino_d2.layers.fast_path.optimize_for_cpu_inference`) and resizes each image with
     ``cfg.dataloader.test.mapper.augmentations`` (no resize when the config has none).
 
     Args:
@@ -58,6 +60,7 @@ class Predictor:
             AtomicCheckpointer(self.model, unsafe_load=unsafe_load).load(checkpoint)
         else:
             logger.warning("No checkpoint given: the model keeps its random initial weights")
+        optimize_for_cpu_inference(self.model)
         self.input_format = getattr(self.model, "input_format", "RGB")
         augmentations = OmegaConf.select(cfg, "dataloader.test.mapper.augmentations")
         if augmentations is None:

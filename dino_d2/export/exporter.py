@@ -54,7 +54,6 @@ __all__ = [
 
 FORMATS = ("onnx", "pt2", "aoti")
 INPUT_NAMES = ("images", "image_sizes")
-OUTPUT_NAMES = ("boxes", "scores", "classes")
 _EXTENSIONS = {"onnx": "model.onnx", "pt2": "model.pt2", "aoti": "model_aoti.pt2"}
 
 
@@ -82,7 +81,7 @@ def output_paths(output_dir: str, fmt: str) -> Tuple[str, str]:
 
 def min_input_size(graph: InferenceGraph) -> int:
     """The smallest padded height and width the exported graph accepts."""
-    return max(graph.model._strides) + 1
+    return max(graph.model.strides) + 1
 
 
 def dynamic_shapes(graph: InferenceGraph) -> Dict[str, Dict[int, Any]]:
@@ -132,7 +131,7 @@ def _export(graph: InferenceGraph, sample, fmt: str, path: str, msda_impl: str, 
             opset_version=opset,
             dynamic_shapes=shapes,
             input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
+            output_names=graph.output_names(*sample),
         )
         return
     load_extension()

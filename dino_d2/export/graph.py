@@ -1,38 +1,39 @@
 """DINO's whole inference as one exportable graph: a padded image batch in, detections out.
 
-:class:`InferenceGraph` wraps a built :class:`~dino_d2.modeling.DINO` (it shares its weights)::
+:class:`InferenceGraph` is a thin adapter around a built :class:`~dino_d2.modeling.DINO` (it
+shares its weights), as Detectron2's ``TracingAdapter`` wraps a model's own inference: its
+forward is :meth:`DINO.detect <dino_d2.modeling.DINO.detect>` with tensors in and a flat tuple
+of tensors out::
 
-    boxes, scores, classes = InferenceGraph(model)(images, image_sizes)
+    boxes, scores, classes, *extras = InferenceGraph(model)(images, image_sizes)
 
 * ``images``: (N, 3, H, W) uint8 (or float, see ``input_dtype``), 0-255 values in the model's
   ``input_format`` channel order; image i fills the top-left ``image_sizes[i]`` of its slot, the
   rest is padding whose values do not matter.
 * ``image_sizes``: (N, 2) int64, each image's real (height, width).
 * ``boxes`` (N, K, 4) absolute XYXY in each image's pixels, ``scores`` (N, K) in descending order
-  and ``classes`` (N, K) int64: exactly :meth:`DINO.inference`'s top-k (K = ``num_select``, or
-  fewer when queries x classes is smaller), before Detectron2's ``detector_postprocess`` (which
-  rescales to a requested output size and clips).
+  and ``classes`` (N, K) int64: the top-k of ``detect`` (K = ``num_select``, or fewer when
+  queries x classes is smaller), before Detectron2's ``detector_postprocess`` (which rescales to
+  a requested output size and clips); then every extra head's output at the detections, (N, K,
+  ...), in the order of their names (:meth:`InferenceGraph.output_names`).
 
-Normalization, the zero padding of the normalized image (what :meth:`DINO.preprocess_image`
-gives), the padding to the backbone's ``size_divisibility``, the padding masks, the backbone,
-the neck, the encoder, query selection, the decoder and top-k are all inside the graph; no
-Detectron2 structure crosses its boundary, and N, H and W can be dynamic.
-
-The batch goes through the backbone as one tensor, as DINO does with
-``exact_batched_inference=False``; a single image gives exactly DINO's own detections.
+Everything ``detect`` does is inside the graph (normalization, padding, masks, backbone, neck,
+encoder, query selection, decoder, extra heads, top-k); no Detectron2 structure crosses its
+boundary, and N, H and W can be dynamic. The batch goes through the backbone as one tensor
+(``exact_batched=False``); a single image gives exactly DINO's own detections.
 """
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dino_d2.modeling.meta_arch.dino import DINO, padding_masks, select_top_detections
+from dino_d2.modeling.meta_arch.dino import DINO
 
 __all__ = ["InferenceGraph"]
 
 _INPUT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
+_DETECTIONS = ("boxes", "scores", "classes")
 
 
 class InferenceGraph(nn.Module):
@@ -51,7 +52,7 @@ class InferenceGraph(nn.Module):
             raise ValueError(
                 f"input_dtype must be one of {list(_INPUT_DTYPES)}, got {input_dtype!r}"
             )
-        square = model.backbone.padding_constraints.get("square_size", 0)
+        square = (model.backbone.padding_constraints or {}).get("square_size", 0)
         if square > 0:
             raise ValueError(
                 f"{type(model.backbone).__name__}: padding_constraints asks for square padding "
@@ -60,14 +61,20 @@ class InferenceGraph(nn.Module):
             )
         self.model = model.eval()
         self.input_dtype = input_dtype
-        self.size_divisibility = int(model.backbone.size_divisibility or 0)
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the image input."""
         return _INPUT_DTYPES[self.input_dtype]
 
-    def forward(self, images: Tensor, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    @torch.no_grad()
+    def output_names(self, images: Tensor, image_sizes: Tensor) -> List[str]:
+        """The names of :meth:`forward`'s outputs: the detections', then the extra heads' (which
+        only a run tells), for the inputs given."""
+        extras = self.model.detect(images, image_sizes, exact_batched=False).extras
+        return [*_DETECTIONS, *sorted(extras)]
+
+    def forward(self, images: Tensor, image_sizes: Tensor) -> Tuple[Tensor, ...]:
         """Detects objects in a padded batch.
 
         Args:
@@ -75,22 +82,14 @@ class InferenceGraph(nn.Module):
             image_sizes: (N, 2) int64 real (height, width) of each image.
 
         Returns:
-            ``(boxes, scores, classes)``: (N, K, 4) absolute XYXY, (N, K), (N, K) int64.
+            ``(boxes, scores, classes, *extras)``: (N, K, 4) absolute XYXY, (N, K), (N, K)
+            int64, then each extra head's (N, K, ...) output in the order of its name.
         """
-        model = self.model
-        height, width = images.shape[-2:]
-        x = (images.to(model.pixel_mean.dtype) - model.pixel_mean) / model.pixel_std
-        rows = torch.arange(height, device=x.device)[None, :] < image_sizes[:, :1]
-        cols = torch.arange(width, device=x.device)[None, :] < image_sizes[:, 1:]
-        x = x * (rows[:, :, None] & cols[:, None, :])[:, None].to(x.dtype)
-        if self.size_divisibility > 1:
-            d = self.size_divisibility
-            x = F.pad(x, (0, (d - width % d) % d, 0, (d - height % d) % d))
-        levels = model.run_backbone(x)
-        features = [levels[name] for name in model._levels]
-        masks = padding_masks(features, model._strides, image_sizes)
-        outputs = model.transformer(features, masks)
-        boxes, scores, classes, _ = select_top_detections(
-            outputs.pred_logits[-1], outputs.pred_boxes[-1], image_sizes, model.num_select
+        detections = self.model.detect(images, image_sizes, exact_batched=False)
+        extras = detections.extras
+        return (
+            detections.boxes,
+            detections.scores,
+            detections.classes,
+            *(extras[name] for name in sorted(extras)),
         )
-        return boxes, scores, classes

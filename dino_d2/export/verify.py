@@ -1,87 +1,35 @@
 """Proof of an export: the exported graph's detections against the PyTorch model's own.
 
-The reference is DINO itself, run as Detectron2 runs it (``preprocess_image``,
-``extract_features``, the transformer and ``inference``; no ``detector_postprocess``), with
-``exact_batched_inference=False`` for a batch (the graph sends the padded batch through the
-backbone as one tensor) and the model as configured for a single image.
+The reference is DINO's own inference on tensors, :meth:`DINO.detect
+<dino_d2.modeling.DINO.detect>` with ``exact_batched=False`` (the graph sends the padded batch
+through the backbone as one tensor; for a single image both are the same), which the graph also
+calls.
 
-Detections are compared as sets, not rank by rank: two detections whose scores differ by less
-than the tolerance may come out of top-k in either order, and the one at the top-k cut may be a
-different one. Detections are paired within each class, scores within ``score_tolerance`` and
-boxes within ``box_tolerance``, as many pairs as possible (an assignment, closest boxes first);
-the differences of the pairs are reported and every detection must be paired except ties at
-the cut.
+Detections are compared as sets, not rank by rank (:func:`dino_d2.export.ties.pair_detections`):
+two detections whose scores differ by less than the tolerance may come out of top-k in either
+order, and the one at the top-k cut may be a different one. Detections are paired within each
+class, scores within ``score_tolerance`` and boxes within ``box_tolerance``, as many pairs as
+possible (an assignment, closest boxes first); the differences of the pairs are reported and
+every detection must be paired except ties at the cut.
 """
 
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from dino_d2.modeling.meta_arch.dino import DINO
+
+from .ties import Detections, pair_detections, unpaired_beyond_cut
 
 __all__ = [
     "DetectionComparison",
     "compare_detections",
     "eager_detections",
     "pad_images",
-    "pair_detections",
     "verification_batches",
 ]
-
-Detections = Tuple[Tensor, Tensor, Tensor]  # boxes (K, 4), scores (K,), classes (K,)
-
-
-def pair_detections(
-    ours: Detections, theirs: Detections, score_tolerance: float, box_tolerance: float
-):
-    """Pairs our detections with theirs: each pair of the same class, scores within
-    ``score_tolerance`` and boxes within ``box_tolerance`` in every coordinate, as many pairs as
-    possible and, among those, the closest boxes.
-
-    A greedy pass (each detection takes its closest free partner) can strand a detection when
-    several of one class have near-equal scores and boxes, as a model with random weights gives:
-    the pairing is an assignment per class (scipy's ``linear_sum_assignment``) instead.
-
-    Args:
-        ours, theirs: ``(boxes (K, 4), scores (K,), classes (K,))``.
-
-    Returns:
-        ``(score_diffs, box_diffs, unpaired, their_unpaired)``: the absolute differences of the
-        pairs, and the unpaired detections of each side as ``(score, class)`` lists.
-    """
-    boxes, scores, classes = (t.detach().double().cpu() for t in ours)
-    their_boxes, their_scores, their_classes = (t.detach().double().cpu() for t in theirs)
-    paired = torch.zeros(len(scores), dtype=torch.bool)
-    their_paired = torch.zeros(len(their_scores), dtype=torch.bool)
-    score_diffs, box_diffs = [], []
-    for label in torch.unique(torch.cat([classes, their_classes])):
-        mine = torch.nonzero(classes == label).flatten()
-        other = torch.nonzero(their_classes == label).flatten()
-        if not len(mine) or not len(other):
-            continue
-        score_gap = (scores[mine, None] - their_scores[None, other]).abs()
-        box_gap = (boxes[mine, None] - their_boxes[None, other]).abs().amax(-1)
-        feasible = (score_gap <= score_tolerance) & (box_gap <= box_tolerance)
-        # Infeasible pairs cost more than any set of feasible ones: the most pairs first, then
-        # the closest boxes.
-        cost = torch.where(
-            feasible, box_gap, torch.full_like(box_gap, 1 + len(mine) * box_tolerance)
-        )
-        rows, cols = linear_sum_assignment(cost.numpy())
-        for i, j in zip(rows.tolist(), cols.tolist()):
-            if feasible[i, j]:
-                paired[mine[i]] = their_paired[other[j]] = True
-                score_diffs.append(float(score_gap[i, j]))
-                box_diffs.append(float(box_gap[i, j]))
-    unpaired = [(float(s), int(c)) for s, c in zip(scores[~paired], classes[~paired])]
-    their_unpaired = [
-        (float(s), int(c))
-        for s, c in zip(their_scores[~their_paired], their_classes[~their_paired])
-    ]
-    return score_diffs, box_diffs, unpaired, their_unpaired
 
 
 @dataclass
@@ -119,7 +67,7 @@ class DetectionComparison:
         self.max_box_diff = max([self.max_box_diff, *boxes])
         # Only a tie at the top-k cut may leave a detection unpaired.
         cut = min(float(reference[1].min()), float(candidate[1].min()))
-        bad = [d for d in unpaired + theirs if d[0] > cut + self.score_tolerance]
+        bad = unpaired_beyond_cut(unpaired + theirs, cut, self.score_tolerance)
         if bad:
             self.problems.append(f"{what}: detections without a counterpart {bad[:3]}")
 
@@ -148,7 +96,8 @@ def compare_detections(
 
 @torch.no_grad()
 def eager_detections(model: DINO, images: Tensor, image_sizes: Tensor) -> List[Detections]:
-    """DINO's own top-k detections of a padded batch, one ``(boxes, scores, classes)`` per image.
+    """DINO's own top-k detections of a padded batch, as an exported graph computes them: one
+    ``(boxes, scores, classes)`` per image.
 
     Args:
         model: the DINO in eval mode.
@@ -156,19 +105,8 @@ def eager_detections(model: DINO, images: Tensor, image_sizes: Tensor) -> List[D
             ``image_sizes[i]`` of its slot.
         image_sizes: (N, 2) int64 (height, width).
     """
-    inputs = [
-        {"image": images[i, :, :h, :w].float()} for i, (h, w) in enumerate(image_sizes.tolist())
-    ]
-    exact = model.exact_batched_inference
-    model.exact_batched_inference = exact and len(inputs) == 1
-    try:
-        batch = model.preprocess_image(inputs)
-        features, masks = model.extract_features(batch)
-        outputs = model.transformer(features, masks)
-        results = model.inference(outputs, batch.image_sizes)
-    finally:
-        model.exact_batched_inference = exact
-    return [(r.pred_boxes.tensor, r.scores, r.pred_classes) for r in results]
+    detections = model.detect(images, image_sizes, exact_batched=False)
+    return [detections.image(i) for i in range(len(detections))]
 
 
 def pad_images(images: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -197,8 +135,9 @@ def verification_batches(
 
 
 def detections_of_outputs(outputs: Sequence, image_sizes: Tensor) -> List[Detections]:
-    """Per-image ``(boxes, scores, classes)`` of a graph's (N, K, ...) outputs."""
-    boxes, scores, classes = (torch.as_tensor(o) for o in outputs)
+    """Per-image ``(boxes, scores, classes)`` of a graph's (N, K, ...) outputs (the first three;
+    extra heads' outputs follow them)."""
+    boxes, scores, classes = (torch.as_tensor(o) for o in outputs[:3])
     return [(boxes[i], scores[i], classes[i]) for i in range(len(image_sizes))]
 
 

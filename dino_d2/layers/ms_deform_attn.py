@@ -57,8 +57,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import linear
-
 __all__ = [
     "MSDA_IMPLEMENTATIONS",
     "MultiScaleDeformableAttention",
@@ -592,29 +590,25 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"got {tuple(reference_points.shape)}"
             )
 
-        value = linear(value, self.value_proj.weight, self.value_proj.bias)
+        value = self.value_proj(value)
         if value_padding_mask is not None:
             value = value.masked_fill(value_padding_mask[..., None], 0.0)
         value = value.view(n, s, m, self.embed_dim // m)
 
-        weights = linear(query, self.attention_weights.weight, self.attention_weights.bias)
+        weights = self.attention_weights(query)
         weights = weights.view(n, q, m, l * p).softmax(-1).view(n, q, m, l, p)
 
         if reference_points.shape[-1] == 2:
-            # An offset of 1 moves by one pixel of its level: the projection's rows are divided
-            # by that level's (W_l, H_l), which is cheaper than dividing its output.
-            per_row = (1.0 / spatial_shapes.flip(-1).to(query.dtype))[None, :, None, :]
-            per_row = per_row.expand(m, l, p, 2).reshape(-1)
-            offsets = linear(
-                query,
-                self.sampling_offsets.weight * per_row[:, None],
-                self.sampling_offsets.bias * per_row,
-            )
+            # An offset of 1 moves by one pixel of its level: offsets are divided by that
+            # level's (W_l, H_l) in the same pass that adds them to the reference points.
+            per_level = (1.0 / spatial_shapes.flip(-1).to(query.dtype))[None, :, None, :]
+            per_level = per_level.expand(m, l, p, 2).reshape(m, l * p * 2)
+            offsets = self.sampling_offsets(query).view(n, q, m, l * p * 2)
             start = reference_points[:, :, None, :, None, :].expand(n, q, 1, l, p, 2)
-            locations = offsets.view(n, q, m, l * p * 2) + start.reshape(n, q, 1, l * p * 2)
+            locations = torch.addcmul(start.reshape(n, q, 1, l * p * 2), offsets, per_level)
             locations = locations.view(n, q, m, l, p, 2)
         else:
-            offsets = linear(query, self.sampling_offsets.weight, self.sampling_offsets.bias)
+            offsets = self.sampling_offsets(query)
             offsets = offsets.view(n, q, m, l, p, 2)
             centers = reference_points[:, :, None, :, None, :2]
             sizes = reference_points[:, :, None, :, None, 2:]
@@ -623,4 +617,4 @@ class MultiScaleDeformableAttention(nn.Module):
         output = multi_scale_deformable_attn(
             value, spatial_shapes, level_start_index, locations, weights, level_shapes=level_shapes
         )
-        return self.dropout(linear(output, self.output_proj.weight, self.output_proj.bias))
+        return self.dropout(self.output_proj(output))

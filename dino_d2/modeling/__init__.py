@@ -9,7 +9,7 @@ from .criterion import DINOCriterion
 from .denoising import ContrastiveDenoising, DenoisingQueries
 from .losses import MatchedQueries, QuerySet
 from .matcher import HungarianMatcher
-from .meta_arch.dino import DINO
+from .meta_arch import DINO, DINODetections
 from .neck import ChannelMapper
 from .registry import LOSSES, MATCHING_COSTS
 from .transformer import (
@@ -23,6 +23,7 @@ from .transformer import (
 
 __all__ = [
     "DINO",
+    "DINODetections",
     "DINOTransformerOutput",
     "LOSSES",
     "MATCHING_COSTS",

@@ -7,7 +7,7 @@ decoder layer (``loss_class_dn``, ``loss_class_dn_i``, ...). The DN sets use the
 of :class:`DenoisingQueries` instead of the matcher: positive queries take their box's class and
 box targets, negative and padding queries are background for the class loss and take no box loss,
 and ``num_boxes`` is multiplied by the number of DN groups. When there are no DN queries (``dn``
-is None) the DN keys are still returned, as zeros, so the set of keys never changes.
+is None or holds none) the DN keys are still returned, as zeros, so the set of keys never changes.
 
 Every set gets every loss term named in ``losses`` (terms registered in
 :data:`dino_d2.modeling.LOSSES`, see :mod:`dino_d2.modeling.losses`), multiplied by that term's
@@ -134,7 +134,7 @@ class DINOCriterion(nn.Module):
         losses.update(self._set_losses(queries, targets, indices, num_boxes))
 
         for layer, suffix in enumerate(self._layer_suffixes()):
-            if dn is None:
+            if num_dn == 0:
                 zero = pred_logits.new_zeros(())
                 losses.update({name + "_dn" + suffix: zero for name in self.losses})
                 continue

@@ -57,7 +57,7 @@ class DenoisingQueries:
         content: (N, Q_dn, C) content queries: label embeddings of the noised labels, zero padding.
         boxes: (N, Q_dn, 4) noised boxes, normalized cxcywh (not inverse-sigmoided); padding is 0.5.
         attn_mask: (Q_dn + num_queries, Q_dn + num_queries) bool self-attention mask over the
-            decoder queries (DN queries first), True = may not attend.
+            decoder queries (DN queries first), True = may not attend; None when Q_dn is 0.
         num_groups: number of denoising groups.
         group_size: queries per group, ``2 * M`` (M positives then M negatives, M = most boxes in
             any image of the batch).
@@ -68,7 +68,7 @@ class DenoisingQueries:
 
     content: Tensor
     boxes: Tensor
-    attn_mask: Tensor
+    attn_mask: Optional[Tensor]
     num_groups: int
     group_size: int
     positive_indices: List[Tuple[Tensor, Tensor]]
@@ -131,13 +131,15 @@ class ContrastiveDenoising(nn.Module):
                 is used when None.
 
         Returns:
-            A :class:`DenoisingQueries`, or None when there is nothing to denoise
-            (``dn_number <= 0``, no images, or no image with a box).
+            A :class:`DenoisingQueries`; with zero queries when there is nothing to denoise
+            (``dn_number <= 0``, no images, or no image with a box). Those zero queries are
+            still made from the label embedding, so that it stays in the autograd graph: in
+            distributed training every parameter must take part in every step.
         """
         sizes = [int(t["labels"].shape[0]) for t in targets]
         max_targets = max(sizes, default=0)
         if self.dn_number <= 0 or max_targets == 0:
-            return None
+            return self._no_queries(len(targets))
 
         device = self.label_enc.weight.device
         batch_size = len(targets)
@@ -176,6 +178,18 @@ class ContrastiveDenoising(nn.Module):
             num_groups=num_groups,
             group_size=group_size,
             positive_indices=self._positive_indices(sizes, num_groups, group_size, device),
+        )
+
+    def _no_queries(self, batch_size: int) -> DenoisingQueries:
+        weight = self.label_enc.weight
+        empty = torch.zeros(0, dtype=torch.int64, device=weight.device)
+        return DenoisingQueries(
+            content=weight[None, :0].expand(batch_size, 0, self.embed_dim),
+            boxes=weight.new_zeros(batch_size, 0, 4),
+            attn_mask=None,
+            num_groups=0,
+            group_size=0,
+            positive_indices=[(empty, empty)] * batch_size,
         )
 
     def _noise_labels(self, labels: Tensor, generator: Optional[torch.Generator]) -> Tensor:

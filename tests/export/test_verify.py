@@ -2,7 +2,8 @@
 
 import torch
 
-from dino_d2.export.verify import compare_detections, pair_detections
+from dino_d2.export.ties import pair_detections
+from dino_d2.export.verify import compare_detections
 
 
 def _detections(boxes, scores, classes):

@@ -213,10 +213,11 @@ def test_all_losses_finite_when_one_image_has_no_targets():
 
 def test_empty_batch_gives_zero_dn_losses_with_the_usual_keys():
     targets = _targets([0, 0])
-    assert _dn(targets) is None
+    dn = _dn(targets)
+    assert dn.num_dn_queries == 0
     outputs = _outputs(2)
-    losses = _criterion()(outputs, targets, None)
-    assert set(losses) == _expected_keys(L)
+    losses = _criterion()(outputs, targets, dn)
+    assert set(losses) == _expected_keys(L) == set(_criterion()(outputs, targets, None))
     assert all(torch.isfinite(v) for v in losses.values())
     for name, value in losses.items():
         if "_dn" in name or "bbox" in name or "giou" in name:

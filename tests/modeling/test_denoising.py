@@ -84,15 +84,26 @@ def test_attention_mask_blocks_leaks(sizes, groups):
                 assert mask[rows, cols].all(), f"group {a} sees group {b}"
 
 
+def _assert_no_queries_keep_the_label_embedding_in_the_graph(dn, out, batch_size):
+    assert out.num_dn_queries == 0 and out.attn_mask is None
+    assert out.content.shape == (batch_size, 0, dn.embed_dim) and out.boxes.shape[1] == 0
+    assert all(len(q) == len(t) == 0 for q, t in out.positive_indices)
+    # Distributed training needs every parameter in every step's graph.
+    (out.content.sum() * 0).backward()
+    assert dn.label_enc.weight.grad is not None and not dn.label_enc.weight.grad.any()
+
+
 @pytest.mark.parametrize("sizes", [[], [0], [0, 0, 0]])
-def test_nothing_to_denoise_returns_none(sizes):
+def test_nothing_to_denoise_gives_no_queries(sizes):
     dn = ContrastiveDenoising(num_classes=5, embed_dim=4)
-    assert dn(_targets(sizes), num_queries=3) is None
+    out = dn(_targets(sizes), num_queries=3)
+    _assert_no_queries_keep_the_label_embedding_in_the_graph(dn, out, len(sizes))
 
 
-def test_dn_disabled_returns_none():
+def test_dn_disabled_gives_no_queries():
     dn = ContrastiveDenoising(num_classes=5, embed_dim=4, dn_number=0)
-    assert dn(_targets([3]), num_queries=3) is None
+    out = dn(_targets([3]), num_queries=3)
+    _assert_no_queries_keep_the_label_embedding_in_the_graph(dn, out, 1)
 
 
 def test_more_boxes_than_dn_number_keeps_one_group():

@@ -65,11 +65,40 @@ def test_batched_inference_equals_one_at_a_time(tiny_model):
 def test_padding_masks_follow_each_image_size(tiny_model):
     model = tiny_model().eval()
     images = model.preprocess_image([{"image": _image(100, 140, 1)}, {"image": _image(64, 200, 2)}])
-    _, masks = model.extract_features(images)
-    for mask, stride in zip(masks, [8, 16, 32, 64]):
-        assert not mask[0, : -(-100 // stride), : -(-140 // stride)].any()
-        assert mask[0, -(-100 // stride) :].all() and mask[0, :, -(-140 // stride) :].all()
-        assert not mask[1, : -(-64 // stride), : -(-200 // stride)].any()
+    sizes = torch.tensor(images.image_sizes)
+    for exact in (True, False):
+        _, masks = model.extract_features(images.tensor, sizes, exact_batched=exact)
+        for mask, stride in zip(masks, [8, 16, 32, 64]):
+            assert not mask[0, : -(-100 // stride), : -(-140 // stride)].any()
+            assert mask[0, -(-100 // stride) :].all() and mask[0, :, -(-140 // stride) :].all()
+            assert not mask[1, : -(-64 // stride), : -(-200 // stride)].any()
+
+
+def test_forward_is_detect_then_postprocess(tiny_model):
+    """forward's Instances are detect's detections of the padded batch, and exact batching is
+    chosen per call without touching the model."""
+    model = tiny_model().eval()
+    images = [_image(100, 140, 1), _image(64, 200, 2)]
+    padded = torch.zeros(2, 3, 100, 200)
+    for i, image in enumerate(images):
+        padded[i, :, : image.shape[1], : image.shape[2]] = image
+    sizes = torch.tensor([[100, 140], [64, 200]])
+    with torch.no_grad():
+        outputs = model([{"image": im} for im in images])
+        exact = model.detect(padded, sizes)
+        plain = model.detect(padded, sizes, exact_batched=False)
+        alone = model.detect(padded[1:, :, :64], sizes[1:])
+    assert model.exact_batched_inference
+    for i, output in enumerate(outputs):
+        instances = output["instances"]
+        boxes = Boxes(exact.boxes[i].clone())
+        boxes.clip(tuple(sizes[i].tolist()))  # detector_postprocess clips to the image
+        torch.testing.assert_close(instances.scores, exact.scores[i])
+        torch.testing.assert_close(instances.pred_boxes.tensor, boxes.tensor)
+        assert torch.equal(instances.pred_classes, exact.classes[i])
+    torch.testing.assert_close(exact.scores[1], alone.scores[0], atol=1e-4, rtol=1e-4)
+    # The padded batch through the backbone at once: the second image sees the padding.
+    assert not torch.allclose(plain.scores[1], alone.scores[0], atol=1e-4, rtol=1e-4)
 
 
 def test_detections_are_rescaled_to_the_requested_size(tiny_model):

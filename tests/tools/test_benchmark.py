@@ -150,7 +150,7 @@ def test_frozen_batchnorm_made_non_trivial_and_fast_path_equal(tiny_dino_config)
     norm = next(m for m in model.modules() if isinstance(m, FrozenBatchNorm2d))
     assert not torch.equal(norm.running_var, torch.ones_like(norm.running_var))
     batch = random_batches(1, 2, 96, 80)[0]
-    comparison = fast_path_parity(cfg, model, batch)
+    comparison = fast_path_parity(model, batch)
     assert comparison.passed and comparison.num_paired == 2 * cfg.model.num_select
     assert comparison.max_score_diff <= 1e-4
     # Integer pixels, as a uint8 image holds; padded into one batch for an export.

@@ -1,3 +1,4 @@
+from .detections import DINODetections
 from .dino import DINO
 
-__all__ = ["DINO"]
+__all__ = ["DINO", "DINODetections"]

@@ -10,15 +10,22 @@ from torchvision.ops import box_convert
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, detector_postprocess
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import ImageList
 
 from dino_d2._compat import image_list_from_tensors
 from dino_d2.config import dino_kwargs_from_yacs
-from dino_d2.layers.frozen_bn import fold_frozen_batchnorm
 
 from ..transformer import DINOTransformerOutput
+from .detections import (
+    DINODetections,
+    Sizes,
+    as_size_tensor,
+    gather_queries,
+    padding_masks,
+    select_top_detections,
+)
 
-__all__ = ["DINO", "padding_masks", "select_top_detections"]
+__all__ = ["DINO"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +41,17 @@ class DINO(nn.Module):
     list of ``{"instances": Instances}`` with ``pred_boxes`` (absolute XYXY), ``scores`` and
     ``pred_classes``.
 
+    Inference has one path, on tensors: :meth:`detect` (normalization, padding, masks,
+    backbone, transformer, extra heads, top-k), which ``forward`` calls before Detectron2's
+    ``detector_postprocess`` and which the export graph and the verifications call too.
     Padding masks are built from each image's real size in training and in inference. In
-    inference, images of different sizes also go through the backbone one at a time
-    (``exact_batched_inference``): a convolutional backbone sees the zeros of a padded batch at
-    an image's border, so only this makes batched detections equal to one-image-at-a-time ones.
+    inference, images of different sizes can also go through the backbone one at a time
+    (``exact_batched``, by default ``exact_batched_inference``): a convolutional backbone sees
+    the zeros of a padded batch at an image's border, so only this makes batched detections
+    equal to one-image-at-a-time ones.
+
+    The CPU fast path is not part of the model: apply
+    :func:`dino_d2.layers.fast_path.optimize_for_cpu_inference` to a built model.
 
     Extra heads (``heads``) extend the detector without editing it: each is called with the
     :class:`DINOTransformerOutput` and returns named per-query tensors of shape
@@ -61,8 +75,6 @@ class DINO(nn.Module):
         num_select: int = 300,
         exact_batched_inference: bool = True,
         heads: Optional[Mapping[str, nn.Module]] = None,
-        fuse_frozen_batchnorm: bool = True,
-        channels_last: bool = True,
     ):
         """
         Args:
@@ -75,22 +87,10 @@ class DINO(nn.Module):
             pixel_mean, pixel_std: per-channel normalization, in ``input_format`` order.
             input_format: channel order of the input images, "RGB" or "BGR".
             num_select: detections kept per image (top-k over queries x classes).
-            exact_batched_inference: see the class docstring.
+            exact_batched_inference: the default of :meth:`detect`'s ``exact_batched``.
             heads: optional extra heads by name (see the class docstring).
-            fuse_frozen_batchnorm: run the backbone's convolutions that are followed by a
-                ``FrozenBatchNorm2d`` as one convolution (:mod:`dino_d2.layers.frozen_bn`):
-                the same results without a pass over the activations; parameters and
-                checkpoints are unchanged.
-            channels_last: keep the backbone's weights and run its input in the channels-last
-                memory format, in which oneDNN's convolutions need no layout conversions
-                (same results; about a quarter faster for a ResNet-50 on a CPU).
         """
         super().__init__()
-        if fuse_frozen_batchnorm:
-            fold_frozen_batchnorm(backbone)
-        self.channels_last = channels_last
-        if channels_last:
-            backbone.to(memory_format=torch.channels_last)
         self.backbone = backbone
         self.transformer = transformer
         self.denoising = denoising
@@ -110,8 +110,8 @@ class DINO(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.num_dropped_boxes = 0
         shapes = backbone.output_shape()
-        self._levels = list(shapes)
-        self._strides = [shapes[name].stride for name in self._levels]
+        self._levels = tuple(shapes)
+        self._strides = tuple(shapes[name].stride for name in self._levels)
         _check_parts(self)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -128,41 +128,99 @@ class DINO(nn.Module):
     def num_queries(self) -> int:
         return self.transformer.num_queries
 
-    def forward(self, batched_inputs: List[Dict]):
-        images = self.preprocess_image(batched_inputs)
-        features, masks = self.extract_features(images)
-        if self.training:
-            targets = self.prepare_targets(batched_inputs, images.image_sizes)
-            dn = self.denoising(targets, self.num_queries)
-            if dn is None:
-                outputs = self.transformer(features, masks)
-            else:
-                outputs = self.transformer(
-                    features,
-                    masks,
-                    dn_content=dn.content,
-                    dn_boxes=dn.boxes,
-                    attn_mask=dn.attn_mask,
-                )
-            self.run_heads(outputs)
-            losses = self.criterion(outputs, targets, dn)
-            if dn is None:
-                # Keep the label embedding in the graph (as the authors do) so that distributed
-                # training does not see an unused parameter when a batch has no objects.
-                losses["loss_class_dn"] = (
-                    losses["loss_class_dn"] + 0.0 * self.denoising.label_enc.weight.sum()
-                )
-            return losses
+    @property
+    def levels(self) -> Tuple[str, ...]:
+        """The backbone outputs the transformer reads, finest first."""
+        return self._levels
 
-        outputs = self.transformer(features, masks)
+    @property
+    def strides(self) -> Tuple[int, ...]:
+        """The stride of each of :attr:`levels`."""
+        return self._strides
+
+    @property
+    def size_divisibility(self) -> int:
+        """What the backbone wants the padded height and width to be multiples of."""
+        constraints = self.backbone.padding_constraints or {}
+        return int(
+            constraints.get("size_divisibility")
+            or constraints.get("size_divisiblity")
+            or self.backbone.size_divisibility
+            or 0
+        )
+
+    def forward(self, batched_inputs: List[Dict]):
+        if not self.training:
+            return self.inference(batched_inputs)
+        images = self.preprocess_image(batched_inputs)
+        sizes = as_size_tensor(images.image_sizes, self.device)
+        features, masks = self.extract_features(images.tensor, sizes, exact_batched=False)
+        targets = self.prepare_targets(batched_inputs, images.image_sizes)
+        dn = self.denoising(targets, self.num_queries)
+        if dn is None:
+            outputs = self.transformer(features, masks)
+        else:
+            outputs = self.transformer(
+                features, masks, dn_content=dn.content, dn_boxes=dn.boxes, attn_mask=dn.attn_mask
+            )
         self.run_heads(outputs)
-        results = self.inference(outputs, images.image_sizes)
+        return self.criterion(outputs, targets, dn)
+
+    def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True) -> List:
+        """Detections of Detectron2 inputs: :meth:`detect` on the padded batch, then
+        ``detector_postprocess`` to each input's ``height`` x ``width`` (its image's size when
+        absent).
+
+        Returns:
+            ``[{"instances": Instances}]``, or with ``do_postprocess=False`` the ``Instances``
+            at each image's own size.
+        """
+        images = self.batch_images(batched_inputs)
+        results = self.detect(images.tensor, images.image_sizes).to_instances(images.image_sizes)
+        if not do_postprocess:
+            return results
         processed = []
         for result, inputs, image_size in zip(results, batched_inputs, images.image_sizes):
             height = inputs.get("height", image_size[0])
             width = inputs.get("width", image_size[1])
             processed.append({"instances": detector_postprocess(result, height, width)})
         return processed
+
+    def detect(
+        self,
+        images: Tensor,
+        image_sizes: Sizes,
+        *,
+        exact_batched: Optional[bool] = None,
+        num_select: Optional[int] = None,
+    ) -> DINODetections:
+        """DINO's inference on tensors; exportable (with ``exact_batched=False``).
+
+        Args:
+            images: (N, 3, H, W) of any dtype, 0-255 values in :attr:`input_format` channel
+                order; image i fills the top-left ``image_sizes[i]`` of its slot, and the rest
+                (padding, whose values do not matter) need not reach the backbone's
+                divisibility.
+            image_sizes: (N, 2) int64 tensor (or N pairs) of real (height, width).
+            exact_batched: images of different sizes through the backbone one at a time (see
+                the class docstring); None uses ``exact_batched_inference``. Not exportable.
+            num_select: detections per image; None uses ``num_select``.
+
+        Returns:
+            the :class:`DINODetections` of the last decoder layer, extra heads' outputs
+            included.
+        """
+        sizes = as_size_tensor(image_sizes, images.device)
+        if exact_batched is None:
+            exact_batched = self.exact_batched_inference
+        features, masks = self.extract_features(self.normalize(images, sizes), sizes, exact_batched)
+        outputs = self.transformer(features, masks)
+        self.run_heads(outputs)
+        boxes, scores, classes, queries = select_top_detections(
+            outputs.pred_logits[-1], outputs.pred_boxes[-1], sizes, num_select or self.num_select
+        )
+        extras = {name: gather_queries(v[-1], queries) for name, v in outputs.extras.items()}
+        return DINODetections(boxes, scores, classes, queries, sizes, extras)
 
     def run_heads(self, outputs: DINOTransformerOutput) -> None:
         """Adds every extra head's outputs to ``outputs.extras``."""
@@ -173,49 +231,77 @@ class DINO(nn.Module):
                 raise ValueError(f"head '{name}' returns {clash}, which another head returned")
             outputs.extras.update(produced)
 
+    def batch_images(self, batched_inputs: List[Dict]) -> ImageList:
+        """The inputs' 0-255 images padded (with zeros) into one batch as the backbone wants."""
+        return self._pad([x["image"].to(self.device) for x in batched_inputs])
+
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalizes the images and pads them into one (N, C, H, W) tensor."""
-        images = [
-            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
-        ]
-        return self._pad(images)
+        images = self.batch_images(batched_inputs)
+        sizes = as_size_tensor(images.image_sizes, self.device)
+        return ImageList(self.normalize(images.tensor, sizes), images.image_sizes)
 
-    def _pad(self, images: List[torch.Tensor]) -> ImageList:
+    def normalize(self, images: Tensor, image_sizes: Tensor) -> Tensor:
+        """(N, C, H, W) 0-255 images to normalized ones, zero on the padding, padded to the
+        backbone's divisibility (and square, if it asks for that).
+
+        Args:
+            images: (N, C, H, W), image i in the top-left ``image_sizes[i]`` of its slot.
+            image_sizes: (N, 2) int64 real (height, width).
+        """
+        height, width = images.shape[-2:]
+        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        rows = torch.arange(height, device=x.device)[None, :] < image_sizes[:, :1]
+        cols = torch.arange(width, device=x.device)[None, :] < image_sizes[:, 1:]
+        return self._pad_tensor(x * (rows[:, :, None] & cols[:, None, :])[:, None].to(x.dtype))
+
+    def _pad(self, images: List[Tensor]) -> ImageList:
         return image_list_from_tensors(
-            images,
-            self.backbone.size_divisibility,
-            padding_constraints=self.backbone.padding_constraints,
+            images, self.size_divisibility, padding_constraints=self.backbone.padding_constraints
         )
 
-    def run_backbone(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The backbone's outputs for a padded (N, C, H, W) batch of normalized images."""
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.backbone(images)
+    def _pad_tensor(self, x: Tensor) -> Tensor:
+        """Zero padding of a batch at the bottom and right, as :meth:`_pad` pads."""
+        height, width = x.shape[-2:]
+        square = (self.backbone.padding_constraints or {}).get("square_size", 0)
+        d = self.size_divisibility
+        if square > 0:
+            height = width = max(square, height, width)
+        if d > 1:
+            height, width = height + (d - height % d) % d, width + (d - width % d) % d
+        if not isinstance(height, torch.SymInt) and (height, width) == tuple(x.shape[-2:]):
+            return x  # already padded (Detectron2's batching pads to the divisibility)
+        return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
 
-    def extract_features(self, images: ImageList) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def extract_features(
+        self, images: Tensor, image_sizes: Tensor, exact_batched: bool
+    ) -> Tuple[List[Tensor], List[Tensor]]:
         """Runs the backbone and builds one padding mask per level.
+
+        Args:
+            images: (N, C, H, W) normalized images, padded as :meth:`normalize` pads.
+            image_sizes: (N, 2) int64 real (height, width).
+            exact_batched: images of different sizes through the backbone one at a time.
 
         Returns:
             features: list over levels, finest first, of (N, C, H_l, W_l).
             masks: list over levels of (N, H_l, W_l) bool, True on padding. Image i's valid
                 region at stride s is its top-left ceil(h_i / s) x ceil(w_i / s) cells.
         """
-        sizes = images.image_sizes
-        if self.training or not self.exact_batched_inference or len(set(sizes)) == 1:
-            features = self.run_backbone(images.tensor)
-            features = [features[name] for name in self._levels]
+        many = exact_batched and images.shape[0] > 1
+        sizes = [tuple(size) for size in image_sizes.tolist()] if many else []
+        if len(set(sizes)) > 1:
+            features = self._features_one_by_one(images, sizes)
         else:
-            features = self._features_one_by_one(images)
-        image_sizes = _as_size_tensor(sizes, features[0].device)
+            out = self.backbone(images)
+            features = [out[name] for name in self._levels]
         return features, padding_masks(features, self._strides, image_sizes)
 
-    def _features_one_by_one(self, images: ImageList) -> List[torch.Tensor]:
+    def _features_one_by_one(self, images: Tensor, sizes: List[Tuple[int, int]]) -> List[Tensor]:
         per_image = []
-        for i, (h, w) in enumerate(images.image_sizes):
+        for i, (h, w) in enumerate(sizes):
             # Padded exactly as when the image is the only one in its batch.
-            single = self._pad([images.tensor[i, :, :h, :w]])
-            out = self.run_backbone(single.tensor)
+            out = self.backbone(self._pad_tensor(images[i : i + 1, :, :h, :w]))
             per_image.append([out[name] for name in self._levels])
         features = []
         for level in range(len(self._levels)):
@@ -269,95 +355,6 @@ class DINO(nn.Module):
                 "further drops are only counted (DINO.num_dropped_boxes)"
             )
         self.num_dropped_boxes += dropped
-
-    def inference(
-        self,
-        outputs: DINOTransformerOutput,
-        image_sizes: List[Tuple[int, int]],
-        num_select: Optional[int] = None,
-    ) -> List[Instances]:
-        """Top-k over queries x classes of the last decoder layer's sigmoid scores; no NMS.
-
-        Args:
-            outputs: the transformer's output (no denoising queries).
-            image_sizes: (h, w) of each image before padding.
-            num_select: detections per image; None uses ``self.num_select``.
-
-        Returns:
-            one Instances per image, boxes in absolute XYXY of that (h, w), plus one field per
-            extra head output (its last layer, at the selected queries).
-        """
-        sizes = _as_size_tensor(image_sizes, outputs.pred_boxes.device)
-        boxes, scores, classes, queries = select_top_detections(
-            outputs.pred_logits[-1], outputs.pred_boxes[-1], sizes, num_select or self.num_select
-        )
-        results = []
-        for i, (h, w) in enumerate(image_sizes):
-            result = Instances((h, w))
-            result.pred_boxes = Boxes(boxes[i])
-            result.scores = scores[i]
-            result.pred_classes = classes[i]
-            for name, value in outputs.extras.items():
-                result.set(name, value[-1, i, queries[i]])
-            results.append(result)
-        return results
-
-
-def _as_size_tensor(sizes: Sequence[Tuple[int, int]], device: torch.device) -> Tensor:
-    """(N, 2) int64 ``(h, w)``; the sizes are ints, or 0-d tensors when the model is traced."""
-    if sizes and isinstance(sizes[0][0], Tensor):
-        return torch.stack([torch.stack(list(size)) for size in sizes]).to(device, torch.long)
-    return torch.as_tensor(sizes, dtype=torch.long, device=device)
-
-
-def padding_masks(
-    features: Sequence[Tensor], strides: Sequence[int], image_sizes: Tensor
-) -> List[Tensor]:
-    """One padding mask per level, from each image's real size.
-
-    Image i's valid region at stride s is its top-left ``ceil(h_i / s) x ceil(w_i / s)`` cells.
-
-    Args:
-        features: the levels, each (N, C, H_l, W_l).
-        strides: the stride of each level.
-        image_sizes: (N, 2) int64 ``(h, w)`` of each image before padding.
-
-    Returns:
-        list of (N, H_l, W_l) bool, True on padding.
-    """
-    masks = []
-    for feature, stride in zip(features, strides):
-        height, width = feature.shape[-2:]
-        valid = torch.div(image_sizes + (stride - 1), stride, rounding_mode="floor")
-        rows = torch.arange(height, device=feature.device)[None, :] >= valid[:, :1]
-        cols = torch.arange(width, device=feature.device)[None, :] >= valid[:, 1:]
-        masks.append(rows[:, :, None] | cols[:, None, :])
-    return masks
-
-
-def select_top_detections(
-    logits: Tensor, boxes: Tensor, image_sizes: Tensor, num_select: int
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """DINO's detections: top-k over queries x classes of the sigmoid scores, no NMS.
-
-    Args:
-        logits: (N, Q, K) class logits of the last decoder layer.
-        boxes: (N, Q, 4) normalized cxcywh boxes.
-        image_sizes: (N, 2) int64 ``(h, w)`` each image's boxes are scaled to.
-        num_select: k; fewer when ``Q * K`` is smaller.
-
-    Returns:
-        ``(boxes, scores, classes, queries)``: (N, k, 4) absolute XYXY, (N, k) scores in
-        descending order, (N, k) int64 classes and (N, k) int64 query of each detection.
-    """
-    num_classes = logits.shape[-1]
-    k = min(num_select, logits.shape[1] * num_classes)
-    scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
-    classes = index % num_classes
-    queries = torch.div(index, num_classes, rounding_mode="floor")
-    selected = torch.gather(boxes, 1, queries[..., None].expand(-1, -1, 4))
-    scale = image_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)[:, None]
-    return box_convert(selected, "cxcywh", "xyxy") * scale, scores, classes, queries
 
 
 def _check_parts(model: DINO) -> None:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dino_d2.layers.linear import linear
 
 from .decoder import build_box_head, build_class_head
 from .levels import MultiScaleLevels
@@ -144,9 +143,8 @@ class MixedQuerySelection(nn.Module):
         """
         output_memory, proposals, valid = gen_encoder_output_proposals(memory, levels, self.base_wh)
         padding_mask = levels.padding_mask
-        projected = linear(output_memory, self.enc_output.weight, self.enc_output.bias)
-        output_memory = self.enc_output_norm(projected)
-        logits = linear(output_memory, self.class_embed.weight, self.class_embed.bias)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        logits = self.class_embed(output_memory)
         coords = self.bbox_embed(output_memory) + proposals
 
         excluded = ~valid if self.exclude_invalid else padding_mask

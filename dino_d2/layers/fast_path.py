@@ -1,0 +1,157 @@
+"""The CPU inference fast path, as a transform of a built model.
+
+:func:`optimize_for_cpu_inference` walks a built model and, in place:
+
+* folds every frozen batch norm into the convolution before it
+  (:func:`dino_d2.layers.frozen_bn.fold_frozen_batchnorm`);
+* keeps the backbone's weights in the channels-last memory format, in which oneDNN's
+  convolutions need no layout conversions (a convolution with channels-last weights also runs
+  its input channels-last);
+* turns every plain ``nn.Linear`` into a :class:`OneDNNLinear`, and every ReLU that a module
+  declares to follow one of its Linear layers (``linear_relu_pairs()``, e.g. the FFN's
+  ``linear1`` + ``activation``) into the Linear layer's fused activation and an ``nn.Identity``,
+  as ``torch.ao.quantization.fuse_modules`` fuses a Linear and a ReLU.
+
+PyTorch's ``F.linear`` on the CPU copies the bias into the output before the matrix product and
+a ReLU is another pass over the result: for the encoder's FFN at 800x1333 (22k tokens x 2048
+channels) those two passes cost about as much as a third of the product itself. oneDNN's matmul
+applies both in the same call (``torch.ops.mkldnn._linear_pointwise``, the op TorchInductor
+emits for CPU linears).
+
+Every module keeps its parameters, buffers and state-dict keys, and is still called as a module:
+forward hooks fire, and a Linear that is not exactly ``nn.Linear`` (a LoRA adapter, a quantized
+Linear, any subclass) is left as it is, with the ReLU after it. The transformed modules give the
+same results as the plain ones to float rounding, and under autograd, tracing, ``torch.export``
+or ``torch.compile`` they run the plain ops, so a transformed model can still be exported or
+trained (training does not need the transform; the tools apply it where they build a model for
+inference).
+"""
+
+import copy
+import functools
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .frozen_bn import fold_frozen_batchnorm
+
+__all__ = ["OneDNNLinear", "optimize_for_cpu_inference", "optimize_for_training", "optimized_copy"]
+
+_ACTIVATIONS = ("none", "relu")
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _fusable(x: Tensor, weight: Tensor) -> bool:
+    """Whether oneDNN's fused matmul may run: float32 on the CPU, no autograd, not while
+    compiling, exporting or tracing (the op takes no traced values), oneDNN present."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
+        and _onednn_available()
+    )
+
+
+class OneDNNLinear(nn.Linear):
+    """An ``nn.Linear`` whose bias (and an optional ReLU) run inside oneDNN's matmul.
+
+    Same parameters and state-dict keys as ``nn.Linear``; :func:`optimize_for_cpu_inference`
+    makes them from plain ones. Where oneDNN's op does not apply (see the module docstring) the
+    forward is ``activation(F.linear(x, weight, bias))``.
+
+    Attributes:
+        activation: ``"none"``, or ``"relu"`` when the ReLU that followed the layer was fused
+            into it.
+    """
+
+    activation: str = "none"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Maps (..., in_features) to (..., out_features)."""
+        if _fusable(x, self.weight):
+            return torch.ops.mkldnn._linear_pointwise(
+                x, self.weight, self.bias, self.activation, [], ""
+            )
+        out = F.linear(x, self.weight, self.bias)
+        if self.activation == "relu":
+            out = F.relu(out, inplace=not torch.is_grad_enabled())
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation}"
+
+
+def _fuse_relus(model: nn.Module) -> int:
+    """Fuses every declared (Linear, ReLU) pair whose parts are exactly ``nn.Linear`` and
+    ``nn.ReLU``; returns the number fused."""
+    fused = 0
+    for module in model.modules():
+        pairs = getattr(module, "linear_relu_pairs", None)
+        if pairs is None:
+            continue
+        for linear_name, relu_name in pairs():
+            linear = module.get_submodule(linear_name)
+            relu = module.get_submodule(relu_name)
+            if type(linear) is not nn.Linear or type(relu) is not nn.ReLU:
+                continue
+            linear.__class__ = OneDNNLinear
+            linear.activation = "relu"
+            parent, _, name = relu_name.rpartition(".")
+            setattr(module.get_submodule(parent), name, nn.Identity())
+            fused += 1
+    return fused
+
+
+def optimize_for_cpu_inference(model: nn.Module) -> Dict[str, int]:
+    """Applies the CPU inference fast path to ``model`` in place (see the module docstring).
+
+    Args:
+        model: a built model, e.g. a :class:`~dino_d2.modeling.DINO` (its ``backbone`` is made
+            channels-last; a model without a ``backbone`` attribute is made channels-last
+            whole). Load its weights before or after: the state dict is unchanged.
+
+    Returns:
+        what changed: ``{"folded_batchnorms": ..., "fused_relus": ..., "onednn_linears": ...}``
+        (the last counts the fused ones too).
+    """
+    folded = optimize_for_training(model)
+    fused = _fuse_relus(model)
+    swapped = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = OneDNNLinear
+            swapped += 1
+    return {"folded_batchnorms": folded, "fused_relus": fused, "onednn_linears": swapped + fused}
+
+
+def optimize_for_training(model: nn.Module) -> int:
+    """The part of the fast path that also serves training, applied to ``model`` in place: the
+    frozen batch norms folded into their convolutions (the folded weight is computed from the
+    trainable one on every call, so gradients and checkpoints are unchanged) and the backbone's
+    weights channels-last (a model without a ``backbone`` attribute is made channels-last
+    whole). The training script applies it to the model it trains.
+
+    Returns:
+        the number of batch norms folded.
+    """
+    folded = fold_frozen_batchnorm(model)
+    getattr(model, "backbone", model).to(memory_format=torch.channels_last)
+    return folded
+
+
+def optimized_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with the fast path applied; ``model`` itself is
+    unchanged (e.g. to evaluate during training, or to compare against)."""
+    fast = copy.deepcopy(model).eval()
+    optimize_for_cpu_inference(fast)
+    return fast

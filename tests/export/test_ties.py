@@ -1,0 +1,65 @@
+"""Tie handling of DINO's two top-k selections (dino_d2.export.ties)."""
+
+import torch
+
+from detectron2.config import instantiate
+
+from dino_d2.export.ties import (
+    cut_ties,
+    forced_selection,
+    recorded_selections,
+    selection_tie_order,
+    unpaired_beyond_cut,
+)
+
+
+def _selection(k=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    boxes = torch.rand(k, 4, generator=generator)
+    scores = torch.linspace(3.0, 1.0, k)
+    return boxes, scores
+
+
+def test_a_swap_of_tied_proposals_is_undone_and_others_are_not():
+    boxes, scores = _selection()
+    theirs = boxes[[0, 2, 1, 3, 4, 5]]
+    assert selection_tie_order(boxes, scores, boxes, 1e-4) is None
+    # Positions 1 and 2 hold the same proposals in the other order, but score apart: not a tie.
+    assert selection_tie_order(boxes, scores, theirs, 1e-4) is None
+    tied = scores.clone()
+    tied[2] = tied[1] + 5e-5
+    order = selection_tie_order(boxes, tied, theirs, 1e-4)
+    assert order.tolist() == [0, 2, 1, 3, 4, 5]
+    assert torch.equal(boxes[order], theirs)
+
+
+def test_only_ties_at_the_cut_may_hold_other_proposals():
+    boxes, scores = _selection()
+    their_boxes = boxes.clone()
+    their_boxes[-1] = torch.tensor([0.5, 0.5, 0.1, 0.1])
+    their_scores = scores.clone()
+    assert cut_ties(boxes, scores, boxes, scores, 1e-4) is None
+    assert cut_ties(boxes, scores, their_boxes, their_scores, 1e-4).tolist() == [5]
+    their_boxes[0] = 0.0  # a difference far above the cut
+    assert cut_ties(boxes, scores, their_boxes, their_scores, 1e-4) is None
+    assert unpaired_beyond_cut([(0.5, 1), (0.30001, 2)], 0.3, 1e-4) == [(0.5, 1)]
+
+
+def test_a_forced_selection_reorders_the_model_s_queries(tiny_dino_config):
+    torch.manual_seed(0)
+    model = instantiate(tiny_dino_config().model).eval()
+    captured = []
+    model.transformer.register_forward_hook(lambda m, i, out: captured.append(out))
+    batch = [{"image": torch.rand(3, 64, 96) * 255}]
+    order = torch.arange(model.num_queries)[None].clone()
+    order[0, :2] = torch.tensor([1, 0])
+    with torch.no_grad(), recorded_selections(model) as selections:
+        model(batch)
+        with forced_selection(model, order):
+            model(batch)
+    plain, forced = captured
+    assert len(selections) == 2 and torch.equal(selections[0].indices, selections[1].indices)
+    assert torch.equal(forced.enc_boxes[0, :2], plain.enc_boxes[0, [1, 0]])
+    assert torch.equal(forced.enc_boxes[0, 2:], plain.enc_boxes[0, 2:])
+    # The learned content queries stay: the two swapped queries give other class logits.
+    assert not torch.allclose(forced.pred_logits[-1, 0, :2], plain.pred_logits[-1, 0, [1, 0]])
