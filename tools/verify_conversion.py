@@ -31,6 +31,11 @@ script compares, within ``--tolerance``:
   Detectron2's ``detector_postprocess`` does. Detections are paired by class and score, so two
   near-equal scores that come out in the other order do not count as a difference.
 
+With ``--fast-path both`` (the default) every check runs twice: on the model as built and on
+its CPU fast-path copy (:func:`dino_d2.layers.fast_path.optimized_copy`: folded batch norms,
+channels-last backbone, oneDNN linears), each against the authors' outputs; ``on`` or ``off``
+runs one of them.
+
 Prints the largest differences and PASS or FAIL; the exit code is 1 on FAIL.
 """
 
@@ -84,6 +89,12 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, default=480, help="width of the first image")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed difference")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fast-path",
+        choices=["both", "off", "on"],
+        default="both",
+        help="check the model as built (off), its CPU fast-path copy (on), or each in turn",
+    )
     add_unsafe_load_argument(parser, "--checkpoint")
     return parser.parse_args(argv)
 
@@ -442,6 +453,22 @@ def verify_image(ours, authors, postprocess, image, coco_ids, tolerance) -> Tupl
     return passed, lines + comparison
 
 
+def variants_to_check(model, fast_path: str) -> List[Tuple[str, torch.nn.Module]]:
+    """``(name, model)`` pairs that ``--fast-path`` asks for: the model as built and/or its CPU
+    fast-path copy (the model itself is left as it is)."""
+    from dino_d2.layers.fast_path import OneDNNLinear, optimized_copy
+    from dino_d2.layers.frozen_bn import FrozenBNConv2d
+
+    variants = [] if fast_path == "on" else [("model as built", model)]
+    if fast_path != "off":
+        fast = optimized_copy(model)
+        folded = sum(isinstance(m, FrozenBNConv2d) for m in fast.modules())
+        linears = sum(isinstance(m, OneDNNLinear) for m in fast.modules())
+        name = f"fast path ({folded} batch norms folded, {linears} oneDNN linears)"
+        variants.append((name, fast))
+    return variants
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from dino_d2.checkpoint import ConversionError, UntrustedFileError, convert_checkpoint
@@ -474,14 +501,16 @@ def main(argv=None) -> int:
     ours.eval()
     images = random_images(args.height, args.width, args.seed)
     check_image_sizes(ours, [image.shape[-2:] for image in images], authors.num_queries)
+    models = variants_to_check(ours, args.fast_path)
     built = time.perf_counter()
 
     passed = True
-    for index, image in enumerate(images):
-        ok, lines = verify_image(ours, authors, postprocess, image, coco_ids, args.tolerance)
-        passed &= ok
-        print(f"image {index} ({image.shape[1]}x{image.shape[2]}):")
-        print("\n".join(lines))
+    for name, model in models:
+        for index, image in enumerate(images):
+            ok, lines = verify_image(model, authors, postprocess, image, coco_ids, args.tolerance)
+            passed &= ok
+            print(f"{name}, image {index} ({image.shape[1]}x{image.shape[2]}):")
+            print("\n".join(lines))
     total = time.perf_counter() - start
     print(
         f"{args.variant}: {'PASS' if passed else 'FAIL'} (tolerance {args.tolerance:g}); "

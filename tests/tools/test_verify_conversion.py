@@ -32,6 +32,8 @@ def _run(arguments):
 def test_converted_r50_4scale_gives_the_authors_outputs():
     code, out = _run([TOOL, *ARGS])
     assert code == 0 and "r50_4scale: PASS" in out, out[-3000:]
+    # Both the model as built and its CPU fast-path copy were checked against the authors'.
+    assert "model as built, image 1" in out and "fast path (" in out, out[-3000:]
 
 
 def test_a_wrongly_converted_tensor_fails():
