@@ -1,7 +1,7 @@
 """DINO's transformer: encoder, mixed query selection and decoder wired together."""
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +10,7 @@ from dino_d2.layers.box_ops import inverse_sigmoid
 
 from .levels import MultiScaleLevels
 
-__all__ = ["DINOTransformer", "DINOTransformerOutput"]
+__all__ = ["DINOTransformer", "DINOTransformerOutput", "HeadOutputs"]
 
 
 @dataclass
@@ -36,6 +36,11 @@ class DINOTransformerOutput:
         num_dn: number of denoising queries at the front of the decoder's query axis.
         extras: per-query outputs of extra heads (``DINO(heads=...)``), by name, each
             (L_dec, N, Q_dn + Q, ...).
+        enc_extras: extra heads' outputs for the selected encoder proposals, by name, each
+            (N, Q, ...) (see :class:`HeadOutputs`).
+        features: the backbone's outputs that are not transformer levels, by name (a neck's
+            inputs, e.g. the stride-4 ``res2`` map, (N, C_b, H_b, W_b), each image in the
+            top-left of the padded frame); set by the meta-architecture before the heads run.
     """
 
     hidden_states: Tensor
@@ -49,6 +54,36 @@ class DINOTransformerOutput:
     selected_indices: Tensor
     num_dn: int = 0
     extras: Dict[str, Tensor] = field(default_factory=dict)
+    enc_extras: Dict[str, Tensor] = field(default_factory=dict)
+    features: Dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class HeadOutputs:
+    """What an extra head returns when it also predicts for the encoder proposals.
+
+    A head may return a plain dict (its ``queries`` outputs only) or this.
+
+    Attributes:
+        queries: per decoder query, by name: (L_dec, N, Q_dn + Q, ...), the denoising queries
+            first; stored in ``outputs.extras``.
+        proposals: per selected encoder proposal, by the same names: (N, Q, ...); stored in
+            ``outputs.enc_extras``, where the ``_enc`` loss terms and matching read them.
+    """
+
+    queries: Dict[str, Tensor] = field(default_factory=dict)
+    proposals: Dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, produced: Union["HeadOutputs", Mapping[str, Tensor]]) -> "HeadOutputs":
+        """A head's return value as :class:`HeadOutputs` (a mapping is its ``queries``)."""
+        if isinstance(produced, cls):
+            return produced
+        if not isinstance(produced, Mapping):
+            raise TypeError(
+                f"a head must return a dict of tensors or HeadOutputs, got {type(produced).__name__}"
+            )
+        return cls(queries=dict(produced))
 
 
 class DINOTransformer(nn.Module):
