@@ -82,7 +82,8 @@ class MatchedQueries:
             number of groups for denoising).
 
     The gathered pairs (``batch_idx``, ``query_idx``, ``target_labels``, ``target_boxes``,
-    ``matched_boxes``) are computed once and shared by the terms.
+    ``matched_boxes``) are computed once and shared by the terms; ``cache`` is a dict where
+    terms of the same set share other work (e.g. the points two mask losses sample).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class MatchedQueries:
         self.targets = targets
         self.indices = indices
         self.num_boxes = num_boxes
+        self.cache: Dict[str, object] = {}
 
     @property
     def device(self) -> torch.device:

@@ -33,6 +33,8 @@ class DINOTransformerOutput:
         enc_logits: (N, Q, K) class logits of the selected encoder proposals.
         enc_boxes: (N, Q, 4) their refined boxes, not detached.
         selected_indices: (N, Q) int64 positions in ``memory`` of the selected proposals.
+        enc_states: (N, Q, C) the selected proposals' projected memory, which the encoder heads
+            read (not detached).
         num_dn: number of denoising queries at the front of the decoder's query axis.
         extras: per-query outputs of extra heads (``DINO(heads=...)``), by name, each
             (L_dec, N, Q_dn + Q, ...).
@@ -52,6 +54,7 @@ class DINOTransformerOutput:
     enc_logits: Tensor
     enc_boxes: Tensor
     selected_indices: Tensor
+    enc_states: Optional[Tensor] = None
     num_dn: int = 0
     extras: Dict[str, Tensor] = field(default_factory=dict)
     enc_extras: Dict[str, Tensor] = field(default_factory=dict)
@@ -205,5 +208,6 @@ class DINOTransformer(nn.Module):
             enc_logits=selected.enc_logits,
             enc_boxes=selected.enc_boxes,
             selected_indices=selected.indices,
+            enc_states=selected.enc_states,
             num_dn=num_dn,
         )

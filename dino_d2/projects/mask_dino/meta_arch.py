@@ -1,0 +1,89 @@
+"""The Mask DINO meta-architecture: DINO whose instances carry their pasted masks."""
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
+from detectron2.structures import Instances
+
+from dino_d2.modeling import DINO
+
+__all__ = ["MaskDINO", "paste_mask_logits"]
+
+MASKS = "mask_logits"
+
+
+def paste_mask_logits(logits: Tensor, stride: int, image_size: tuple, output_size: tuple) -> Tensor:
+    """Mask logits of the padded frame at ``stride`` to logits at the output size, as Mask DINO
+    post-processes them: bilinear upsampling by ``stride`` to the padded frame, the image's
+    top-left ``image_size`` cropped, bilinear resizing to ``output_size``.
+
+    Args:
+        logits: (K, H_s, W_s) mask logits of one image.
+        stride: the mask features' stride.
+        image_size: the image's real (h, w).
+        output_size: (height, width) the detections are reported at.
+
+    Returns:
+        (K, height, width) logits.
+    """
+    if logits.shape[0] == 0:
+        return logits.new_zeros((0, *output_size))
+    h, w = image_size
+    full = F.interpolate(logits[None], scale_factor=stride, mode="bilinear", align_corners=False)
+    cropped = full[..., :h, :w]
+    return F.interpolate(cropped, size=tuple(output_size), mode="bilinear", align_corners=False)[0]
+
+
+@META_ARCH_REGISTRY.register()
+class MaskDINO(DINO):
+    """DINO with a mask head (``heads["masks"]``, a :class:`MaskHead`) whose inference gives
+    instance masks.
+
+    Inference: DINO's top-k detections (``num_select`` over queries x classes), each with its
+    query's mask logits pasted at the output size (:func:`paste_mask_logits`); ``pred_masks``
+    (K, height, width) bool is ``logit > 0`` (probability > 0.5), and ``scores`` are Mask DINO's:
+    the class score times the mask score, the mean mask probability inside ``pred_masks``.
+    Training is DINO's, with the mask terms in the criterion.
+
+    Args:
+        mask_stride: stride of the mask head's logits (the pixel decoder's backbone map).
+        **kwargs: as :class:`DINO`.
+    """
+
+    def __init__(self, *, mask_stride: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.mask_stride = mask_stride
+
+    def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True) -> List:
+        """As :meth:`DINO.inference`, with ``pred_masks`` and mask-rescored ``scores`` (see the
+        class docstring); ``do_postprocess=False`` gives them at each image's own size."""
+        results = super().inference(batched_inputs, do_postprocess=False)
+        processed = []
+        for result, inputs in zip(results, batched_inputs):
+            image_size = result.image_size
+            size = (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
+            if not do_postprocess:
+                size = image_size
+            result = self._with_masks(result, size)
+            if do_postprocess:
+                result = detector_postprocess(result, *size)
+            masks = result.get(MASKS)
+            result.remove(MASKS)
+            result.pred_masks = masks > 0
+            processed.append({"instances": result} if do_postprocess else result)
+        return processed
+
+    def _with_masks(self, result: Instances, size: tuple) -> Instances:
+        """``mask_logits`` pasted at ``size`` and the scores multiplied by the mask scores."""
+        logits = paste_mask_logits(result.get(MASKS), self.mask_stride, result.image_size, size)
+        masks = (logits > 0).to(logits.dtype)
+        mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (
+            masks.flatten(1).sum(1) + 1e-6
+        )
+        result.set(MASKS, logits)
+        result.scores = result.scores * mask_scores
+        return result
