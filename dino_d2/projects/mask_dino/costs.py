@@ -38,8 +38,12 @@ def cost_mask(
         (M, G) float32 cost.
     """
     coords = torch.rand(1, num_points, 2, device=mask_logits.device)
-    predicted = point_sample(mask_logits[:, None].float(), coords.expand(len(mask_logits), -1, -1))
-    target = point_sample(gt_masks[:, None].float(), coords.expand(len(gt_masks), -1, -1))
+    predicted = point_sample(
+        mask_logits[:, None].float(), coords.expand(len(mask_logits), -1, -1), align_corners=False
+    )
+    target = point_sample(
+        gt_masks[:, None].float(), coords.expand(len(gt_masks), -1, -1), align_corners=False
+    )
     predicted, target = predicted.squeeze(1), target.squeeze(1)
     positive = F.binary_cross_entropy_with_logits(
         predicted, torch.ones_like(predicted), reduction="none"
