@@ -10,5 +10,7 @@ model.backbone.bottom_up.out_features = ["res2", "res3", "res4", "res5"]
 model.backbone.in_features = ["res2", "res3", "res4", "res5"]
 model.transformer.num_levels = 5
 model.heads.masks.pixel_decoder.in_channels = 192
+# INITIALIZE_BOX_TYPE 'bitmask' in the Swin-L recipe.
+model.mask_box_init = "bitmask"
 train.init_checkpoint = swin_train.init_checkpoint
 train.output_dir = "./output/maskdino_swin_large_384_5scale_50ep"

@@ -12,6 +12,8 @@ from .dino_r50 import model
 # 100 denoising queries, FFN 2048; the backbone's stem and stages all train (FREEZE_AT 0).
 model._target_ = MaskDINO
 model.mask_stride = 4
+# Mask-enhanced anchors (INITIALIZE_BOX_TYPE 'mask2box' in the R50 recipe).
+model.mask_box_init = "mask2box"
 model.backbone.bottom_up.out_features = ["res2", "res3", "res4", "res5"]
 model.backbone.bottom_up.freeze_at = 0
 model.backbone.in_features = ["res3", "res4", "res5"]

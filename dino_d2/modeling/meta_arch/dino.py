@@ -1,6 +1,7 @@
 """DINO: DETR with Improved DeNoising Anchor Boxes (arXiv 2203.03605), as a Detectron2 meta-arch."""
 
 import logging
+from functools import partial
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -15,7 +16,8 @@ from detectron2.structures import ImageList
 from dino_d2._compat import image_list_from_tensors
 from dino_d2.config import dino_kwargs_from_yacs
 
-from ..transformer import DINOTransformerOutput, HeadOutputs
+from ..transformer import DINOTransformerOutput, HeadOutputs, MultiScaleLevels
+from ..transformer.query_selection import SelectedQueries
 from .targets import target_fields
 from .detections import (
     DINODetections,
@@ -160,11 +162,17 @@ class DINO(nn.Module):
             batched_inputs, images.image_sizes, tuple(images.tensor.shape[-2:])
         )
         dn = self.denoising(targets, self.num_queries)
+        refine = partial(self.refine_queries, features=inputs)
         if dn is None:
-            outputs = self.transformer(features, masks)
+            outputs = self.transformer(features, masks, refine_queries=refine)
         else:
             outputs = self.transformer(
-                features, masks, dn_content=dn.content, dn_boxes=dn.boxes, attn_mask=dn.attn_mask
+                features,
+                masks,
+                dn_content=dn.content,
+                dn_boxes=dn.boxes,
+                attn_mask=dn.attn_mask,
+                refine_queries=refine,
             )
         outputs.features = inputs
         self.run_heads(outputs)
@@ -218,7 +226,8 @@ class DINO(nn.Module):
         if exact_batched is None:
             exact_batched = self.exact_batched_inference
         features, masks, inputs = self._extract(self.normalize(images, sizes), sizes, exact_batched)
-        outputs = self.transformer(features, masks)
+        refine = partial(self.refine_queries, features=inputs)
+        outputs = self.transformer(features, masks, refine_queries=refine)
         outputs.features = inputs
         self.run_heads(outputs)
         boxes, scores, classes, queries = select_top_detections(
@@ -226,6 +235,22 @@ class DINO(nn.Module):
         )
         extras = {name: gather_queries(v[-1], queries) for name, v in outputs.extras.items()}
         return DINODetections(boxes, scores, classes, queries, sizes, extras)
+
+    def refine_queries(
+        self,
+        selected: SelectedQueries,
+        memory: Tensor,
+        levels: MultiScaleLevels,
+        *,
+        features: Dict[str, Tensor],
+    ) -> SelectedQueries:
+        """The selected queries the decoder starts from; DINO keeps them as they are.
+
+        A subclass may change their ``content`` or ``anchors`` before decoding (Mask DINO's
+        mask-enhanced anchors); ``features`` is the backbone's other outputs (what
+        ``outputs.features`` will hold), where maps it computes may be left for the heads.
+        """
+        return selected
 
     def run_heads(self, outputs: DINOTransformerOutput) -> None:
         """Adds every extra head's outputs to ``outputs.extras`` (and, for a head that returns

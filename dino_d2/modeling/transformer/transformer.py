@@ -1,7 +1,7 @@
 """DINO's transformer: encoder, mixed query selection and decoder wired together."""
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -158,6 +158,7 @@ class DINOTransformer(nn.Module):
         dn_content: Optional[Tensor] = None,
         dn_boxes: Optional[Tensor] = None,
         attn_mask: Optional[Tensor] = None,
+        refine_queries: Optional[Callable] = None,
     ) -> DINOTransformerOutput:
         """Runs encoder, query selection and decoder.
 
@@ -171,6 +172,9 @@ class DINOTransformer(nn.Module):
                 logit-space inputs, so a padding slot should hold 0.5 (the authors' logit 0).
             attn_mask: optional ((Q_dn + Q), (Q_dn + Q)) bool decoder self-attention mask,
                 True = may not attend.
+            refine_queries: optional ``f(selected, memory, levels) -> SelectedQueries`` called
+                on the query selection's output before decoding (e.g. Mask DINO's anchors from
+                the proposals' masks); it may replace ``content`` and ``anchors``.
 
         Returns:
             A :class:`DINOTransformerOutput`.
@@ -191,6 +195,8 @@ class DINOTransformer(nn.Module):
 
         memory = self.encoder(src, pos, levels)
         selected = self.query_selection(memory, levels)
+        if refine_queries is not None:
+            selected = refine_queries(selected, memory, levels)
         content, anchors = selected.content, selected.anchors
         num_dn = 0
         if dn_content is not None:

@@ -1,10 +1,15 @@
 """Mask DINO's mask head: per-query mask embeddings dotted with the pixel decoder's features."""
 
+from typing import Dict
+
 import torch
 from torch import Tensor, nn
 
 from dino_d2.layers.mlp import MLP
-from dino_d2.modeling import DINOTransformerOutput, HeadOutputs
+from dino_d2.modeling import DINOTransformerOutput, HeadOutputs, MultiScaleLevels
+
+# Where the mask features are left for the head when computed before decoding.
+MASK_FEATURES = "mask_features"
 
 __all__ = ["MaskHead"]
 
@@ -34,13 +39,23 @@ class MaskHead(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.mask_embed = MLP(embed_dim, embed_dim, pixel_decoder.mask_dim, 3)
 
+    def mask_features(
+        self, memory: Tensor, levels: MultiScaleLevels, features: Dict[str, Tensor]
+    ) -> Tensor:
+        """The pixel decoder's (N, D, H_4, W_4) mask features, computed once per batch: kept in
+        ``features["mask_features"]`` (the backbone's other outputs, which the heads read as
+        ``outputs.features``) for a later call."""
+        if MASK_FEATURES not in features:
+            features[MASK_FEATURES] = self.pixel_decoder(memory, levels, features)
+        return features[MASK_FEATURES]
+
     def predict(self, states: Tensor, mask_features: Tensor) -> Tensor:
         """(..., N, Q, C) query states and (N, D, H, W) mask features -> (..., N, Q, H, W)."""
         embed = self.mask_embed(self.norm(states))
         return torch.einsum("...bqc,bchw->...bqhw", embed, mask_features)
 
     def forward(self, outputs: DINOTransformerOutput) -> HeadOutputs:
-        mask_features = self.pixel_decoder(outputs)
+        mask_features = self.mask_features(outputs.memory, outputs.levels, outputs.features)
         if not self.training:
             last = self.predict(outputs.hidden_states[-1:], mask_features)
             return HeadOutputs(queries={"mask_logits": last})

@@ -1,6 +1,7 @@
 """The Mask DINO meta-architecture: DINO whose instances carry their pasted masks."""
 
-from typing import Dict, List
+import dataclasses
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,10 @@ from torch import Tensor
 from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
 from detectron2.structures import Instances
 
-from dino_d2.modeling import DINO
+from dino_d2.modeling import DINO, MultiScaleLevels
+from dino_d2.modeling.transformer.query_selection import SelectedQueries
+
+from .mask_anchors import MASK_BOX_INITS, mask_anchors
 
 __all__ = ["MaskDINO", "paste_mask_logits"]
 
@@ -49,14 +53,53 @@ class MaskDINO(DINO):
     the class score times the mask score, the mean mask probability inside ``pred_masks``.
     Training is DINO's, with the mask terms in the criterion.
 
+    Mask-enhanced anchors (``mask_box_init``): before decoding, the selected proposals' masks
+    are predicted and their boxes replace the proposals' regressed anchors
+    (:func:`mask_anchors`); the mask features computed for that are reused by the head.
+
     Args:
         mask_stride: stride of the mask head's logits (the pixel decoder's backbone map).
-        **kwargs: as :class:`DINO`.
+        mask_box_init: "mask2box" or "bitmask" (the authors' two box conversions), or None for
+            DINO's anchors.
+        **kwargs: as :class:`DINO`; ``heads["masks"]`` must be a :class:`MaskHead`.
     """
 
-    def __init__(self, *, mask_stride: int = 4, **kwargs):
+    def __init__(
+        self, *, mask_stride: int = 4, mask_box_init: Optional[str] = "mask2box", **kwargs
+    ):
         super().__init__(**kwargs)
+        if mask_box_init is not None and mask_box_init not in MASK_BOX_INITS:
+            raise ValueError(
+                f"MaskDINO: mask_box_init must be one of {MASK_BOX_INITS} or None, got "
+                f"{mask_box_init!r}"
+            )
+        if "masks" not in self.heads:
+            raise ValueError(
+                f"MaskDINO needs a mask head as heads['masks'], got heads {sorted(self.heads)}"
+            )
         self.mask_stride = mask_stride
+        self.mask_box_init = mask_box_init
+
+    def refine_queries(
+        self,
+        selected: SelectedQueries,
+        memory: Tensor,
+        levels: MultiScaleLevels,
+        *,
+        features: Dict[str, Tensor],
+    ) -> SelectedQueries:
+        """The proposals' anchors from their predicted masks (see the class docstring)."""
+        if self.mask_box_init is None:
+            return selected
+        head = self.heads["masks"]
+        # The mask features keep their gradient (the head reuses them); the boxes do not.
+        mask_features = head.mask_features(memory, levels, features)
+        with torch.no_grad():
+            logits = head.predict(selected.enc_states, mask_features)
+        anchors = mask_anchors(
+            logits, selected.anchors, levels.valid_ratios[:, 0], self.mask_box_init
+        )
+        return dataclasses.replace(selected, anchors=anchors)
 
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True) -> List:
         """As :meth:`DINO.inference`, with ``pred_masks`` and mask-rescored ``scores`` (see the

@@ -6,13 +6,15 @@ FPN-style: the memory's finest level is upsampled (bilinear) to the backbone's s
 1x1 conv to ``mask_dim`` channels.
 """
 
+from typing import Dict
+
 import torch.nn.functional as F
 from fvcore.nn import weight_init
 from torch import Tensor, nn
 
 from detectron2.layers import Conv2d
 
-from dino_d2.modeling import DINOTransformerOutput
+from dino_d2.modeling import MultiScaleLevels
 
 __all__ = ["MaskPixelDecoder"]
 
@@ -57,27 +59,29 @@ class MaskPixelDecoder(nn.Module):
         self.feature = feature
         self.mask_dim = mask_dim
 
-    def forward(self, outputs: DINOTransformerOutput) -> Tensor:
+    def forward(
+        self, memory: Tensor, levels: MultiScaleLevels, features: Dict[str, Tensor]
+    ) -> Tensor:
         """
         Args:
-            outputs: the transformer output with ``features[self.feature]`` (N, C_in, H_4, W_4).
+            memory: (N, S, C) the encoder output, levels finest first.
+            levels: its geometry.
+            features: the backbone's other outputs, with ``self.feature`` (N, C_in, H_4, W_4)
+                (``DINOTransformerOutput.features``).
 
         Returns:
             (N, mask_dim, H_4, W_4) mask features, each image in the top-left of the padded
             frame like the backbone map.
         """
-        if self.feature not in outputs.features:
+        if self.feature not in features:
             raise KeyError(
                 f"MaskPixelDecoder reads the backbone output '{self.feature}', which the "
-                f"backbone does not return (it returns {sorted(outputs.features)} beside the "
+                f"backbone does not return (it returns {sorted(features)} beside the "
                 "transformer levels); add it to the backbone's out_features"
             )
-        levels = outputs.levels
         height, width = levels.shapes[0]
-        n, _, channels = outputs.memory.shape
-        finest = (
-            outputs.memory[:, : height * width].transpose(1, 2).reshape(n, channels, height, width)
-        )
-        x = self.lateral(outputs.features[self.feature])
+        n, _, channels = memory.shape
+        finest = memory[:, : height * width].transpose(1, 2).reshape(n, channels, height, width)
+        x = self.lateral(features[self.feature])
         x = x + F.interpolate(finest, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return self.mask_features(self.output(x))

@@ -61,3 +61,26 @@ def test_training_lowers_the_loss_and_inference_gives_masks(
     assert not instances.has("mask_logits")
     assert ((instances.scores >= 0) & (instances.scores <= 1)).all()
     assert raw[0].pred_masks.shape == (len(raw[0]), 80, 72)
+
+
+def test_mask_enhanced_anchors_share_the_mask_features(tiny_mask_dino_config, rectangles_batch):
+    batch = rectangles_batch()
+    references = {}
+    for init in (None, "mask2box"):
+        cfg = tiny_mask_dino_config()
+        cfg.model.mask_box_init = init
+        torch.manual_seed(0)
+        model = instantiate(cfg.model).train()
+        calls = []
+        model.heads["masks"].pixel_decoder.register_forward_hook(lambda *args: calls.append(1))
+        captured = {}
+        model.criterion.register_forward_hook(lambda m, a, out: captured.update(outputs=a[0]))
+        torch.manual_seed(0)
+        model(batch)
+        assert len(calls) == 1
+        outputs = captured["outputs"]
+        references[init] = outputs.reference_boxes[0, :, outputs.num_dn :]
+        if init is not None:
+            # The anchors are the boxes of the proposals' masks, inside the image.
+            assert not torch.equal(references[init], references[None])
+            assert ((references[init] >= 0) & (references[init] <= 1)).all()

@@ -87,9 +87,7 @@ def test_pixel_decoder_fuses_memory_and_res2(tiny_dino_config):
     with torch.no_grad():
         features, masks = model.extract_features(model.normalize(images, sizes), sizes, False)
         outputs = model.transformer(features, masks)
-        outputs.features = {"res2": torch.rand(2, 64, 16, 24)}
-        mask_features = decoder(outputs)
+        mask_features = decoder(outputs.memory, outputs.levels, {"res2": torch.rand(2, 64, 16, 24)})
     assert mask_features.shape == (2, 16, 16, 24)
-    outputs.features = {}
     with pytest.raises(KeyError, match="res2.*out_features"):
-        decoder(outputs)
+        decoder(outputs.memory, outputs.levels, {})
