@@ -10,7 +10,7 @@ from torch import Tensor
 from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
 from detectron2.structures import Instances
 
-from dino_d2.modeling import DINO, MultiScaleLevels
+from dino_d2.modeling import DINO, DINOTransformerOutput, MultiScaleLevels
 from dino_d2.modeling.transformer.query_selection import SelectedQueries
 
 from .mask_anchors import MASK_BOX_INITS, mask_anchors
@@ -53,19 +53,36 @@ class MaskDINO(DINO):
     the class score times the mask score, the mean mask probability inside ``pred_masks``.
     Training is DINO's, with the mask terms in the criterion.
 
-    Mask-enhanced anchors (``mask_box_init``): before decoding, the selected proposals' masks
-    are predicted and their boxes replace the proposals' regressed anchors
-    (:func:`mask_anchors`); the mask features computed for that are reused by the head.
+    What differs from DINO, as the authors build it:
+
+    * mask-enhanced anchors (``mask_box_init``): before decoding, the selected proposals' masks
+      are predicted and their boxes replace the proposals' regressed anchors
+      (:func:`mask_anchors`); the mask features computed for that are reused by the head;
+    * the decoder's content queries are the selected proposals' states, detached
+      (``content_from_proposals``, the authors' ``LEARN_TGT: False``); the query selection's
+      learned content embedding is then unused and frozen;
+    * one ``decoder_norm``: the mask head's ``norm`` is the decoder's final norm (one module),
+      and the class logits are computed on the states normed once more by it
+      (``class_on_normed_states``; the authors' ``forward_prediction_heads`` norms the
+      decoder's already normed output before the class and mask heads alike).
 
     Args:
         mask_stride: stride of the mask head's logits (the pixel decoder's backbone map).
         mask_box_init: "mask2box" or "bitmask" (the authors' two box conversions), or None for
             DINO's anchors.
+        content_from_proposals: see above; False keeps DINO's learned content queries.
+        class_on_normed_states: see above; False keeps DINO's class logits.
         **kwargs: as :class:`DINO`; ``heads["masks"]`` must be a :class:`MaskHead`.
     """
 
     def __init__(
-        self, *, mask_stride: int = 4, mask_box_init: Optional[str] = "mask2box", **kwargs
+        self,
+        *,
+        mask_stride: int = 4,
+        mask_box_init: Optional[str] = "mask2box",
+        content_from_proposals: bool = True,
+        class_on_normed_states: bool = True,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if mask_box_init is not None and mask_box_init not in MASK_BOX_INITS:
@@ -79,6 +96,11 @@ class MaskDINO(DINO):
             )
         self.mask_stride = mask_stride
         self.mask_box_init = mask_box_init
+        self.content_from_proposals = content_from_proposals
+        self.class_on_normed_states = class_on_normed_states
+        self.heads["masks"].norm = self.transformer.decoder.norm
+        if content_from_proposals:
+            self.transformer.query_selection.tgt_embed.requires_grad_(False)
 
     def refine_queries(
         self,
@@ -88,7 +110,10 @@ class MaskDINO(DINO):
         *,
         features: Dict[str, Tensor],
     ) -> SelectedQueries:
-        """The proposals' anchors from their predicted masks (see the class docstring)."""
+        """The proposals' states as content and the boxes of their predicted masks as anchors
+        (see the class docstring)."""
+        if self.content_from_proposals:
+            selected = dataclasses.replace(selected, content=selected.enc_states.detach())
         if self.mask_box_init is None:
             return selected
         head = self.heads["masks"]
@@ -100,6 +125,20 @@ class MaskDINO(DINO):
             logits, selected.anchors, levels.valid_ratios[:, 0], self.mask_box_init
         )
         return dataclasses.replace(selected, anchors=anchors)
+
+    def run_heads(self, outputs: DINOTransformerOutput) -> None:
+        """The class logits on the states normed again (``class_on_normed_states``; only the
+        last layer's in inference, the only one it reads), then every head."""
+        if self.class_on_normed_states:
+            decoder = self.transformer.decoder
+            states = outputs.hidden_states
+            first = 0 if self.training else len(states) - 1
+            logits = [
+                decoder.class_embed[layer](decoder.norm(states[layer]))
+                for layer in range(first, len(states))
+            ]
+            outputs.pred_logits = torch.cat([outputs.pred_logits[:first], torch.stack(logits)])
+        super().run_heads(outputs)
 
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True) -> List:
         """As :meth:`DINO.inference`, with ``pred_masks`` and mask-rescored ``scores`` (see the

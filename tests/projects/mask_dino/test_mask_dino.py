@@ -28,6 +28,13 @@ def test_mask_outputs_for_every_query_set(tiny_mask_dino_config, rectangles_batc
         assert part.weight.grad.abs().sum() > 0
     # The res2 stage feeds the masks only: it is trained through them.
     assert model.backbone.bottom_up.res2[0].conv1.weight.grad.abs().sum() > 0
+    # One decoder_norm, before the class head too; content from the proposals, not learned.
+    decoder = model.transformer.decoder
+    assert head.norm is decoder.norm
+    expected = decoder.class_embed[-1](decoder.norm(outputs.hidden_states[-1]))
+    torch.testing.assert_close(outputs.pred_logits[-1], expected)
+    tgt_embed = model.transformer.query_selection.tgt_embed.weight
+    assert not tgt_embed.requires_grad and tgt_embed.grad is None
 
 
 def test_training_lowers_the_loss_and_inference_gives_masks(
