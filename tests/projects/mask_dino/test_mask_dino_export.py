@@ -28,6 +28,10 @@ def test_masks_go_through_the_onnx_export(tiny_mask_dino_config, tmp_path):
         graph, sample, "onnx", str(tmp_path), preprocessing={}, verification=verification
     )
     assert result.verification.passed, result.verification.summary()
+    # The export's own verification compared the masks of the paired detections.
+    assert result.verification.num_masks == result.verification.num_paired > 0
+    assert result.verification.min_mask_iou >= 0.99
+    assert "min mask IoU" in result.verification.summary()
     session = ort.InferenceSession(result.path, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     assert names == ["boxes", "scores", "classes", "mask_logits"]
