@@ -31,9 +31,9 @@ def mask_boxes(masks: Tensor, kind: str) -> Tensor:
     rows, cols = masks.any(-1), masks.any(-2)
     ys = torch.arange(height, device=masks.device, dtype=torch.float32)
     xs = torch.arange(width, device=masks.device, dtype=torch.float32)
-    big = float(max(height, width))
-    x0 = torch.where(cols, xs, big).amin(-1)
-    y0 = torch.where(rows, ys, big).amin(-1)
+    # Infinity, not the map's size, as the sentinel: an exported graph keeps H and W symbolic.
+    x0 = torch.where(cols, xs, float("inf")).amin(-1)
+    y0 = torch.where(rows, ys, float("inf")).amin(-1)
     x1 = torch.where(cols, xs, -1.0).amax(-1)
     y1 = torch.where(rows, ys, -1.0).amax(-1)
     if kind == "bitmask":
