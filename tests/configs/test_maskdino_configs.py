@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from detectron2.config import instantiate
+from detectron2.structures import BitMasks, Boxes, Instances
 
 from dino_d2.model_zoo import get_config
 from dino_d2.projects.mask_dino import MaskDINO
@@ -55,3 +56,28 @@ def test_the_r50_recipe_builds():
     assert isinstance(model, MaskDINO)
     assert model.heads["masks"].norm is model.transformer.decoder.norm
     assert len(model.transformer.decoder.class_embed) == 9
+
+
+def test_the_digits_config_is_the_box_demo_with_masks():
+    cfg = get_config("maskdino_r18_digits.py")
+    box_demo = get_config("dino_r18_digits.py")
+    assert cfg.train.max_iter == box_demo.train.max_iter
+    assert cfg.model.transformer.embed_dim == box_demo.model.transformer.embed_dim == 128
+    assert cfg.model.num_classes == 10 and cfg.model.num_select == box_demo.model.num_select
+    assert cfg.dataloader.train.mapper.use_instance_mask
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).train()
+    instances = Instances((96, 128))
+    instances.gt_boxes = Boxes(torch.tensor([[10.0, 20.0, 40.0, 70.0]]))
+    instances.gt_classes = torch.tensor([3])
+    masks = torch.zeros(1, 96, 128, dtype=torch.bool)
+    masks[0, 20:70, 10:40] = True
+    instances.gt_masks = BitMasks(masks)
+    image = torch.rand(3, 96, 128) * 255
+    losses = model([{"image": image, "instances": instances}])
+    assert {"loss_mask", "loss_dice", "loss_mask_enc", "loss_dice_dn"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        (result,) = model([{"image": image}])
+    assert result["instances"].pred_masks.shape == (cfg.model.num_select, 96, 128)
