@@ -82,7 +82,9 @@ def _config_root() -> str:
 def list_configs() -> list:
     """Names of the model configs (the top-level files), e.g. ``dino_r50_4scale_12ep.py``."""
     return sorted(
-        f for f in os.listdir(_config_root()) if f.startswith("dino_") and f.endswith(".py")
+        f
+        for f in os.listdir(_config_root())
+        if f.startswith(("dino_", "maskdino_")) and f.endswith(".py")
     )
 
 

@@ -39,7 +39,8 @@ class ExportedDetector:
         for i, image in enumerate(images):
             batch[i, :, : image.shape[-2], : image.shape[-1]] = image.to(self.dtype)
         sizes = torch.tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.int64)
-        boxes, scores, classes = (torch.as_tensor(o) for o in self.run(batch, sizes))
+        # The detections; extra outputs (e.g. mask logits) after them are not evaluated here.
+        boxes, scores, classes = (torch.as_tensor(o) for o in self.run(batch, sizes)[:3])
         results = []
         for i, (inputs, size) in enumerate(zip(batched_inputs, sizes.tolist())):
             result = Instances(tuple(size))

@@ -42,7 +42,11 @@ Unpaired = List[Tuple[float, int]]  # (score, class) of detections without a cou
 
 
 def pair_detections(
-    ours: Detections, theirs: Detections, score_tolerance: float, box_tolerance: float
+    ours: Detections,
+    theirs: Detections,
+    score_tolerance: float,
+    box_tolerance: float,
+    pairs: Optional[List[Tuple[int, int]]] = None,
 ) -> Tuple[List[float], List[float], Unpaired, Unpaired]:
     """Pairs our detections with theirs: each pair of the same class, scores within
     ``score_tolerance`` and boxes within ``box_tolerance`` in every coordinate, as many pairs as
@@ -53,14 +57,16 @@ def pair_detections(
     the pairing is an assignment per class (scipy's ``linear_sum_assignment``) instead.
 
     Args:
-        ours, theirs: ``(boxes (K, 4), scores (K,), classes (K,))``.
+        ours, theirs: ``(boxes (K, 4), scores (K,), classes (K,))`` (anything after those three
+            is ignored).
+        pairs: if given, each pair's ``(our index, their index)`` is appended to it.
 
     Returns:
         ``(score_diffs, box_diffs, unpaired, their_unpaired)``: the absolute differences of the
         pairs, and the unpaired detections of each side as ``(score, class)`` lists.
     """
-    boxes, scores, classes = (t.detach().double().cpu() for t in ours)
-    their_boxes, their_scores, their_classes = (t.detach().double().cpu() for t in theirs)
+    boxes, scores, classes = (t.detach().double().cpu() for t in ours[:3])
+    their_boxes, their_scores, their_classes = (t.detach().double().cpu() for t in theirs[:3])
     paired = torch.zeros(len(scores), dtype=torch.bool)
     their_paired = torch.zeros(len(their_scores), dtype=torch.bool)
     score_diffs, box_diffs = [], []
@@ -83,6 +89,8 @@ def pair_detections(
                 paired[mine[i]] = their_paired[other[j]] = True
                 score_diffs.append(float(score_gap[i, j]))
                 box_diffs.append(float(box_gap[i, j]))
+                if pairs is not None:
+                    pairs.append((int(mine[i]), int(other[j])))
     unpaired = [(float(s), int(c)) for s, c in zip(scores[~paired], classes[~paired])]
     their_unpaired = [
         (float(s), int(c))

@@ -11,6 +11,10 @@ order, and the one at the top-k cut may be a different one. Detections are paire
 class, scores within ``score_tolerance`` and boxes within ``box_tolerance``, as many pairs as
 possible (an assignment, closest boxes first); the differences of the pairs are reported and
 every detection must be paired except ties at the cut.
+
+Extra outputs that are maps per detection (a mask head's (K, h, w) logits) are compared on the
+pairs by the IoU of ``logit > 0``: at least ``mask_iou_tolerance`` for every paired detection
+(empty on both sides counts as equal).
 """
 
 from dataclasses import dataclass, field
@@ -38,10 +42,13 @@ class DetectionComparison:
 
     score_tolerance: float
     box_tolerance: float
+    mask_iou_tolerance: float = 0.99
     num_detections: int = 0
     num_paired: int = 0
     max_score_diff: float = 0.0
     max_box_diff: float = 0.0
+    num_masks: int = 0
+    min_mask_iou: float = 1.0
     problems: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
@@ -51,16 +58,18 @@ class DetectionComparison:
 
     def add(self, reference: Detections, candidate: Detections, what: str) -> None:
         """Compares one image's detections (absolute XYXY boxes, scores, classes)."""
-        reference = tuple(t.detach().float().cpu() for t in reference)
-        candidate = tuple(t.detach().float().cpu() for t in candidate)
+        reference = tuple(torch.as_tensor(t).detach().float().cpu() for t in reference)
+        candidate = tuple(torch.as_tensor(t).detach().float().cpu() for t in candidate)
         if reference[1].shape != candidate[1].shape:
             self.problems.append(
                 f"{what}: {len(candidate[1])} detections instead of {len(reference[1])}"
             )
             return
+        pairs = []
         scores, boxes, unpaired, theirs = pair_detections(
-            candidate, reference, self.score_tolerance, self.box_tolerance
+            candidate, reference, self.score_tolerance, self.box_tolerance, pairs
         )
+        self._compare_masks(reference, candidate, pairs, what)
         self.num_detections += len(reference[1])
         self.num_paired += len(scores)
         self.max_score_diff = max([self.max_score_diff, *scores])
@@ -71,12 +80,38 @@ class DetectionComparison:
         if bad:
             self.problems.append(f"{what}: detections without a counterpart {bad[:3]}")
 
+    def _compare_masks(
+        self, reference: tuple, candidate: tuple, pairs: List[Tuple[int, int]], what: str
+    ) -> None:
+        """IoU of ``logit > 0`` of every per-detection map output, on the paired detections."""
+        for ours, theirs in zip(candidate[3:], reference[3:]):
+            if ours.dim() < 3 or not pairs:
+                continue
+            index = torch.tensor(pairs)
+            mine, other = ours[index[:, 0]] > 0, theirs[index[:, 1]] > 0
+            union = (mine | other).flatten(1).sum(1)
+            iou = torch.where(union > 0, (mine & other).flatten(1).sum(1) / union.clamp(min=1), 1.0)
+            self.num_masks += len(iou)
+            self.min_mask_iou = min(self.min_mask_iou, float(iou.min()))
+            low = int((iou < self.mask_iou_tolerance).sum())
+            if low:
+                self.problems.append(
+                    f"{what}: {low} mask(s) with IoU below {self.mask_iou_tolerance:g} "
+                    f"(lowest {float(iou.min()):.4f})"
+                )
+
     def summary(self) -> str:
         verdict = "PASS" if self.passed else "FAIL"
+        masks = (
+            f", min mask IoU {self.min_mask_iou:.4f} over {self.num_masks} masks "
+            f"(>= {self.mask_iou_tolerance:g})"
+            if self.num_masks
+            else ""
+        )
         line = (
             f"{self.num_paired} of {self.num_detections} detections paired, max |score diff| "
             f"{self.max_score_diff:.2e} (<= {self.score_tolerance:g}), max |box diff| "
-            f"{self.max_box_diff:.2e} px (<= {self.box_tolerance:g}): {verdict}"
+            f"{self.max_box_diff:.2e} px (<= {self.box_tolerance:g}){masks}: {verdict}"
         )
         return "\n".join([line, *(f"  {p}" for p in self.problems + self.notes)])
 
@@ -97,7 +132,7 @@ def compare_detections(
 @torch.no_grad()
 def eager_detections(model: DINO, images: Tensor, image_sizes: Tensor) -> List[Detections]:
     """DINO's own top-k detections of a padded batch, as an exported graph computes them: one
-    ``(boxes, scores, classes)`` per image.
+    ``(boxes, scores, classes, *extras)`` per image (extra outputs in the graph's order).
 
     Args:
         model: the DINO in eval mode.
@@ -106,7 +141,8 @@ def eager_detections(model: DINO, images: Tensor, image_sizes: Tensor) -> List[D
         image_sizes: (N, 2) int64 (height, width).
     """
     detections = model.detect(images, image_sizes, exact_batched=False)
-    return [detections.image(i) for i in range(len(detections))]
+    extras = [detections.extras[name] for name in sorted(detections.extras)]
+    return [(*detections.image(i), *(e[i] for e in extras)) for i in range(len(detections))]
 
 
 def pad_images(images: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -135,10 +171,9 @@ def verification_batches(
 
 
 def detections_of_outputs(outputs: Sequence, image_sizes: Tensor) -> List[Detections]:
-    """Per-image ``(boxes, scores, classes)`` of a graph's (N, K, ...) outputs (the first three;
-    extra heads' outputs follow them)."""
-    boxes, scores, classes = (torch.as_tensor(o) for o in outputs[:3])
-    return [(boxes[i], scores[i], classes[i]) for i in range(len(image_sizes))]
+    """Per-image ``(boxes, scores, classes, *extras)`` of a graph's (N, K, ...) outputs."""
+    outputs = [torch.as_tensor(o) for o in outputs]
+    return [tuple(o[i] for o in outputs) for i in range(len(image_sizes))]
 
 
 def report_rows(results: Dict[str, DetectionComparison]) -> List[str]:

@@ -17,6 +17,7 @@ from .transformer import (
     DeformableEncoder,
     DINOTransformer,
     DINOTransformerOutput,
+    HeadOutputs,
     MixedQuerySelection,
     MultiScaleLevels,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "DINO",
     "DINODetections",
     "DINOTransformerOutput",
+    "HeadOutputs",
     "LOSSES",
     "MATCHING_COSTS",
     "MatchedQueries",

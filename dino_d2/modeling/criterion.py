@@ -92,7 +92,8 @@ class DINOCriterion(nn.Module):
             outputs: the transformer's output; its decoder predictions hold the
                 ``outputs.num_dn`` DN queries first (0 when ``dn`` is None).
             targets: N dicts with ``labels`` (G_i,) int64 in [0, K) and ``boxes`` (G_i, 4)
-                normalized cxcywh.
+                normalized cxcywh, and any other ground-truth fields (``DINO.prepare_targets``)
+                that extension losses and matching costs read.
             dn: the :class:`DenoisingQueries` the DN part was built from, or None.
 
         Returns:
@@ -126,11 +127,11 @@ class DINOCriterion(nn.Module):
                 matching,
                 outputs,
             )
-            indices = self.matcher(queries.logits, queries.boxes, targets)
+            indices = self.matcher(queries.logits, queries.boxes, targets, queries.extras())
             losses.update(self._set_losses(queries, targets, indices, num_boxes))
 
         queries = QuerySet("_enc", outputs.enc_logits, outputs.enc_boxes, None, None, outputs)
-        indices = self.matcher(queries.logits, queries.boxes, targets)
+        indices = self.matcher(queries.logits, queries.boxes, targets, queries.extras())
         losses.update(self._set_losses(queries, targets, indices, num_boxes))
 
         for layer, suffix in enumerate(self._layer_suffixes()):

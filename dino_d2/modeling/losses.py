@@ -57,11 +57,17 @@ class QuerySet:
         return self.suffix.startswith("_dn")
 
     def extra(self, name: str) -> Optional[Tensor]:
-        """This set's part of an extra head's per-query output ``outputs.extras[name]``
-        ((L_dec, N, Q_dn + Q, ...) -> (N, Q_s, ...)); None for the encoder proposals."""
+        """This set's part of an extra head's output: for a decoder set, of the per-query
+        ``outputs.extras[name]`` ((L_dec, N, Q_dn + Q, ...) -> (N, Q_s, ...)); for the encoder
+        proposals ``outputs.enc_extras[name]`` (N, Q, ...), or None when the head gives none."""
         if self.layer is None:
-            return None
+            return self.outputs.enc_extras.get(name)
         return self.outputs.extras[name][self.layer][:, self.queries]
+
+    def extras(self) -> Dict[str, Tensor]:
+        """Every extra output this set has, by name, each (N, Q_s, ...)."""
+        names = self.outputs.enc_extras if self.layer is None else self.outputs.extras
+        return {name: self.extra(name) for name in names}
 
 
 class MatchedQueries:
@@ -76,7 +82,8 @@ class MatchedQueries:
             number of groups for denoising).
 
     The gathered pairs (``batch_idx``, ``query_idx``, ``target_labels``, ``target_boxes``,
-    ``matched_boxes``) are computed once and shared by the terms.
+    ``matched_boxes``) are computed once and shared by the terms; ``cache`` is a dict where
+    terms of the same set share other work (e.g. the points two mask losses sample).
     """
 
     def __init__(
@@ -90,6 +97,7 @@ class MatchedQueries:
         self.targets = targets
         self.indices = indices
         self.num_boxes = num_boxes
+        self.cache: Dict[str, object] = {}
 
     @property
     def device(self) -> torch.device:
@@ -120,6 +128,19 @@ class MatchedQueries:
         return torch.cat(
             [t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(self.targets, self.indices)]
         ).to(device=self.device, dtype=self.queries.boxes.dtype)
+
+    def target_field(self, name: str) -> Tensor:
+        """(P, ...) the field ``name`` of each matched pair's target (e.g. ``gt_masks``, see
+        ``DINO.prepare_targets``)."""
+        missing = [i for i, t in enumerate(self.targets) if name not in t]
+        if missing:
+            raise KeyError(
+                f"targets of images {missing} have no field '{name}' (they have "
+                f"{sorted(self.targets[missing[0]])}); does the dataset mapper produce it?"
+            )
+        return torch.cat(
+            [t[name][j.to(t[name].device)] for t, (_, j) in zip(self.targets, self.indices)]
+        ).to(self.device)
 
     @cached_property
     def matched_boxes(self) -> Tensor:

@@ -13,8 +13,17 @@ an (M, G) cost::
 and the matcher's ``costs`` names the terms to use with their weights
 (``model.criterion.matcher.costs.cost_center = 1.0`` in a LazyConfig). ``cost_options`` passes
 keyword arguments to a term. Boxes are normalized cxcywh.
+
+A term that needs more asks for it by parameter name, after the four above: a name of an extra
+head's output gets the queries' values (M, ...) (e.g. ``pred_masks``), a name of a target field
+gets the targets' values (G, ...) (e.g. ``gt_masks``, see ``DINO.prepare_targets``)::
+
+    @MATCHING_COSTS.register()
+    def cost_mask_area(logits, boxes, labels, gt_boxes, pred_masks, gt_masks):
+        ...
 """
 
+import inspect
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -60,6 +69,19 @@ def cost_giou(logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor) -
     )
 
 
+def _requested_inputs(term, options: Mapping) -> List[str]:
+    """The parameters of a cost term after its first four that are neither options nor have a
+    default: the extra inputs it asks for by name."""
+    parameters = list(inspect.signature(term).parameters.values())[4:]
+    return [
+        p.name
+        for p in parameters
+        if p.name not in options
+        and p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
 class HungarianMatcher(nn.Module):
     """Assigns each ground-truth box of an image to a distinct query, minimizing a matching cost.
 
@@ -90,10 +112,24 @@ class HungarianMatcher(nn.Module):
         stray = sorted(set(self.cost_options) - set(self.costs))
         if stray:
             raise ValueError(f"cost_options for {stray}, which are not in costs {self.costs}")
+        self._requests = {
+            name: _requested_inputs(term, self.cost_options.get(name, {}))
+            for name, term in self._terms.items()
+        }
+
+    @property
+    def requested_inputs(self) -> List[str]:
+        """The extra inputs (extra head outputs, target fields) the cost terms ask for."""
+        return sorted({name for names in self._requests.values() for name in names})
 
     @torch.no_grad()
     def cost_matrix(
-        self, logits: Tensor, boxes: Tensor, labels: Tensor, gt_boxes: Tensor
+        self,
+        logits: Tensor,
+        boxes: Tensor,
+        labels: Tensor,
+        gt_boxes: Tensor,
+        inputs: Optional[Mapping[str, Tensor]] = None,
     ) -> Tensor:
         """The (M, G) weighted matching cost.
 
@@ -102,29 +138,45 @@ class HungarianMatcher(nn.Module):
             boxes: (M, 4) predicted boxes, normalized cxcywh.
             labels: (G,) int64 target classes.
             gt_boxes: (G, 4) target boxes, normalized cxcywh.
+            inputs: what the terms ask for by name: queries' extra outputs (M, ...) and
+                targets' fields (G, ...).
 
         Returns:
             (M, G) float32 cost; lower is a better match.
         """
+        inputs = inputs or {}
         total = None
         for name, weight in self.costs.items():
             if weight == 0:
                 continue
-            options = self.cost_options.get(name, {})
+            missing = [p for p in self._requests[name] if p not in inputs]
+            if missing:
+                raise ValueError(
+                    f"matching cost '{name}' asks for {missing}, which neither the queries' extra "
+                    f"outputs nor the targets' fields hold (they have {sorted(inputs)})"
+                )
+            options = dict(self.cost_options.get(name, {}))
+            options.update({p: inputs[p] for p in self._requests[name]})
             term = weight * self._terms[name](logits, boxes, labels, gt_boxes, **options)
             total = term if total is None else total + term
         return total
 
     @torch.no_grad()
     def forward(
-        self, pred_logits: Tensor, pred_boxes: Tensor, targets: List[Dict[str, Tensor]]
+        self,
+        pred_logits: Tensor,
+        pred_boxes: Tensor,
+        targets: List[Dict[str, Tensor]],
+        extras: Optional[Mapping[str, Tensor]] = None,
     ) -> List[Tuple[Tensor, Tensor]]:
         """Matches every image of the batch.
 
         Args:
             pred_logits: (N, Q, K) class logits.
             pred_boxes: (N, Q, 4) predicted boxes, normalized cxcywh.
-            targets: N dicts with ``labels`` (G_i,) int64 and ``boxes`` (G_i, 4) normalized cxcywh.
+            targets: N dicts with ``labels`` (G_i,) int64 and ``boxes`` (G_i, 4) normalized
+                cxcywh, and any other fields (each (G_i, ...)).
+            extras: the queries' extra head outputs by name, each (N, Q, ...).
 
         Returns:
             N pairs ``(query_idx, target_idx)`` of int64 CPU tensors of length ``min(Q, G_i)``
@@ -138,8 +190,14 @@ class HungarianMatcher(nn.Module):
         n, q = pred_logits.shape[:2]
         labels = torch.cat([t["labels"] for t in targets]).to(pred_logits.device)
         gt_boxes = torch.cat([t["boxes"] for t in targets]).to(pred_logits.device)
+        inputs = {}
+        for name in self.requested_inputs:
+            if extras is not None and name in extras:
+                inputs[name] = extras[name].flatten(0, 1)
+            elif all(name in t for t in targets):
+                inputs[name] = torch.cat([t[name] for t in targets]).to(pred_logits.device)
         cost = self.cost_matrix(
-            pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), labels, gt_boxes
+            pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), labels, gt_boxes, inputs
         )
         cost = cost.view(n, q, -1).cpu()
         indices = []

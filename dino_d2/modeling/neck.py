@@ -94,7 +94,9 @@ class ChannelMapper(Backbone):
             x: (N, C, H, W) normalized images.
 
         Returns:
-            dict of output name to (N, out_channels, ceil(H / stride), ceil(W / stride)).
+            dict of output name to (N, out_channels, ceil(H / stride), ceil(W / stride)), and
+            the backbone's outputs (its inputs) under their own names (``res2``, ...) for the
+            heads that read them (``DINOTransformerOutput.features``).
         """
         features = self.bottom_up(x)
         outputs: List[torch.Tensor] = [
@@ -104,4 +106,4 @@ class ChannelMapper(Backbone):
         for conv in self.extra_convs:
             last = conv(last)
             outputs.append(last)
-        return dict(zip(self._out_features, outputs))
+        return {**features, **dict(zip(self._out_features, outputs))}

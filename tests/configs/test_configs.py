@@ -33,7 +33,9 @@ EPOCHS = {"12ep": (12, 11), "24ep": (24, 20), "36ep": (36, 30)}
 
 
 # Configs that are not published recipes (tested on their own).
-DEMOS = ["dino_r18_digits"]
+DEMOS = ["dino_r18_digits", "maskdino_r18_digits"]
+# Mask DINO (tests/configs/test_maskdino_configs.py).
+MASK_DINO = ["maskdino_r50_4scale_50ep", "maskdino_swin_large_384_5scale_50ep"]
 # DINO on plain ViTs, with layer-wise lr decay (tests/configs/test_vit_configs.py).
 VIT = ["dino_timm_vit_small_4scale_12ep", "dino_vitdet_b_4scale_12ep"]
 # Objects365 pre-training and its COCO fine-tuning (tests/configs/test_objects365_configs.py).
@@ -45,7 +47,7 @@ OBJECTS365 = [
 
 def test_every_required_variant_ships():
     shipped = sorted(name[:-3] for name in list_configs())
-    assert sorted(REQUIRED + DEMOS + VIT + OBJECTS365) == shipped
+    assert sorted(REQUIRED + DEMOS + VIT + OBJECTS365 + MASK_DINO) == shipped
 
 
 @pytest.mark.parametrize("name", REQUIRED)

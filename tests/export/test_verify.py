@@ -1,5 +1,6 @@
 """Pairing of two runs' detections (dino_d2.export.verify): the proof every export relies on."""
 
+import pytest
 import torch
 
 from dino_d2.export.ties import pair_detections
@@ -44,3 +45,21 @@ def test_only_a_tie_at_the_top_k_cut_may_go_unpaired():
     wrong = _detections([[0, 0, 4, 4], [1, 1, 5, 5.5], [2, 2, 6, 6]], [0.9, 0.5, 0.3], [0, 1, 2])
     comparison = compare_detections([(reference, wrong, "image 0")])
     assert not comparison.passed and "image 0" in comparison.problems[0]
+
+
+def test_per_detection_maps_are_compared_by_iou_on_the_pairs():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0]])
+    scores, classes = torch.tensor([0.9, 0.8]), torch.tensor([1, 2])
+    masks = -torch.ones(2, 8, 8)
+    masks[0, :4, :4] = 1
+    masks[1, 4:, 4:] = 1
+    # The candidate lists the detections in the other order; its second mask lost one row.
+    flipped = masks.flip(0).clone()
+    flipped[0, 4] = -1
+    reference = (boxes, scores, classes, masks)
+    candidate = (boxes.flip(0), scores.flip(0), classes.flip(0), flipped)
+    comparison = compare_detections([(reference, candidate, "image 0")])
+    assert comparison.num_masks == 2
+    assert comparison.min_mask_iou == pytest.approx(12 / 16)
+    assert not comparison.passed and "IoU below 0.99" in comparison.problems[0]
+    assert compare_detections([(reference, (boxes, scores, classes, masks), "image 0")]).passed

@@ -28,8 +28,12 @@ def test_output_shapes_follow_the_backbone(in_features, extra):
     )
     x = torch.randn(2, 3, 70, 101)
     out = neck(x)
-    assert list(out) == list(shapes)
-    for name, feature in out.items():
+    # Its levels, after its inputs under their own names (for the heads that read them).
+    inputs = neck.bottom_up.output_shape()
+    assert list(out) == [*inputs, *shapes]
+    for name in inputs:
+        assert out[name].shape[1] == inputs[name].channels
+    for name, feature in ((name, out[name]) for name in shapes):
         stride = shapes[name].stride
         assert feature.shape == (2, 64, -(-70 // stride), -(-101 // stride))
 

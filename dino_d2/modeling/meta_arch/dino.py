@@ -1,6 +1,7 @@
 """DINO: DETR with Improved DeNoising Anchor Boxes (arXiv 2203.03605), as a Detectron2 meta-arch."""
 
 import logging
+from functools import partial
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -15,7 +16,9 @@ from detectron2.structures import ImageList
 from dino_d2._compat import image_list_from_tensors
 from dino_d2.config import dino_kwargs_from_yacs
 
-from ..transformer import DINOTransformerOutput
+from ..transformer import DINOTransformerOutput, HeadOutputs, MultiScaleLevels
+from ..transformer.query_selection import SelectedQueries
+from .targets import target_fields
 from .detections import (
     DINODetections,
     Sizes,
@@ -154,15 +157,24 @@ class DINO(nn.Module):
             return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         sizes = as_size_tensor(images.image_sizes, self.device)
-        features, masks = self.extract_features(images.tensor, sizes, exact_batched=False)
-        targets = self.prepare_targets(batched_inputs, images.image_sizes)
+        features, masks, inputs = self._extract(images.tensor, sizes, exact_batched=False)
+        targets = self.prepare_targets(
+            batched_inputs, images.image_sizes, tuple(images.tensor.shape[-2:])
+        )
         dn = self.denoising(targets, self.num_queries)
+        refine = partial(self.refine_queries, features=inputs)
         if dn is None:
-            outputs = self.transformer(features, masks)
+            outputs = self.transformer(features, masks, refine_queries=refine)
         else:
             outputs = self.transformer(
-                features, masks, dn_content=dn.content, dn_boxes=dn.boxes, attn_mask=dn.attn_mask
+                features,
+                masks,
+                dn_content=dn.content,
+                dn_boxes=dn.boxes,
+                attn_mask=dn.attn_mask,
+                refine_queries=refine,
             )
+        outputs.features = inputs
         self.run_heads(outputs)
         return self.criterion(outputs, targets, dn)
 
@@ -213,8 +225,10 @@ class DINO(nn.Module):
         sizes = as_size_tensor(image_sizes, images.device)
         if exact_batched is None:
             exact_batched = self.exact_batched_inference
-        features, masks = self.extract_features(self.normalize(images, sizes), sizes, exact_batched)
-        outputs = self.transformer(features, masks)
+        features, masks, inputs = self._extract(self.normalize(images, sizes), sizes, exact_batched)
+        refine = partial(self.refine_queries, features=inputs)
+        outputs = self.transformer(features, masks, refine_queries=refine)
+        outputs.features = inputs
         self.run_heads(outputs)
         boxes, scores, classes, queries = select_top_detections(
             outputs.pred_logits[-1], outputs.pred_boxes[-1], sizes, num_select or self.num_select
@@ -222,14 +236,35 @@ class DINO(nn.Module):
         extras = {name: gather_queries(v[-1], queries) for name, v in outputs.extras.items()}
         return DINODetections(boxes, scores, classes, queries, sizes, extras)
 
+    def refine_queries(
+        self,
+        selected: SelectedQueries,
+        memory: Tensor,
+        levels: MultiScaleLevels,
+        *,
+        features: Dict[str, Tensor],
+    ) -> SelectedQueries:
+        """The selected queries the decoder starts from; DINO keeps them as they are.
+
+        A subclass may change their ``content`` or ``anchors`` before decoding (Mask DINO's
+        mask-enhanced anchors); ``features`` is the backbone's other outputs (what
+        ``outputs.features`` will hold), where maps it computes may be left for the heads.
+        """
+        return selected
+
     def run_heads(self, outputs: DINOTransformerOutput) -> None:
-        """Adds every extra head's outputs to ``outputs.extras``."""
+        """Adds every extra head's outputs to ``outputs.extras`` (and, for a head that returns
+        :class:`HeadOutputs` with ``proposals``, to ``outputs.enc_extras``)."""
         for name, head in self.heads.items():
-            produced = head(outputs)
-            clash = sorted(set(produced) & set(outputs.extras))
-            if clash:
-                raise ValueError(f"head '{name}' returns {clash}, which another head returned")
-            outputs.extras.update(produced)
+            produced = HeadOutputs.of(head(outputs))
+            for got, have in (
+                (produced.queries, outputs.extras),
+                (produced.proposals, outputs.enc_extras),
+            ):
+                clash = sorted(set(got) & set(have))
+                if clash:
+                    raise ValueError(f"head '{name}' returns {clash}, which another head returned")
+                have.update(got)
 
     def batch_images(self, batched_inputs: List[Dict]) -> ImageList:
         """The inputs' 0-255 images padded (with zeros) into one batch as the backbone wants."""
@@ -288,37 +323,52 @@ class DINO(nn.Module):
             masks: list over levels of (N, H_l, W_l) bool, True on padding. Image i's valid
                 region at stride s is its top-left ceil(h_i / s) x ceil(w_i / s) cells.
         """
+        features, masks, _ = self._extract(images, image_sizes, exact_batched)
+        return features, masks
+
+    def _extract(
+        self, images: Tensor, image_sizes: Tensor, exact_batched: bool
+    ) -> Tuple[List[Tensor], List[Tensor], Dict[str, Tensor]]:
+        """:meth:`extract_features`, and the backbone's other outputs by name (a neck's inputs,
+        e.g. ``res2``: what ``outputs.features`` holds for the heads)."""
         many = exact_batched and images.shape[0] > 1
         sizes = [tuple(size) for size in image_sizes.tolist()] if many else []
         if len(set(sizes)) > 1:
-            features = self._features_one_by_one(images, sizes)
+            out = self._features_one_by_one(images, sizes)
         else:
             out = self.backbone(images)
-            features = [out[name] for name in self._levels]
-        return features, padding_masks(features, self._strides, image_sizes)
+        features = [out[name] for name in self._levels]
+        inputs = {name: value for name, value in out.items() if name not in self._levels}
+        return features, padding_masks(features, self._strides, image_sizes), inputs
 
-    def _features_one_by_one(self, images: Tensor, sizes: List[Tuple[int, int]]) -> List[Tensor]:
+    def _features_one_by_one(
+        self, images: Tensor, sizes: List[Tuple[int, int]]
+    ) -> Dict[str, Tensor]:
         per_image = []
         for i, (h, w) in enumerate(sizes):
             # Padded exactly as when the image is the only one in its batch.
-            out = self.backbone(self._pad_tensor(images[i : i + 1, :, :h, :w]))
-            per_image.append([out[name] for name in self._levels])
-        features = []
-        for level in range(len(self._levels)):
-            maps = [f[level] for f in per_image]
+            per_image.append(self.backbone(self._pad_tensor(images[i : i + 1, :, :h, :w])))
+        features = {}
+        for name in per_image[0]:
+            maps = [out[name] for out in per_image]
             height = max(m.shape[-2] for m in maps)
             width = max(m.shape[-1] for m in maps)
-            features.append(
-                torch.cat(
-                    [F.pad(m, (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in maps]
-                )
+            features[name] = torch.cat(
+                [F.pad(m, (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in maps]
             )
         return features
 
     def prepare_targets(
-        self, batched_inputs: List[Dict], image_sizes: List[Tuple[int, int]]
+        self,
+        batched_inputs: List[Dict],
+        image_sizes: List[Tuple[int, int]],
+        padded_size: Optional[Tuple[int, int]] = None,
     ) -> List[Dict[str, torch.Tensor]]:
-        """Ground truth as the criterion wants it: labels (G,) and normalized cxcywh boxes (G, 4).
+        """Ground truth as the criterion wants it: labels (G,) and normalized cxcywh boxes (G, 4),
+        and every other field of the ``Instances`` under its own name, as a tensor with the same
+        boxes kept (see :func:`target_fields`: e.g. ``gt_masks`` as (G, H_pad, W_pad) uint8,
+        each image's mask in the top-left of the ``padded_size`` batch frame, the maximum of
+        ``image_sizes`` when None).
 
         Boxes (absolute XYXY) are clipped to the image; boxes that are then empty (zero or
         negative width or height, or wholly outside the image) or not finite (NaN) are dropped,
@@ -326,6 +376,8 @@ class DINO(nn.Module):
         does this (``filter_empty_instances``); this guards other mappers. The first drop is
         logged as a warning; :attr:`num_dropped_boxes` counts them all.
         """
+        if padded_size is None:
+            padded_size = tuple(max(size[i] for size in image_sizes) for i in (0, 1))
         targets = []
         for inputs, (h, w) in zip(batched_inputs, image_sizes):
             instances = inputs["instances"].to(self.device)
@@ -344,7 +396,8 @@ class DINO(nn.Module):
             else:
                 labels = instances.gt_classes
             boxes = box_convert(boxes / limits, "xyxy", "cxcywh")
-            targets.append({"labels": labels, "boxes": boxes})
+            fields = target_fields(instances, keep if dropped else None, padded_size)
+            targets.append({**fields, "labels": labels, "boxes": boxes})
         return targets
 
     def _note_dropped_boxes(self, dropped: int, inputs: Dict) -> None:

@@ -10,11 +10,12 @@ from .decoder import (
 from .encoder import DeformableEncoder, DeformableEncoderLayer, get_encoder_reference_points
 from .levels import MultiScaleLevels, valid_extent
 from .query_selection import MixedQuerySelection, SelectedQueries, gen_encoder_output_proposals
-from .transformer import DINOTransformer, DINOTransformerOutput
+from .transformer import DINOTransformer, DINOTransformerOutput, HeadOutputs
 
 __all__ = [
     "DINOTransformer",
     "DINOTransformerOutput",
+    "HeadOutputs",
     "DecoderOutput",
     "DeformableEncoder",
     "DeformableEncoderLayer",

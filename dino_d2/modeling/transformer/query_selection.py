@@ -31,6 +31,9 @@ class SelectedQueries:
         enc_boxes: (N, k, 4) sigmoid of the refined proposals, NOT detached (for the encoder
             loss).
         indices: (N, k) int64 positions of the selected tokens in the flattened sequence.
+        enc_states: (N, k, C) the selected tokens' projected memory (``enc_output_norm``
+            output), NOT detached: what the encoder heads read, for extra heads' proposal
+            outputs.
     """
 
     content: Tensor
@@ -38,6 +41,7 @@ class SelectedQueries:
     enc_logits: Tensor
     enc_boxes: Tensor
     indices: Tensor
+    enc_states: Tensor
 
 
 def gen_encoder_output_proposals(
@@ -162,10 +166,12 @@ class MixedQuerySelection(nn.Module):
         enc_logits = torch.gather(logits, 1, topk[..., None].expand(-1, -1, logits.shape[-1]))
         selected = torch.gather(coords, 1, topk[..., None].expand(-1, -1, 4))
         content = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
+        states = torch.gather(output_memory, 1, topk[..., None].expand(-1, -1, self.embed_dim))
         return SelectedQueries(
             content=content,
             anchors=selected.detach(),
             enc_logits=enc_logits,
             enc_boxes=selected.sigmoid(),
             indices=topk,
+            enc_states=states,
         )

@@ -1,7 +1,7 @@
 """DINO's transformer: encoder, mixed query selection and decoder wired together."""
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +10,7 @@ from dino_d2.layers.box_ops import inverse_sigmoid
 
 from .levels import MultiScaleLevels
 
-__all__ = ["DINOTransformer", "DINOTransformerOutput"]
+__all__ = ["DINOTransformer", "DINOTransformerOutput", "HeadOutputs"]
 
 
 @dataclass
@@ -33,9 +33,16 @@ class DINOTransformerOutput:
         enc_logits: (N, Q, K) class logits of the selected encoder proposals.
         enc_boxes: (N, Q, 4) their refined boxes, not detached.
         selected_indices: (N, Q) int64 positions in ``memory`` of the selected proposals.
+        enc_states: (N, Q, C) the selected proposals' projected memory, which the encoder heads
+            read (not detached).
         num_dn: number of denoising queries at the front of the decoder's query axis.
         extras: per-query outputs of extra heads (``DINO(heads=...)``), by name, each
             (L_dec, N, Q_dn + Q, ...).
+        enc_extras: extra heads' outputs for the selected encoder proposals, by name, each
+            (N, Q, ...) (see :class:`HeadOutputs`).
+        features: the backbone's outputs that are not transformer levels, by name (a neck's
+            inputs, e.g. the stride-4 ``res2`` map, (N, C_b, H_b, W_b), each image in the
+            top-left of the padded frame); set by the meta-architecture before the heads run.
     """
 
     hidden_states: Tensor
@@ -47,8 +54,39 @@ class DINOTransformerOutput:
     enc_logits: Tensor
     enc_boxes: Tensor
     selected_indices: Tensor
+    enc_states: Optional[Tensor] = None
     num_dn: int = 0
     extras: Dict[str, Tensor] = field(default_factory=dict)
+    enc_extras: Dict[str, Tensor] = field(default_factory=dict)
+    features: Dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class HeadOutputs:
+    """What an extra head returns when it also predicts for the encoder proposals.
+
+    A head may return a plain dict (its ``queries`` outputs only) or this.
+
+    Attributes:
+        queries: per decoder query, by name: (L_dec, N, Q_dn + Q, ...), the denoising queries
+            first; stored in ``outputs.extras``.
+        proposals: per selected encoder proposal, by the same names: (N, Q, ...); stored in
+            ``outputs.enc_extras``, where the ``_enc`` loss terms and matching read them.
+    """
+
+    queries: Dict[str, Tensor] = field(default_factory=dict)
+    proposals: Dict[str, Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, produced: Union["HeadOutputs", Mapping[str, Tensor]]) -> "HeadOutputs":
+        """A head's return value as :class:`HeadOutputs` (a mapping is its ``queries``)."""
+        if isinstance(produced, cls):
+            return produced
+        if not isinstance(produced, Mapping):
+            raise TypeError(
+                f"a head must return a dict of tensors or HeadOutputs, got {type(produced).__name__}"
+            )
+        return cls(queries=dict(produced))
 
 
 class DINOTransformer(nn.Module):
@@ -120,6 +158,7 @@ class DINOTransformer(nn.Module):
         dn_content: Optional[Tensor] = None,
         dn_boxes: Optional[Tensor] = None,
         attn_mask: Optional[Tensor] = None,
+        refine_queries: Optional[Callable] = None,
     ) -> DINOTransformerOutput:
         """Runs encoder, query selection and decoder.
 
@@ -133,6 +172,9 @@ class DINOTransformer(nn.Module):
                 logit-space inputs, so a padding slot should hold 0.5 (the authors' logit 0).
             attn_mask: optional ((Q_dn + Q), (Q_dn + Q)) bool decoder self-attention mask,
                 True = may not attend.
+            refine_queries: optional ``f(selected, memory, levels) -> SelectedQueries`` called
+                on the query selection's output before decoding (e.g. Mask DINO's anchors from
+                the proposals' masks); it may replace ``content`` and ``anchors``.
 
         Returns:
             A :class:`DINOTransformerOutput`.
@@ -153,6 +195,8 @@ class DINOTransformer(nn.Module):
 
         memory = self.encoder(src, pos, levels)
         selected = self.query_selection(memory, levels)
+        if refine_queries is not None:
+            selected = refine_queries(selected, memory, levels)
         content, anchors = selected.content, selected.anchors
         num_dn = 0
         if dn_content is not None:
@@ -170,5 +214,6 @@ class DINOTransformer(nn.Module):
             enc_logits=selected.enc_logits,
             enc_boxes=selected.enc_boxes,
             selected_indices=selected.indices,
+            enc_states=selected.enc_states,
             num_dn=num_dn,
         )
