@@ -27,14 +27,22 @@ A released file is Detectron2's ``{"model": state_dict, ...}``; the model is Det
 * ``heads.masks.pixel_decoder.{lateral,output,mask_features}`` <- ``P adapter_1``,
   ``P layer_1``, ``P mask_features``; ``heads.masks.mask_embed`` <- ``Q mask_embed``.
 
-Refused, with the reason: a checkpoint whose decoder takes its content queries from the selected
-encoder features (``LEARN_TGT: False``, the released configs' default: no ``Q query_feat``),
-since dino_d2's query selection learns them (``tgt_embed``); and a ``FEATURE_ORDER: high2low``
-checkpoint (coarse level first), whose level order dino_d2's neck does not have.
+What the weights cannot tell is taken from the released instance-segmentation configs, with a
+note: a checkpoint without ``Q query_feat`` (``LEARN_TGT: False``, the released default) takes
+its content queries from the selected proposals (``model.content_from_proposals=True``; the
+query selection's then unused ``tgt_embed`` is filled with zeros) and has 300 queries; one with
+it learns them (``content_from_proposals=False``, ``tgt_embed`` <- ``Q query_feat``). The class
+head reads the states normed again (``class_on_normed_states=True``), and the anchors are the
+config's mask-enhanced ones (the 46.3 / 52.3 AP releases: ``mask2box``).
+
+Refused, with the reason: a ``FEATURE_ORDER: high2low`` checkpoint (coarse level first), whose
+level order dino_d2's neck does not have.
 """
 
 import re
 from typing import List
+
+import torch
 
 from .architecture import DetectorShape, match_feature_names
 from .dino import DetectorLayout, _count, _require, _rows_rule
@@ -45,6 +53,17 @@ __all__ = ["MaskDINOLayout", "PIXEL_DECODER", "PREDICTOR"]
 
 PIXEL_DECODER = "sem_seg_head.pixel_decoder."
 PREDICTOR = "sem_seg_head.predictor."
+# NUM_OBJECT_QUERIES of the released configs, for a checkpoint that does not store it.
+_RELEASED_QUERIES = torch.empty(300, 0)
+
+
+def _zero_content(num_queries: int):
+    """A transform giving the unused ``tgt_embed`` (num_queries, C) zeros from a (C, C) weight."""
+
+    def zeros(weight: torch.Tensor) -> torch.Tensor:
+        return weight.new_zeros((num_queries, weight.shape[1]))
+
+    return zeros
 
 
 class MaskDINOLayout(DetectorLayout):
@@ -62,6 +81,13 @@ class MaskDINOLayout(DetectorLayout):
     def inspect(self, state_dict, args, num_classes):
         arch = super().inspect(state_dict, args, num_classes)
         arch.family = "maskdino"
+        learned = PREDICTOR + "query_feat.weight" in state_dict
+        if not learned:
+            arch.notes.append(
+                "content queries from the selected proposals (LEARN_TGT False: no query_feat), "
+                f"{arch.detector.num_queries} queries as released; the unused tgt_embed is zeros"
+            )
+        arch.notes.append("anchors: the config's mask-enhanced initialisation (not stored)")
         adapter = _require(state_dict, PIXEL_DECODER + "adapter_1.weight", self.name)
         if arch.backbone == "resnet":
             channels = list(RESNET_STAGE_CHANNELS)
@@ -78,6 +104,8 @@ class MaskDINOLayout(DetectorLayout):
                 "heads.masks.pixel_decoder.in_channels": int(adapter.shape[1]),
                 "heads.masks.pixel_decoder.feature": fused,
                 "heads.masks.pixel_decoder.mask_dim": int(mask_features.shape[0]),
+                "content_from_proposals": not learned,
+                "class_on_normed_states": True,
             }
         )
         return arch
@@ -99,13 +127,6 @@ class MaskDINOLayout(DetectorLayout):
                 "first (FEATURE_ORDER: high2low); dino_d2's levels go from fine to coarse "
                 "(the released low2high checkpoints), so this one cannot be expressed"
             )
-        if q + "query_feat.weight" not in sd:
-            raise ConversionError(
-                f"the checkpoint has no {q + 'query_feat.weight'!r}: its decoder takes the content "
-                "queries from the selected encoder features (MaskDINO's LEARN_TGT: False), while "
-                "dino_d2's query selection learns them (tgt_embed); this model cannot be "
-                "expressed until the query selection can take its content from the encoder"
-            )
         enc, dec = p + "transformer.encoder.layers.", q + "decoder.layers."
         return DetectorShape(
             level_widths=widths,
@@ -125,7 +146,7 @@ class MaskDINOLayout(DetectorLayout):
             decoder_offsets=int(
                 _require(sd, f"{dec}0.cross_attn.sampling_offsets.weight", layout).shape[0]
             ),
-            num_queries=int(sd[q + "query_feat.weight"].shape[0]),
+            num_queries=int(sd.get(q + "query_feat.weight", _RELEASED_QUERIES).shape[0]),
             class_rows=int(_require(sd, q + "class_embed.weight", layout).shape[0]),
             label_rows=int(_require(sd, q + "label_enc.weight", layout).shape[0]),
             share_heads=True,
@@ -139,6 +160,18 @@ class MaskDINOLayout(DetectorLayout):
             "Mask DINO defaults assumed (a Detectron2 checkpoint stores no config): position "
             "embedding temperature 10000 / offset 0, ResNet freeze_at=0, the config's attention "
             "heads, denoising and test-time settings"
+        )
+
+    def _content_rule(self, arch) -> Rule:
+        target = "transformer.query_selection.tgt_embed.weight"
+        if not arch.values["content_from_proposals"]:
+            return Rule(target, PREDICTOR + "query_feat.weight")
+        queries = arch.detector.num_queries
+        return Rule(
+            target,
+            PREDICTOR + "enc_output.weight",
+            _zero_content(queries),
+            note=f"unused with content_from_proposals: ({queries}, C) zeros",
         )
 
     def _head_rules(self, arch) -> List[Rule]:
@@ -183,7 +216,7 @@ class MaskDINOLayout(DetectorLayout):
                 ),
             ),
             Rule("transformer.query_selection.bbox_embed.layers.{k}.{p}", box),
-            Rule("transformer.query_selection.tgt_embed.weight", q + "query_feat.weight"),
+            self._content_rule(arch),
             Rule("transformer.query_selection.enc_output.{p}", q + "enc_output.{p}"),
             Rule("transformer.query_selection.enc_output_norm.{p}", q + "enc_output_norm.{p}"),
             _rows_rule("denoising.label_enc.weight", q + "label_enc.weight", rows),

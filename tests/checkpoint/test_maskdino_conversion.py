@@ -168,13 +168,25 @@ def test_architecture_and_config_values(target):
     assert values["model.transformer.decoder.share_heads"] is True
     assert values["model.transformer.position_embedding.temperature"] == 10000
     assert values["model.num_classes"] == target["denoising.label_enc.weight"].shape[0]
+    assert values["model.content_from_proposals"] is False
+    assert values["model.class_on_normed_states"] is True
 
 
-def test_content_queries_from_the_encoder_are_refused(target):
-    authors = authors_maskdino_state_dict(target)
+def test_content_queries_from_the_proposals(target):
+    """The released LEARN_TGT False: no query_feat, content from the proposals, the unused
+    tgt_embed zeros, 300 queries."""
+    state = dict(target)
+    authors = authors_maskdino_state_dict(state)
     del authors[Q + "query_feat.weight"]
-    with pytest.raises(ConversionError, match="LEARN_TGT"):
-        _map(authors)
+    layout, arch = _map(authors)
+    values = arch.config_values((8, 8))
+    assert values["model.content_from_proposals"] is True
+    assert values["model.transformer.query_selection.num_queries"] == 300
+    shapes = {k: v.shape for k, v in target.items()}
+    shapes["transformer.query_selection.tgt_embed.weight"] = torch.Size([300, EMBED])
+    converted, consumed = map_state_dict(shapes, authors, layout.rules(arch), "maskdino")
+    assert not converted["transformer.query_selection.tgt_embed.weight"].any()
+    assert [k for k in authors if k not in consumed and not layout.is_ignored(k)] == []
 
 
 def test_coarse_level_first_is_refused(target):
@@ -200,8 +212,15 @@ def test_converts_into_the_mask_dino_project_model(tmp_path):
     LazyConfig.apply_overrides(cfg, SMALL)
     torch.manual_seed(0)
     state = _tied_as_the_authors(instantiate(cfg.model).state_dict())
-    result = convert_checkpoint("maskdino", {"model": authors_maskdino_state_dict(state)})
+    authors = authors_maskdino_state_dict(state)
+    result = convert_checkpoint("maskdino", {"model": authors})
     assert result.config == "maskdino_r50_4scale_50ep.py"
+    assert "model.content_from_proposals=False" in result.overrides
     for key, value in state.items():
         assert torch.equal(result.state_dict[key], value), key
     save_checkpoint(result, str(tmp_path / "converted.pth"))
+    # As released (LEARN_TGT False): the project's default content from the proposals.
+    del authors[Q + "query_feat.weight"]
+    result = convert_checkpoint("maskdino", {"model": authors})
+    assert not any(o.startswith("model.content_from_proposals") for o in result.overrides)
+    save_checkpoint(result, str(tmp_path / "released.pth"))
