@@ -14,7 +14,10 @@ A released file is Detectron2's ``{"model": state_dict, ...}``; the model is Det
   ``self_attn_norm``, ``ffn.linear{1,2}``, ``ffn.norm`` <- ``P transformer.encoder.layers.{i}``
   ``self_attn``, ``norm1``, ``linear{1,2}``, ``norm2``;
 * decoder layers <- ``Q decoder.layers.{i}`` with the authors' DINO names (``norm2`` after
-  self-attention, ``norm1`` after cross-attention, ``norm3`` after the FFN);
+  self-attention, ``norm1`` after cross-attention, ``norm3`` after the FFN); the authors'
+  decoder flattens the levels coarse first (``MaskDINODecoder.forward``), so the level axis of
+  its cross-attention's ``sampling_offsets`` and ``attention_weights`` rows (heads, levels,
+  points) is reversed;
 * ``transformer.decoder.norm`` and the mask head's ``heads.masks.norm`` <- ``Q decoder_norm``
   (also saved as ``Q decoder.norm``), ``transformer.decoder.ref_point_head`` <-
   ``Q decoder.ref_point_head``;
@@ -55,6 +58,17 @@ PIXEL_DECODER = "sem_seg_head.pixel_decoder."
 PREDICTOR = "sem_seg_head.predictor."
 # NUM_OBJECT_QUERIES of the released configs, for a checkpoint that does not store it.
 _RELEASED_QUERIES = torch.empty(300, 0)
+
+
+def _reverse_levels(num_heads: int, num_levels: int):
+    """A transform reversing the level axis of a deformable attention's ``sampling_offsets`` or
+    ``attention_weights`` rows, laid out (heads, levels, points[, 2])."""
+
+    def reverse(tensor: torch.Tensor) -> torch.Tensor:
+        grouped = tensor.reshape(num_heads, num_levels, -1, *tensor.shape[1:])
+        return grouped.flip(1).reshape(tensor.shape)
+
+    return reverse
 
 
 def _zero_content(num_queries: int):
@@ -156,10 +170,12 @@ class MaskDINOLayout(DetectorLayout):
         # The pixel decoder's PositionEmbeddingSine(normalize=True): temperature 10000, no offset.
         arch.values["transformer.position_embedding.temperature"] = 10000
         arch.values["transformer.position_embedding.offset"] = 0.0
+        # NHEADS of the pixel decoder's encoder and of the decoder in every released config.
+        arch.num_heads = (8, 8)
         arch.notes.append(
             "Mask DINO defaults assumed (a Detectron2 checkpoint stores no config): position "
-            "embedding temperature 10000 / offset 0, ResNet freeze_at=0, the config's attention "
-            "heads, denoising and test-time settings"
+            "embedding temperature 10000 / offset 0, ResNet freeze_at=0, 8 attention heads, the "
+            "config's denoising and test-time settings"
         )
 
     def _content_rule(self, arch) -> Rule:
@@ -181,6 +197,9 @@ class MaskDINOLayout(DetectorLayout):
         enc, dec = "transformer.encoder.layers.{i}", "transformer.decoder.layers.{i}"
         penc, qdec = p + enc, q + "decoder.layers.{i}"
         box = q + "_bbox_embed.layers.{k}.{p}"
+        # The authors' decoder reads the levels coarse first (MaskDINODecoder.forward flattens
+        # them in reverse), the encoder and dino_d2 fine first.
+        reverse = _reverse_levels(arch.num_heads[1], arch.detector.num_levels)
         rules = [
             Rule("backbone.convs.{i}.{m}.{p}", p + "input_proj.{i}.{m}.{p}"),
             Rule("transformer.level_embed", p + "transformer.level_embed"),
@@ -191,6 +210,18 @@ class MaskDINOLayout(DetectorLayout):
             Rule(f"{dec}.self_attn.out_proj.{{p}}", qdec + ".self_attn.out_proj.{p}"),
             Rule(f"{dec}.self_attn.{{p}}", qdec + ".self_attn.{p}"),
             Rule(f"{dec}.self_attn_norm.{{p}}", qdec + ".norm2.{p}"),
+            Rule(
+                f"{dec}.cross_attn.sampling_offsets.{{p}}",
+                qdec + ".cross_attn.sampling_offsets.{p}",
+                reverse,
+                note="levels reversed",
+            ),
+            Rule(
+                f"{dec}.cross_attn.attention_weights.{{p}}",
+                qdec + ".cross_attn.attention_weights.{p}",
+                reverse,
+                note="levels reversed",
+            ),
             Rule(f"{dec}.cross_attn.{{m}}.{{p}}", qdec + ".cross_attn.{m}.{p}"),
             Rule(f"{dec}.cross_attn_norm.{{p}}", qdec + ".norm1.{p}"),
             Rule(f"{dec}.ffn.linear{{k}}.{{p}}", qdec + ".linear{k}.{p}"),

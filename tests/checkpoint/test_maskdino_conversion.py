@@ -15,6 +15,7 @@ from dino_d2.checkpoint.mapping import map_state_dict
 P, Q = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
 EMBED = 32  # SMALL's transformer width
 MASK_DIM = 24
+HEADS, LEVELS = 8, 4  # the attention heads and levels of SMALL (and of the released models)
 
 
 def _mask_head_state(generator):
@@ -95,6 +96,11 @@ def authors_maskdino_state_dict(state):
             for ours, theirs in table.items():
                 rest = rest.replace(ours, theirs) if rest.startswith(ours) else rest
             prefix = P + "transformer.encoder" if parts[1] == "encoder" else Q + "decoder"
+            if rest.startswith(("cross_attn.sampling_offsets.", "cross_attn.attention_weights.")):
+                # MaskDINODecoder.forward flattens the levels coarse first: (heads, levels, ...)
+                # rows with the level axis reversed.
+                value = value.reshape(HEADS, LEVELS, -1, *value.shape[1:]).flip(1)
+                value = value.reshape(state[key].shape)
             out[f"{prefix}.layers.{parts[3]}.{rest}"] = value
         elif key.startswith("transformer.decoder.norm."):
             out[Q + "decoder_norm." + parts[-1]] = value
@@ -146,6 +152,11 @@ def test_every_tensor_lands_and_nothing_is_left_over(target):
         assert torch.equal(converted[key], value), key
     leftovers = [k for k in authors if k not in consumed and not layout.is_ignored(k)]
     assert leftovers == []
+    # The decoder's cross-attention levels come back fine first: not the authors' row order.
+    key = "transformer.decoder.layers.1.cross_attn.sampling_offsets.weight"
+    assert not torch.equal(
+        authors[Q + "decoder.layers.1.cross_attn.sampling_offsets.weight"], target[key]
+    )
     # The shared heads: one source tensor for every layer and for the encoder proposals.
     assert torch.equal(
         converted["transformer.query_selection.class_embed.weight"],
