@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 EXPORT_DEPS := "onnx>=1.23" "onnxruntime>=1.32" "onnxscript>=0.7"
 # setup.py's `slurm` extra: tools/submit_slurm.py (and its test, with the local executor).
 SLURM_DEPS := "submitit>=1.5"
-DEPS := "setuptools<81" wheel ninja "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" pycocotools \
+DEPS := "setuptools<81" wheel ninja "fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" pycocotools shapely \
 	timm==1.0.31 scipy omegaconf hydra-core yacs termcolor tabulate cloudpickle tqdm tensorboard \
 	matplotlib pillow "opencv-python-headless<5" pydot black psutil scikit-learn pytest ijson \
 	$(EXPORT_DEPS) $(SLURM_DEPS)

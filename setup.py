@@ -140,7 +140,7 @@ setup(
     packages=find_packages(include=["dino_d2", "dino_d2.*"]) + _config_packages(),
     package_dir={"dino_d2.configs": "configs"},
     # Every distribution that dino_d2 and its configs import (tests/test_packaging.py checks this
-    # list against the imports), plus pycocotools for the COCOEvaluator the configs build.
+    # list against the imports), plus shapely, which fvcore needs to crop polygon masks.
     # Detectron2 is required as well but cannot be declared: it is not published on PyPI under
     # its own name (it installs from its git source, or offline as PyPI's pb1-detectron2 sdist of
     # v0.6), and a requirement would make pip fail or build another copy against another torch.
@@ -158,7 +158,10 @@ setup(
         "tabulate",
         # dino_d2.model_zoo reads yaml configs as data (safe loading).
         "PyYAML",
+        # The digits' RLE masks, the segmentations' checks, Detectron2's COCOEvaluator.
         "pycocotools",
+        # fvcore crops polygon masks with it (the DETR crop with instance_mask_format="polygon").
+        "shapely",
         "scikit-learn",
         # dino_d2.cli.plot_metrics draws the curves.
         "matplotlib",

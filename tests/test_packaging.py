@@ -17,7 +17,9 @@ SCANNED = ("dino_d2", "configs")
 # Required but deliberately not declared (see the comment in setup.py).
 UNDECLARED = {"detectron2"}
 # Declared without a direct import: needed at run time by what dino_d2 builds.
-RUNTIME_ONLY = {"pycocotools": "Detectron2's COCOEvaluator, built by the shipped configs"}
+RUNTIME_ONLY = {
+    "shapely": "fvcore's CropTransform.apply_polygons: polygon masks through the DETR crop",
+}
 
 
 def _canonical(name: str) -> str:

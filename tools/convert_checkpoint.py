@@ -2,6 +2,9 @@
 """Convert a DINO checkpoint of another code base, or backbone weights, to a dino_d2 checkpoint.
 
     python tools/convert_checkpoint.py --source idea checkpoint0011_4scale.pth dino_r50_4scale.pth
+    python tools/convert_checkpoint.py --source maskdino \
+        maskdino_r50_50ep_300q_hid2048_3sd1_instance_maskenhanced_mask46.3ap_box51.7ap.pth \
+        maskdino_r50.pth    # the authors' Mask DINO; check with tools/verify_maskdino_conversion.py
 
 The last line printed is ``config overrides: key=value ...``: append those overrides to the
 config named on the line before (``config: ...``) when evaluating or training, e.g.

@@ -140,6 +140,7 @@ class Architecture:
         values: further config values (keys relative to ``model``), e.g. position embedding,
             denoising, ``num_select``.
         notes: facts the user should know (assumptions made, parts that were initialized).
+        family: ``"dino"``, or ``"maskdino"`` for a Mask DINO checkpoint (its shipped configs).
     """
 
     backbone: str
@@ -149,6 +150,7 @@ class Architecture:
     class_rows: Optional[List[int]] = None
     values: Dict[str, Any] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    family: str = "dino"
 
     @property
     def num_levels(self) -> Optional[int]:
@@ -157,6 +159,10 @@ class Architecture:
     def default_config(self) -> str:
         """The shipped config closest to this architecture (fewest overrides)."""
         five = self.num_levels == 5
+        if self.family == "maskdino":
+            if self.backbone == "resnet":
+                return "maskdino_r50_4scale_50ep.py"
+            return "maskdino_swin_large_384_5scale_50ep.py"
         if self.backbone == "resnet":
             if self.backbone_values.get("stages.depth") == 101 and not five:
                 return "dino_r101_4scale_12ep.py"

@@ -13,6 +13,8 @@ Sources (``SOURCES``):
 * ``idea``: the authors' (IDEA-Research/DINO) ``checkpoint*.pth``;
 * ``detrex``: detrex's DINO (``projects/dino``);
 * ``easycv``: Alibaba EasyCV's DINO (the authors' head under ``head.``, an mmcv ResNet);
+* ``maskdino``: the authors' Mask DINO (IDEA-Research/MaskDINO), into the Mask DINO project's
+  model (:mod:`dino_d2.checkpoint.mask_dino` says what it maps and what it refuses);
 * ``torchvision-resnet``: an ImageNet ResNet from torchvision, as a backbone initialization;
 * ``swin``: Microsoft's Swin Transformer release, as a backbone initialization.
 """
@@ -30,9 +32,10 @@ from torch import nn
 
 from .architecture import Architecture, infer_swin_architecture
 from .checkpointer import AtomicCheckpointer
-from .dino import DETECTOR_LAYOUTS
+from .dino import DETECTOR_LAYOUTS as _DINO_LAYOUTS
 from .loading import load_checkpoint_file
 from .mapping import ConversionError, format_keys, map_state_dict
+from .mask_dino import MaskDINOLayout
 from .resnet import infer_resnet_depth, is_resnet_extra, resnet_rules
 from .swin import convert_swin_checkpoint
 
@@ -45,7 +48,8 @@ __all__ = [
     "save_checkpoint",
 ]
 
-SOURCES = ("idea", "detrex", "easycv", "torchvision-resnet", "swin")
+SOURCES = ("idea", "detrex", "easycv", "maskdino", "torchvision-resnet", "swin")
+DETECTOR_LAYOUTS = {**_DINO_LAYOUTS, "maskdino": MaskDINOLayout()}
 BACKBONE_SOURCES = ("torchvision-resnet", "swin")
 _BACKBONE = "backbone.bottom_up."
 _UNSET = object()

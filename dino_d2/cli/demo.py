@@ -22,6 +22,11 @@ the config's test dataset (``dataloader.test.dataset.names``; dino_d2's builtin 
                                  "class_id": 3, "class_name": "3"}, ...]}, ...],
      "skipped": [{"file": "broken.jpg", "error": "..."}]}
 
+A model that predicts masks (``Instances.pred_masks``, (N, H, W) bool at the original image
+size, as Mask DINO gives) has them drawn by Detectron2's ``Visualizer`` (filled and outlined,
+labelled at the mask), and each detection gets ``"mask"``: its COCO RLE
+(``{"size": [H, W], "counts": str}``, pycocotools' ``mask.decode`` reads it).
+
 Existing files are never replaced unless ``--overwrite`` is given. An image that cannot be read
 stops the run with an error naming it; ``--skip-bad-images`` warns and goes on instead.
 """
@@ -37,6 +42,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from omegaconf import OmegaConf
+from pycocotools import mask as mask_util
 
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
@@ -181,20 +187,30 @@ def _to_rgb(image: np.ndarray, image_format: str) -> np.ndarray:
     return image[:, :, ::-1] if image_format == "BGR" else image
 
 
+def _mask_rle(mask) -> Dict:
+    """COCO RLE of one (H, W) bool mask, with ``str`` counts (JSON)."""
+    rle = mask_util.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
 def _detections(instances, class_names: Sequence[str]) -> List[Dict]:
     boxes = instances.pred_boxes.tensor.tolist()
     scores = instances.scores.tolist()
     classes = instances.pred_classes.tolist()
+    masks = instances.pred_masks if instances.has("pred_masks") else None
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    return [
-        {
+    detections = []
+    for i in order:
+        detection = {
             "box": [round(v, 2) for v in boxes[i]],
             "score": round(scores[i], 4),
             "class_id": classes[i],
             "class_name": class_names[classes[i]] if class_names else str(classes[i]),
         }
-        for i in order
-    ]
+        if masks is not None:
+            detection["mask"] = _mask_rle(masks[i])
+        detections.append(detection)
+    return detections
 
 
 def run_demo(

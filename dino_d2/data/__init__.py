@@ -22,12 +22,13 @@ from .digits import (
     ensure_digits_dataset,
     generate_digits_dataset,
 )
-from .mapper import DatasetMapper, UnreadableImageError, read_image
+from .mapper import DatasetMapper, MissingMasksError, UnreadableImageError, read_image
 from .objects365 import Objects365LayoutError, register_objects365
 from .transforms import RandomChoice, detr_test_augmentation, detr_train_augmentation
 
 __all__ = [
     "DatasetMapper",
+    "MissingMasksError",
     "UnreadableImageError",
     "read_image",
     "RandomChoice",

@@ -3,13 +3,14 @@
 :class:`CachedCocoDataset` is a map-style ``torch.utils.data.Dataset`` over the cache of
 :mod:`dino_d2.data.coco_cache`: ``dataset[i]`` builds the ``i``-th dataset dict from a few
 slices of the maps, the same dict the json path builds (:func:`coco_to_dataset_dicts`), with the
-boxes as float32 values. It pickles as its folder, image folder and index (the maps are reopened
+boxes as float32 values and the segmentations in the json path's form. It pickles as its folder, image folder and index (the maps are reopened
 lazily in each process), so data-loader workers, forked or spawned, share the page cache and
 copy nothing.
 
 :func:`dino_d2.data.datasets.get_detection_dataset` hands it to the data loaders.
 """
 
+import json
 import os
 from typing import Dict
 
@@ -28,7 +29,8 @@ class CachedCocoDataset(Dataset):
 
     ``dataset[i]`` is ``{"file_name": <image_root>/<file_name>, "height", "width", "image_id",
     "annotations": [{"bbox": [x, y, w, h] absolute pixels, "bbox_mode": BoxMode.XYWH_ABS,
-    "category_id": contiguous id, "iscrowd": 0 or 1 when the json gives it}, ...]}``.
+    "category_id": contiguous id, "iscrowd": 0 or 1 when the json gives it, "segmentation":
+    polygons or RLE when the json has a usable one}, ...]}``.
 
     Args:
         folder: a cache folder (:func:`dino_d2.data.coco_cache.ensure_cache`).
@@ -77,11 +79,16 @@ class CachedCocoDataset(Dataset):
         boxes = self._map("boxes")[first:last].tolist()
         classes = self._map("classes")[first:last].tolist()
         crowd = self._map("crowd")[first:last].tolist()
+        bounds = self._map("segment_offsets")[first : last + 1].tolist()
+        segments = self._map("segments")
         annotations = []
-        for box, category, iscrowd in zip(boxes, classes, crowd):
+        for j, (box, category, iscrowd) in enumerate(zip(boxes, classes, crowd)):
             annotation = {"bbox": box, "bbox_mode": BoxMode.XYWH_ABS, "category_id": category}
             if iscrowd >= 0:
                 annotation["iscrowd"] = iscrowd
+            if bounds[j + 1] > bounds[j]:
+                encoded = segments[bounds[j] : bounds[j + 1]].tobytes()
+                annotation["segmentation"] = json.loads(encoded)
             annotations.append(annotation)
         return {
             "file_name": os.path.join(self.image_root, file_name),

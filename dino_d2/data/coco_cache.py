@@ -18,6 +18,11 @@ order within an image):
   ``(M,)`` int32 contiguous ids ``0..K-1`` (the json's category ids in increasing order, as
   Detectron2 maps them), ``crowd`` ``(M,)`` int8 (0 or 1; -1 when the annotation has no
   ``iscrowd``) and ``box_ids`` ``(M,)`` int64 (the annotation ids);
+* ``segments`` ``(S,)`` uint8 and ``segment_offsets`` ``(M + 1,)`` int64: box ``j``'s
+  ``segmentation`` as compact JSON (UTF-8) at ``segments[segment_offsets[j]:segment_offsets[j +
+  1]]``, in the form the json path keeps (:func:`dino_d2.data.segmentation.usable_segmentation`:
+  polygons, or RLE with ``str`` counts); an empty slice when the annotation has none (Objects365
+  has none; COCO has polygons and, for crowds, RLE);
 * ``nonempty`` ``(E,)`` int64: the images with at least one box that is not a crowd (what
   Detectron2's ``filter_empty`` keeps);
 * ``meta.json``: the format version, the key, the categories, the problems found (skipped and
@@ -64,6 +69,7 @@ from .coco_json import (
 )
 from .coco_reader import check_json_object, iter_entries
 from .degenerate import degenerate_box_counts
+from .segmentation import usable_segmentation
 
 __all__ = [
     "CACHE_VERSION",
@@ -80,7 +86,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+# Version 2 added the segmentations (a version-1 cache is rebuilt: its key differs).
+CACHE_VERSION = 2
 CACHE_ENV = "DINO_D2_CACHE"
 _SUFFIX = ".dino_d2-cache"
 _ARRAYS = (
@@ -94,6 +101,8 @@ _ARRAYS = (
     "classes",
     "crowd",
     "box_ids",
+    "segment_offsets",
+    "segments",
     "nonempty",
 )
 _CHUNK = 1 << 16  # entries converted to numpy at a time
@@ -277,6 +286,7 @@ def _read_annotations(json_file, dataset_name, category_ids, image_ids, *, exact
         seen_ids=recorded,
     )
     ints, boxes, crowd = _Chunked(np.int64, 3), _Chunked(np.float32, 4), _Chunked(np.int8)
+    segments, segment_lengths = bytearray(), []
     for index, annotation in enumerate(
         iter_entries(json_file, "annotations", dataset_name, required=False)
     ):
@@ -284,16 +294,28 @@ def _read_annotations(json_file, dataset_name, category_ids, image_ids, *, exact
             ints.extend((annotation["image_id"], annotation["category_id"], annotation["id"]))
             boxes.extend(annotation["bbox"])
             crowd.extend((annotation.get("iscrowd", -1),))
+            segmentation = annotation.get("segmentation")
+            if segmentation is not None:
+                segmentation = usable_segmentation(segmentation)
+            encoded = b"" if segmentation is None else _compact_json(segmentation)
+            segments += encoded
+            segment_lengths.append(len(encoded))
     repeats = recorded is not None and _has_repeated_ids(recorded.ids.array())
-    return problems, repeats, ints.array(), boxes.array(), crowd.array()
+    columns = (ints.array(), boxes.array(), crowd.array(), segments, segment_lengths)
+    return problems, repeats, columns
+
+
+def _compact_json(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
 
 def build_cache(json_file: str, folder: str, key: str, dataset_name: Optional[str] = None) -> None:
     """Converts ``json_file`` into the cache layout (module docstring) in ``folder``.
 
-    Memory: numpy columns of the kept boxes (49 bytes a box with the recorded annotation ids,
-    about three times that while they are concatenated and sorted) and the image ids as a
-    Python set; never more than one of the json's entries as Python objects.
+    Memory: numpy columns of the kept boxes (57 bytes a box with the recorded annotation ids,
+    about three times that while they are concatenated and sorted), the segmentations as one
+    JSON blob (about twice its size while it is reordered; polygons are most of COCO's json) and the image ids as a Python set; never more than one of the json's entries as
+    Python objects.
 
     Raises:
         CocoFormatError: the json is not JSON or has a malformed image or category entry.
@@ -315,13 +337,15 @@ def build_cache(json_file: str, folder: str, key: str, dataset_name: Optional[st
         encoded = image["file_name"].encode("utf-8", "surrogatepass")
         names += encoded
         name_lengths.append(len(encoded))
-    problems, repeats, ints, boxes, crowd = _read_annotations(
+    problems, repeats, columns = _read_annotations(
         json_file, dataset_name, category_ids, image_ids, exact_repeats=False
     )
     if repeats:
-        problems, _, ints, boxes, crowd = _read_annotations(
+        problems, _, columns = _read_annotations(
             json_file, dataset_name, category_ids, image_ids, exact_repeats=True
         )
+    ints, boxes, crowd, segments, segment_lengths = columns
+    del columns
     del image_ids
     problems.outside_root = image_problems.outside_root
     problems.outside_examples = image_problems.outside_examples
@@ -334,7 +358,7 @@ def build_cache(json_file: str, folder: str, key: str, dataset_name: Optional[st
         "heights": sizes[order, 1].astype(size_type),
     }
     del ids, sizes
-    arrays["names"], arrays["name_offsets"] = _reorder_names(names, name_lengths, order)
+    arrays["names"], arrays["name_offsets"] = _reorder_blob(names, name_lengths, order)
     del names, name_lengths
     rows = np.searchsorted(arrays["image_ids"], ints[:, 0])
     box_order = np.argsort(rows, kind="stable")
@@ -348,6 +372,10 @@ def build_cache(json_file: str, folder: str, key: str, dataset_name: Optional[st
     arrays["boxes"] = boxes[box_order]
     arrays["crowd"] = crowd[box_order]
     del boxes, crowd
+    arrays["segments"], arrays["segment_offsets"] = _reorder_blob(
+        segments, segment_lengths, box_order
+    )
+    del segments, segment_lengths
     not_crowd = np.bincount(rows[arrays["crowd"] != 1], minlength=len(order))
     arrays["nonempty"] = np.flatnonzero(not_crowd).astype(np.int64)
     degenerate = degenerate_box_counts(
@@ -377,16 +405,17 @@ def build_cache(json_file: str, folder: str, key: str, dataset_name: Optional[st
         json.dump(meta, f)
 
 
-def _reorder_names(names: bytearray, lengths: List[int], order: np.ndarray):
-    """The file-name blob and its ``(N + 1,)`` offsets in the images' sorted ``order``."""
+def _reorder_blob(blob: bytearray, lengths: List[int], order: np.ndarray):
+    """A blob of variable-length items (file names, segmentations) and its ``(N + 1,)``
+    offsets, with the items in ``order``."""
     lengths = np.array(lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     new_lengths = lengths[order]
     offsets = np.concatenate([[0], np.cumsum(new_lengths)]).astype(np.int64)
     # Byte j of the new blob is byte j - offsets[i] + starts[order[i]] of the old one.
     shift = np.repeat(starts[order] - offsets[:-1], new_lengths)
-    blob = np.frombuffer(bytes(names), dtype=np.uint8)
-    return blob[np.arange(int(offsets[-1]), dtype=np.int64) + shift], offsets
+    data = np.frombuffer(bytes(blob), dtype=np.uint8)
+    return data[np.arange(int(offsets[-1]), dtype=np.int64) + shift], offsets
 
 
 def problems_of(meta: Dict) -> CocoProblems:

@@ -14,7 +14,8 @@ file or the annotation. Annotations whose ``image_id`` is not among the images a
   and positive ``width`` / ``height``; categories: a ``name`` string); a bad one raises;
 * an annotation needs an integer ``id`` (unique), an integer ``image_id``, an integer
   ``category_id`` listed in ``categories``, a ``bbox`` of 4 numbers ``[x, y, width, height]``
-  (absolute pixels, XYWH) and, if it has one, an ``iscrowd`` of 0 or 1. A malformed annotation
+  (absolute pixels, XYWH), if it has one, an ``iscrowd`` of 0 or 1 and, if it has one, a
+  ``segmentation`` of polygons or RLE (:mod:`dino_d2.data.segmentation`). A malformed annotation
   raises :class:`CocoFormatError` naming the file, the annotation id, the field, the value and
   what was expected, or, with ``skip_bad_annotations=True``, is skipped; the skipped ones are
   counted by field and logged in one warning;
@@ -30,8 +31,12 @@ The numbers themselves are not judged here: a NaN, empty or out-of-image box is 
 :func:`coco_to_dataset_dicts` then builds the dataset dicts exactly as Detectron2's
 ``load_coco_json`` does for boxes (images sorted by id; ``file_name``, ``height``, ``width``,
 ``image_id``; annotations with ``bbox``, ``bbox_mode=XYWH_ABS``, the contiguous
-``category_id`` and ``iscrowd`` when given). ``segmentation`` and ``keypoints`` are not loaded:
-DINO uses neither.
+``category_id``, ``iscrowd`` when given and ``segmentation`` when the annotation has a usable one
+(:func:`dino_d2.data.segmentation.usable_segmentation`: polygons of at least 3 points, RLE with
+``str`` counts), for mask training and ``segm`` evaluation. An annotation whose polygons are all
+too short keeps its box without a ``segmentation`` (Detectron2 drops such an instance; a box
+detector should not lose it). ``keypoints`` are not loaded. The mapper drops the segmentation
+unless it is asked for masks (:class:`dino_d2.data.mapper.DatasetMapper`).
 """
 
 import json
@@ -44,6 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from detectron2.structures import BoxMode
+
+from .segmentation import segmentation_problem, usable_segmentation
 
 __all__ = [
     "CocoFormatError",
@@ -257,6 +264,10 @@ def _annotation_problem(annotation: Any, category_ids: set, seen_ids: set):
         return "category_id", annotation["category_id"], f"one of the category ids {shown}"
     if annotation.get("iscrowd", 0) not in (0, 1):
         return "iscrowd", annotation["iscrowd"], "0 or 1"
+    if annotation.get("segmentation") is not None:
+        expected = segmentation_problem(annotation["segmentation"])
+        if expected is not None:
+            return "segmentation", annotation["segmentation"], expected
     return None
 
 
@@ -440,7 +451,8 @@ def coco_to_dataset_dicts(
         id_map: json category id -> contiguous id ``0..K-1``.
 
     Returns:
-        one dict per image, sorted by image id, with ``annotations`` (boxes in absolute XYWH).
+        one dict per image, sorted by image id, with ``annotations`` (boxes in absolute XYWH,
+        and segmentations where usable).
     """
     by_image = defaultdict(list)
     for annotation in checked.annotations:
@@ -448,6 +460,11 @@ def coco_to_dataset_dicts(
         obj["category_id"] = id_map[annotation["category_id"]]
         if "iscrowd" in annotation:
             obj["iscrowd"] = annotation["iscrowd"]
+        segmentation = annotation.get("segmentation")
+        if segmentation is not None:
+            segmentation = usable_segmentation(segmentation)
+        if segmentation is not None:
+            obj["segmentation"] = segmentation
         by_image[annotation["image_id"]].append(obj)
     return [
         {

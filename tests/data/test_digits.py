@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 
 from dino_d2.data import digits
@@ -91,11 +92,72 @@ def test_boxes_counts_overlaps_and_labels(dataset, split):
             assert all(isinstance(v, int) for v in (x, y, w, h))
             assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= _SIZE and y + h <= _SIZE
             assert w <= 64 and h <= 64
-            assert annotation["area"] == w * h and annotation["iscrowd"] == 0
+            assert 0 < annotation["area"] <= w * h and annotation["iscrowd"] == 0
             assert annotation["digit_index"] in source
             assert annotation["category_id"] == labels[annotation["digit_index"]] + 1
         for a, b in itertools.combinations(annotations, 2):
             assert _iou(_xyxy(a), _xyxy(b)) <= 0.3
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_masks_lie_in_their_boxes_and_cover_the_ink(dataset, split):
+    """Each RLE mask's tight box is its bbox, its area is its pixel count, and it holds exactly
+    the glyph's ink (alpha >= 0.3) re-rendered from the source digit at the box's place."""
+    coco = _coco(dataset, split)
+    images, _ = digits._source_digits()
+    for annotation in coco.dataset["annotations"]:
+        rle = annotation["segmentation"]
+        assert isinstance(rle["counts"], str) and rle["size"] == [_SIZE, _SIZE]
+        mask = mask_util.decode(rle).astype(bool)
+        assert mask.sum() == annotation["area"] == coco.annToMask(annotation).sum()
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        x, y, w, h = annotation["bbox"]
+        assert (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1) == (x, y, x + w, y + h)
+        inside = np.zeros_like(mask)
+        inside[y : y + h, x : x + w] = True
+        assert not (mask & ~inside).any()
+        # The glyph's ink, upscaled to the size whose ink box matches, covers the mask exactly.
+        source = images[annotation["digit_index"]]
+        found = False
+        for size in range(16, 65):
+            alpha = digits._digit_alpha(source, size)
+            x0, y0, x1, y1 = digits._ink_box(alpha)
+            if (x1 - x0, y1 - y0) != (w, h):
+                continue
+            ink = alpha[y0:y1, x0:x1] >= 0.3
+            if np.array_equal(mask[y : y + h, x : x + w], ink):
+                found = True
+                break
+        assert found, f"annotation {annotation['id']}: the mask is not the glyph's ink"
+
+
+def test_old_format_version_is_regenerated_with_masks(tmp_path, caplog):
+    """A dataset written by format version 1 (no masks) is noticed and regenerated."""
+    root = tmp_path / "digits"
+    options = dict(num_train=2, num_val=1, seed=3, log_every=0)
+    generate_digits_dataset(root, **options)
+    marker = root / MARKER_NAME
+    info = json.loads(marker.read_text())
+    info["parameters"]["format_version"] = 1
+    marker.write_text(json.dumps(info))
+    json_file = root / "annotations" / "train.json"
+    content = json.loads(json_file.read_text())
+    for annotation in content["annotations"]:
+        del annotation["segmentation"]
+    json_file.write_text(json.dumps(content))
+    with caplog.at_level("INFO", logger="dino_d2.data.digits"):
+        assert ensure_digits_dataset(root, **options) == str(root)
+    assert any("format version 1" in r.getMessage() for r in caplog.records)
+    assert digits_dataset_info(root)["parameters"]["format_version"] == 2
+    annotations = json.loads(json_file.read_text())["annotations"]
+    assert annotations and all("segmentation" in a for a in annotations)
+    assert os.listdir(tmp_path) == ["digits"]
+    # A newer version than this code writes is not replaced.
+    info = json.loads(marker.read_text())
+    info["parameters"]["format_version"] = 99
+    marker.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="generated with"):
+        ensure_digits_dataset(root, **options)
 
 
 def test_train_and_val_handwriting_are_disjoint(dataset):
@@ -221,7 +283,7 @@ def test_marker_records_parameters(dataset):
     with open(dataset / MARKER_NAME) as f:
         marker = json.load(f)
     assert marker["parameters"] == {
-        "format_version": 1,
+        "format_version": 2,
         "seed": 0,
         "num_train": _NUM["train"],
         "num_val": _NUM["val"],

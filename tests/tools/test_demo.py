@@ -146,3 +146,57 @@ def test_labels_are_class_ids_without_class_names(tiny_dino_config):
     assert demo.load_metadata(cfg, 91).get("thing_classes", None) is None
     cfg.dataloader.test.dataset.names = "no_such_dataset"
     assert demo.load_metadata(cfg, 80).get("thing_classes", None) is None
+
+
+class _MaskPredictor:
+    """Predicts one fixed detection with a ring-shaped mask (or without its mask)."""
+
+    input_format = "RGB"
+
+    def __init__(self, with_masks: bool):
+        self.with_masks = with_masks
+
+    def __call__(self, image):
+        from detectron2.structures import Boxes, Instances
+
+        height, width = image.shape[:2]
+        instances = Instances((height, width))
+        instances.pred_boxes = Boxes(torch.tensor([[10.0, 8.0, 40.0, 38.0]]))
+        instances.scores = torch.tensor([0.9])
+        instances.pred_classes = torch.tensor([3])
+        if self.with_masks:
+            masks = torch.zeros(1, height, width, dtype=torch.bool)
+            masks[0, 10:36, 12:38] = True
+            masks[0, 18:28, 20:30] = False
+            instances.pred_masks = masks
+        return instances
+
+
+def test_masks_are_drawn_and_written(tmp_path):
+    from detectron2.data import Metadata
+    from pycocotools import mask as mask_util
+
+    image = tmp_path / "grey.png"
+    Image.fromarray(np.full((50, 60, 3), 128, np.uint8)).save(image)
+    metadata = Metadata(thing_classes=[str(d) for d in range(10)])
+    drawn = {}
+    for with_masks in (True, False):
+        out = tmp_path / f"out_{with_masks}"
+        results = demo.run_demo(
+            _MaskPredictor(with_masks), [str(image)], str(out), metadata=metadata
+        )
+        with Image.open(out / "grey.png") as png:
+            drawn[with_masks] = np.asarray(png.convert("RGB")).astype(int)
+        (detection,) = results["images"][0]["detections"]
+        assert ("mask" in detection) == with_masks
+    mask = mask_util.decode(detection_with_mask(tmp_path)).astype(bool)
+    assert mask.sum() == 26 * 26 - 10 * 10 and mask[12, 14] and not mask[22, 24]
+    difference = np.abs(drawn[True] - drawn[False]).sum(axis=2)
+    # The ring is filled with the mask's colour; the far corner is untouched.
+    assert (difference[12:16, 14:36] > 0).mean() > 0.9
+    assert (difference[:5, 50:] == 0).all() and (difference[:, 56:] == 0).all()
+
+
+def detection_with_mask(tmp_path):
+    with open(tmp_path / "out_True" / demo.DETECTIONS_FILE) as f:
+        return json.load(f)["images"][0]["detections"][0]["mask"]

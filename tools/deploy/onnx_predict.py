@@ -25,6 +25,16 @@ Boxes come back in the resized image's pixels and are scaled to the original ima
 clipped, empty ones dropped, as Detectron2's ``detector_postprocess`` does.
 ``OUTPUT/detections.json`` has the layout of ``tools/demo.py``'s and ``OUTPUT/<image>.png`` the
 image with its boxes drawn. Existing files are never replaced without ``--overwrite``.
+
+Masks: a Mask DINO export has a fourth output, ``mask_logits`` (N, K, h, w), each detection's
+mask logits at the mask features' stride (``mask_stride`` in the JSON, default 4) of the padded
+batch, top-left aligned. They are pasted as Mask DINO's inference pastes them (bilinear
+upsampling by the stride, the image's own top-left part cropped, bilinear resizing to the
+original image, PyTorch's ``align_corners=False`` arithmetic as matrices), a pixel is in the
+mask where its logit is > 0, and the score becomes Mask DINO's: the class score times the mean
+mask probability inside the mask. The masks are drawn filled and each detection in the JSON
+gets ``"mask"``, an uncompressed COCO RLE (``{"size": [H, W], "counts": [runs, column-major,
+zeros first]}``; pycocotools reads it with ``frPyObjects``).
 """
 
 import argparse
@@ -52,6 +62,9 @@ DETECTIONS_FILE = "detections.json"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _DTYPES = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32}
 _INPUT_FORMATS = ("RGB", "BGR")
+MASK_OUTPUT = "mask_logits"
+_MASK_CHUNK = 16  # detections pasted at a time (bounds the memory of large images)
+_PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180))
 # The largest resize target accepted from model.json, in pixels a side.
 MAX_IMAGE_SIDE = 1 << 15
 
@@ -99,6 +112,9 @@ def _check_preprocessing(path: str, info: Dict) -> None:
         value = resize.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_IMAGE_SIDE:
             raise _invalid(path, f"resize.{key}", value, f"an integer in 1..{MAX_IMAGE_SIDE}")
+    stride = info.get("mask_stride", 4)
+    if isinstance(stride, bool) or not isinstance(stride, int) or not 0 < stride <= 64:
+        raise _invalid(path, "mask_stride", stride, "an integer in 1..64")
     names = info.get("class_names")
     if names is not None and not (
         isinstance(names, list) and all(isinstance(name, str) for name in names)
@@ -186,6 +202,7 @@ class OnnxPredictor:
         self.input_format = preprocessing["input_format"]
         self.resize = preprocessing["resize"]
         self.class_names = list(preprocessing.get("class_names") or [])
+        self.mask_stride = preprocessing.get("mask_stride", 4)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Resizes one (H, W, 3) uint8 image as the test data loader does."""
@@ -211,7 +228,8 @@ class OnnxPredictor:
         return batch, sizes
 
     def run(self, batch: np.ndarray, image_sizes: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
-        """Runs the graph after checking its inputs; returns ``boxes``, ``scores``, ``classes``.
+        """Runs the graph after checking its inputs; returns ``boxes``, ``scores``, ``classes``
+        (and ``mask_logits`` for a model with masks).
 
         Raises:
             InputError: stating the expected input when the batch, its dtype or the sizes are
@@ -239,14 +257,19 @@ class OnnxPredictor:
         outputs = self.session.run(
             None, {self.image_input.name: batch, self.sizes_input.name: image_sizes}
         )
-        return dict(zip(("boxes", "scores", "classes"), outputs))
+        named = dict(zip(self.output_names, outputs))
+        result = dict(zip(("boxes", "scores", "classes"), outputs))
+        if MASK_OUTPUT in named:
+            result["mask_logits"] = named[MASK_OUTPUT]
+        return result
 
     def __call__(self, images: Sequence[np.ndarray]) -> List[Dict[str, np.ndarray]]:
         """Detections of (H, W, 3) uint8 images in ``input_format``, in their own pixels.
 
         Returns:
             one dict per image: ``boxes`` (K, 4) absolute XYXY, ``scores`` (K,), ``classes``
-            (K,), boxes clipped to the image, empty ones dropped.
+            (K,), boxes clipped to the image, empty ones dropped; with masks also ``masks``
+            (K, H, W) bool and the mask-rescored ``scores`` (see the module docstring).
         """
         prepared = [self.prepare(image) for image in images]
         batch, sizes = self.batch(prepared)
@@ -261,13 +284,18 @@ class OnnxPredictor:
             boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
             boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            results.append(
-                {
-                    "boxes": boxes[keep],
-                    "scores": outputs["scores"][i][keep],
-                    "classes": outputs["classes"][i][keep],
-                }
-            )
+            found = {
+                "boxes": boxes[keep],
+                "scores": outputs["scores"][i][keep],
+                "classes": outputs["classes"][i][keep],
+            }
+            if "mask_logits" in outputs:
+                logits = outputs["mask_logits"][i][keep]
+                found["masks"], mask_scores = _paste_masks(
+                    logits, self.mask_stride, resized.shape[:2], (height, width)
+                )
+                found["scores"] = found["scores"] * mask_scores
+            results.append(found)
         return results
 
     def class_name(self, class_id: int) -> str:
@@ -276,9 +304,66 @@ class OnnxPredictor:
         return str(class_id)
 
 
+def _resize_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """(size_out, size_in) weights of PyTorch's bilinear resize along one axis
+    (``align_corners=False``, no antialiasing): ``out = matrix @ in``."""
+    source = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    low = np.minimum(source.astype(np.int64), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    weight = (source - low).astype(np.float32)
+    matrix = np.zeros((size_out, size_in), dtype=np.float32)
+    rows = np.arange(size_out)
+    np.add.at(matrix, (rows, low), 1.0 - weight)
+    np.add.at(matrix, (rows, high), weight)
+    return matrix
+
+
+def _paste_masks(
+    logits: np.ndarray, stride: int, image_size: Tuple[int, int], output_size: Tuple[int, int]
+) -> Tuple[np.ndarray, np.ndarray]:
+    """(K, h, w) mask logits of the padded batch at ``stride`` to (K, H, W) bool masks of the
+    original image, and each mask's score (mean probability inside the mask, 0 when empty)."""
+    axes = []
+    for axis in (0, 1):
+        upsampled = _resize_matrix(logits.shape[1 + axis], logits.shape[1 + axis] * stride)
+        cropped = upsampled[: image_size[axis]]
+        axes.append(_resize_matrix(image_size[axis], output_size[axis]) @ cropped)
+    masks = np.zeros((len(logits), *output_size), dtype=bool)
+    scores = np.zeros(len(logits), dtype=np.float32)
+    for start in range(0, len(logits), _MASK_CHUNK):
+        chunk = logits[start : start + _MASK_CHUNK].astype(np.float32)
+        pasted = np.einsum("Hh,khw,Ww->kHW", axes[0], chunk, axes[1], optimize=True)
+        inside = pasted > 0
+        probabilities = np.where(inside, 1.0 / (1.0 + np.exp(-pasted)), 0.0)
+        area = inside.reshape(len(chunk), -1).sum(1)
+        scores[start : start + len(chunk)] = probabilities.reshape(len(chunk), -1).sum(1) / (
+            area + 1e-6
+        )
+        masks[start : start + len(chunk)] = inside
+    return masks, scores
+
+
+def _mask_rle(mask: np.ndarray) -> Dict:
+    """Uncompressed COCO RLE of an (H, W) bool mask: run lengths in column-major order, the
+    first run of zeros (possibly empty)."""
+    flat = mask.ravel(order="F").astype(np.int8)
+    changes = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
+
+
 def _draw(image: np.ndarray, detections: List[Dict], input_format: str) -> Image.Image:
     rgb = image[:, :, ::-1] if input_format == "BGR" else image
-    canvas = Image.fromarray(np.ascontiguousarray(rgb))
+    blended = rgb.astype(np.float32)
+    for k, detection in enumerate(detections):
+        if "mask_array" in detection:
+            colour = np.array(_PALETTE[k % len(_PALETTE)], dtype=np.float32)
+            inside = detection["mask_array"]
+            blended[inside] = 0.5 * blended[inside] + 0.5 * colour
+    canvas = Image.fromarray(np.rint(blended).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for detection in detections:
         x0, y0, x1, y1 = detection["box"]
@@ -322,17 +407,23 @@ def predict_images(
         image = read_image(path, predictor.input_format)
         (found,) = predictor([image])
         order = np.argsort(-found["scores"], kind="stable")
-        detections = [
-            {
+        detections = []
+        for j in order:
+            if found["scores"][j] < score_threshold:
+                continue
+            detection = {
                 "box": [round(float(v), 2) for v in found["boxes"][j]],
                 "score": round(float(found["scores"][j]), 4),
                 "class_id": int(found["classes"][j]),
                 "class_name": predictor.class_name(int(found["classes"][j])),
             }
-            for j in order
-            if found["scores"][j] >= score_threshold
-        ]
+            if "masks" in found:
+                detection["mask_array"] = found["masks"][j]
+            detections.append(detection)
         _draw(image, detections, predictor.input_format).save(os.path.join(output_dir, name))
+        for detection in detections:
+            if "mask_array" in detection:
+                detection["mask"] = _mask_rle(detection.pop("mask_array"))
         results["images"].append(
             {
                 "file": path,

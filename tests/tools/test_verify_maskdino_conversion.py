@@ -1,0 +1,31 @@
+"""tools/verify_maskdino_conversion.py without the authors' code: its refusals. (The parity run
+itself needs an IDEA-Research/MaskDINO checkout and the Mask DINO project; see the report of
+the branch that added it for the measured differences.)"""
+
+import importlib.util
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def tool():
+    path = os.path.join(REPO, "tools", "verify_maskdino_conversion.py")
+    spec = importlib.util.spec_from_file_location("_tool_verify_maskdino", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("side, value", [("--height", "250"), ("--width", "0")])
+def test_image_sides_must_be_multiples_of_32(tool, capsys, side, value):
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--authors-repo", "x", side, value])
+    assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_not_a_checkout_is_named(tool, tmp_path):
+    with pytest.raises(SystemExit, match="not a MaskDINO checkout"):
+        tool.build_authors_model(str(tmp_path), "configs/x.yaml")
