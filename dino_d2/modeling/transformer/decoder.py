@@ -24,13 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from dino_d2.layers.box_ops import inverse_sigmoid
+from dino_d2.layers.deformable_attention import MultiScaleDeformableAttention
 from dino_d2.layers.ffn import FFN
 from dino_d2.layers.mlp import MLP
-from dino_d2.layers.ms_deform_attn import MultiScaleDeformableAttention
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 from dino_d2.layers.position_encoding import get_sine_pos_embed
 
 from .layer_stack import run_layer, stack_layers, xavier_init_except
-from .levels import MultiScaleLevels
 
 __all__ = [
     "DecoderOutput",
@@ -147,10 +147,7 @@ class DeformableDecoderLayer(nn.Module):
             query=query + query_pos,
             reference_points=reference_points,
             value=memory,
-            spatial_shapes=levels.spatial_shapes,
-            level_start_index=levels.level_start_index,
-            value_padding_mask=levels.value_padding_mask,
-            level_shapes=levels.shapes,
+            levels=levels,
         )
         query = self.cross_attn_norm(query + self.cross_attn_dropout(attn))
         return self.ffn(query)

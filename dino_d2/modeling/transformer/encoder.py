@@ -9,11 +9,11 @@ normalized ``(x, y)`` in [0, 1] relative to the padded feature map, which is wha
 import torch
 from torch import nn
 
+from dino_d2.layers.deformable_attention import MultiScaleDeformableAttention
 from dino_d2.layers.ffn import FFN
-from dino_d2.layers.ms_deform_attn import MultiScaleDeformableAttention
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 
 from .layer_stack import run_layer, stack_layers, xavier_init_except
-from .levels import MultiScaleLevels
 
 __all__ = ["DeformableEncoderLayer", "DeformableEncoder", "get_encoder_reference_points"]
 
@@ -104,10 +104,7 @@ class DeformableEncoderLayer(nn.Module):
             query=src + pos,
             reference_points=reference_points,
             value=src,
-            spatial_shapes=levels.spatial_shapes,
-            level_start_index=levels.level_start_index,
-            value_padding_mask=levels.value_padding_mask,
-            level_shapes=levels.shapes,
+            levels=levels,
         )
         src = self.self_attn_norm(src + self.self_attn_dropout(attn))
         return self.ffn(src)

@@ -5,7 +5,7 @@ import torch
 from dino_d2.layers.box_ops import inverse_sigmoid
 from dino_d2.layers.position_encoding import get_sine_pos_embed
 from dino_d2.modeling.transformer.decoder import DeformableDecoder
-from dino_d2.modeling.transformer.levels import MultiScaleLevels
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 
 C, K, Q = 32, 3, 6
 

@@ -2,7 +2,7 @@ import torch
 
 from dino_d2.layers.position_encoding import PositionEmbeddingSine
 from dino_d2.modeling.transformer.encoder import DeformableEncoder, get_encoder_reference_points
-from dino_d2.modeling.transformer.levels import MultiScaleLevels, valid_extent
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels, valid_extent
 
 C = 32
 
