@@ -162,8 +162,8 @@ def test_yacs_config_builds_dino():
     d.backbone.num_groups = 8
     t = d.transformer
     t.embed_dim, t.position_embedding.num_pos_feats = 64, 32
-    t.encoder.num_heads = t.decoder.num_heads = 4
-    t.encoder.ffn_dim = t.decoder.ffn_dim = 64
+    t.encoder.layer.num_heads = t.decoder.layer.num_heads = 4
+    t.encoder.layer.ffn_dim = t.decoder.layer.ffn_dim = 64
     t.encoder.num_layers, t.decoder.num_layers, t.query_selection.num_queries = 1, 2, 10
     d.denoising.dn_number = 4
     d.num_classes = 5
@@ -171,7 +171,9 @@ def test_yacs_config_builds_dino():
     assert type(model).__name__ == "DINO" and model.num_classes == 5
     assert model.transformer.position_embedding.temperature == 20
     # Values derived in the LazyConfig follow what the yacs config set.
-    assert model.transformer.encoder.embed_dim == 64 and model.criterion.num_decoder_layers == 2
+    assert (
+        model.transformer.encoder.layer.embed_dim == 64 and model.criterion.num_decoder_layers == 2
+    )
     assert model.transformer.decoder.num_classes == model.denoising.num_classes == 5
     model.train()
     losses = model(

@@ -18,7 +18,7 @@ not the box handed to the next layer).
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from dino_d2.layers.mlp import MLP
 from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 from dino_d2.layers.position_encoding import get_sine_pos_embed
 
-from .layer_stack import run_layer, stack_layers, xavier_init_except
+from .layer_stack import clone_layers, prototype_layer, run_layer, xavier_init_except
 
 __all__ = [
     "DecoderOutput",
@@ -91,6 +91,8 @@ class DeformableDecoderLayer(nn.Module):
         num_levels: feature levels L.
         num_points: sampling points per head and level.
         dropout: dropout of the self-attention weights and after every sub-block (0.0 in DINO).
+
+    The arguments are kept as attributes of the same names.
     """
 
     def __init__(
@@ -115,6 +117,17 @@ class DeformableDecoderLayer(nn.Module):
         self.cross_attn_dropout = nn.Dropout(dropout)
         self.cross_attn_norm = nn.LayerNorm(embed_dim)
         self.ffn = FFN(embed_dim, ffn_dim, dropout)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.ffn_dim = ffn_dim
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.dropout = dropout
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The layer's own initialisation, after its sub-modules': xavier on every matrix but
+        the deformable attention's."""
         xavier_init_except(self, self.cross_attn)
 
     def forward(
@@ -167,9 +180,10 @@ class DeformableDecoder(nn.Module):
 
     Args:
         num_classes: K, the rows of the class heads.
+        layer: the prototype layer; the stack holds it and ``num_layers - 1`` deep copies, each
+            initialised on its own (:func:`clone_layers`). Its ``embed_dim`` C is the decoder's
+            and must be divisible by 4 (sine embedding of 4 coordinates into 2C).
         num_layers: number of layers.
-        embed_dim, num_heads, ffn_dim, num_levels, num_points, dropout: passed to every layer.
-            ``embed_dim`` must be divisible by 4 (sine embedding of 4 coordinates into 2C).
         share_heads: True (the authors): every slot of ``class_embed`` / ``bbox_embed`` holds the
             same module. False (detrex): independent copies, identical at initialization.
         prior_prob: focal-loss prior of the class-head bias.
@@ -181,37 +195,29 @@ class DeformableDecoder(nn.Module):
             whenever there is no padding.
         use_checkpoint: in training mode (with autograd enabled), run every layer under
             ``torch.utils.checkpoint``; outputs and gradients are unchanged.
+        **layer_keywords: deprecated: the layer's keywords (``embed_dim``, ``num_heads``,
+            ``ffn_dim``, ``num_levels``, ``num_points``, ``dropout``) given to the stack, as
+            before ``layer``; accepted for one release with a DeprecationWarning.
     """
 
     def __init__(
         self,
         *,
         num_classes: int,
+        layer: Optional[DeformableDecoderLayer] = None,
         num_layers: int = 6,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        ffn_dim: int = 2048,
-        num_levels: int = 4,
-        num_points: int = 4,
-        dropout: float = 0.0,
         share_heads: bool = True,
         prior_prob: float = 0.01,
         scale_query_pos_by_valid_ratio: bool = True,
         use_checkpoint: bool = False,
+        **layer_keywords: Any,
     ):
         super().__init__()
+        layer = prototype_layer(layer, DeformableDecoderLayer, "DeformableDecoder", layer_keywords)
+        embed_dim = layer.embed_dim
         if embed_dim % 4:
-            raise ValueError(f"embed_dim must be divisible by 4, got {embed_dim}")
-        self.layers = stack_layers(
-            DeformableDecoderLayer,
-            num_layers,
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            ffn_dim=ffn_dim,
-            num_levels=num_levels,
-            num_points=num_points,
-            dropout=dropout,
-        )
+            raise ValueError(f"the layer's embed_dim must be divisible by 4, got {embed_dim}")
+        self.layers = clone_layers(layer, num_layers)
         self.ref_point_head = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
         for layer in self.ref_point_head.layers:
             nn.init.xavier_uniform_(layer.weight)
