@@ -242,7 +242,7 @@ class DeformableDecoder(nn.Module):
     def forward(
         self,
         query: torch.Tensor,
-        reference_points: torch.Tensor,
+        reference_boxes: torch.Tensor,
         memory: torch.Tensor,
         levels: MultiScaleLevels,
         attn_mask: Optional[torch.Tensor] = None,
@@ -251,9 +251,9 @@ class DeformableDecoder(nn.Module):
 
         Args:
             query: (N, Q, C) initial content queries.
-            reference_points: (N, Q, 4) initial boxes, normalized cxcywh in [0, 1] relative to
-                each image's real size. Gradients flow into the layer-0 prediction only (through
-                look-forward-twice), never into the attention.
+            reference_boxes: (N, Q, 4) the reference box of the first layer, normalized cxcywh in
+                [0, 1] relative to each image's real size. Gradients flow into the layer-0
+                prediction only (through look-forward-twice), never into the attention.
             memory: (N, S, C) encoder output.
             levels: the geometry of the memory (shapes, level starts, valid sizes, padding).
             attn_mask: optional (Q, Q) bool self-attention mask, True = may not attend.
@@ -261,21 +261,28 @@ class DeformableDecoder(nn.Module):
         Returns:
             A :class:`DecoderOutput` with one entry per layer.
         """
+        # (N, 1, L, 4): a box relative to the real image, times these, is on each padded map.
         valid_ratios = levels.valid_ratios
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+        # box: (N, Q, 4) the reference box of the current layer, normalized cxcywh in [0, 1]
+        # relative to each image's real size. The layer attends around box.detach() (scaled onto
+        # each level's padded map), and its query position embeds it. box keeps its gradient for
+        # look-forward-twice: the layer predicts sigmoid(bbox_embed(hs) + box_logit), with
+        # box_logit = inverse_sigmoid(box), and hands the next layer its refinement of box.
+        box = reference_boxes
         output = query
-        ref = reference_points.detach()
-        prev_ref = reference_points
-        hidden, refs, all_logits, all_boxes = [], [], [], []
+        hidden, boxes_attended, all_logits, all_boxes = [], [], [], []
         for i, layer in enumerate(self.layers):
-            ref_input = ref[:, :, None] * ratios
-            embed_ref = ref_input[:, :, 0] if self.scale_query_pos_by_valid_ratio else ref
-            query_pos = self.ref_point_head(get_sine_pos_embed(embed_ref, self.embed_dim // 2))
+            box_on_maps = box.detach()[:, :, None] * ratios
+            if self.scale_query_pos_by_valid_ratio:
+                query_pos = get_sine_pos_embed(box_on_maps[:, :, 0], self.embed_dim // 2)
+            else:
+                query_pos = get_sine_pos_embed(box.detach(), self.embed_dim // 2)
             output = run_layer(
                 layer,
                 output,
-                query_pos,
-                ref_input,
+                self.ref_point_head(query_pos),
+                box_on_maps,
                 memory,
                 levels,
                 attn_mask,
@@ -283,17 +290,15 @@ class DeformableDecoder(nn.Module):
             )
             hs = self.norm(output)
             hidden.append(hs)
-            refs.append(ref)
+            boxes_attended.append(box.detach())
             all_logits.append(self.class_embed[i](hs))
-            # ref is prev_ref detached: its logit is prev_logit detached, computed once.
-            prev_logit = inverse_sigmoid(prev_ref)
-            all_boxes.append((self.bbox_embed[i](hs) + prev_logit).sigmoid())
+            box_logit = inverse_sigmoid(box)
+            all_boxes.append((self.bbox_embed[i](hs) + box_logit).sigmoid())
             if i + 1 < self.num_layers:
-                prev_ref = (self.bbox_embed[i](output) + prev_logit.detach()).sigmoid()
-                ref = prev_ref.detach()
+                box = (self.bbox_embed[i](output) + box_logit.detach()).sigmoid()
         return DecoderOutput(
             hidden_states=torch.stack(hidden),
-            reference_boxes=torch.stack(refs),
+            reference_boxes=torch.stack(boxes_attended),
             pred_logits=torch.stack(all_logits),
             pred_boxes=torch.stack(all_boxes),
         )
