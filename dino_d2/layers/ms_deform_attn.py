@@ -47,7 +47,7 @@ import importlib
 import os
 import sys
 import warnings
-from typing import Iterator, List, Optional, Union
+from typing import ContextManager, Iterator, List, Optional, Union
 
 import torch
 
@@ -166,7 +166,7 @@ def _extension_loaded() -> bool:
     except (ImportError, OSError) as e:
         warnings.warn(
             f"dino_d2._C could not be loaded ({e}); multi-scale deformable attention falls back "
-            "to the slower pure-PyTorch implementation. Build it with "
+            "to the slower pure-PyTorch grid_sample backend. Build it with "
             "`python setup.py build_ext --inplace` or `pip install -e .`.",
             RuntimeWarning,
             stacklevel=3,
@@ -275,7 +275,7 @@ def msda_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
-def msda_implementation(name: str):
+def msda_implementation(name: str) -> ContextManager[None]:
     """Deprecated spelling of :func:`msda_backend` (kept for one release)."""
     warnings.warn(
         "msda_implementation() is deprecated and will be removed; use msda_backend()",
