@@ -35,8 +35,8 @@ model.transformer.embed_dim = 128
 model.transformer.position_embedding.num_pos_feats = 64
 model.transformer.encoder.num_layers = 3
 model.transformer.decoder.num_layers = 3
-model.transformer.encoder.ffn_dim = 512
-model.transformer.decoder.ffn_dim = 512
+model.transformer.encoder.layer.ffn_dim = 512
+model.transformer.decoder.layer.ffn_dim = 512
 # At most 6 digits an image: 50 queries and 10 denoising groups' worth of queries are plenty.
 model.transformer.query_selection.num_queries = 50
 model.denoising.dn_number = 10

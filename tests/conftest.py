@@ -21,8 +21,8 @@ def tiny_dino_config(*, decoder_layers=1, num_queries=10, num_select=10, test_si
     t.embed_dim = 64
     t.position_embedding.num_pos_feats = 32
     t.encoder.num_layers, t.decoder.num_layers = 1, decoder_layers
-    t.encoder.ffn_dim = t.decoder.ffn_dim = 128
-    t.encoder.num_heads = t.decoder.num_heads = 4
+    t.encoder.layer.ffn_dim = t.decoder.layer.ffn_dim = 128
+    t.encoder.layer.num_heads = t.decoder.layer.num_heads = 4
     t.query_selection.num_queries = num_queries
     cfg.model.denoising.dn_number = 4
     cfg.model.num_select = num_select

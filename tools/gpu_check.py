@@ -76,7 +76,7 @@ def environment(device: str) -> Dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "python": sys.version.split()[0],
-        "msda_backends": available_backends(),
+        "msda_backends": available_backends(device),
         "cuda_kernel_compiled": cuda_kernel_compiled(),
     }
     if device == "cuda":

@@ -231,7 +231,7 @@ def _plan(arch: Architecture, config: Optional[str]) -> Tuple[Any, str, List[str
             f"{kind} one; choose a config with a {arch.backbone} backbone"
         )
     heads = tuple(
-        _config_value(cfg, f"model.transformer.{p}.num_heads") for p in ("encoder", "decoder")
+        _config_value(cfg, f"model.transformer.{p}.layer.num_heads") for p in ("encoder", "decoder")
     )
     if arch.detector is not None and arch.num_heads is None and _UNSET in heads:
         raise ConversionError(f"the config {name!r} sets no attention heads for the transformer")

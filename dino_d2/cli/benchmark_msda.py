@@ -104,7 +104,7 @@ def measure_backend(backend, runs, warmup, reference_device="cpu"):
         raise ValueError(f"unknown backend {backend!r}")
     if backend != "pytorch":
         os.environ.pop(msda.BACKEND_ENV_VAR, None)
-        if backend not in msda.available_backends():
+        if "compiled" not in msda.available_backends(backend):
             raise RuntimeError(f"backend {backend!r} is not available here")
     if reference_device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--reference-device cuda, but no CUDA GPU is visible")
@@ -253,7 +253,8 @@ def main(argv=None):
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be >= 1 and --warmup >= 0")
 
-    backends = args.backends or msda.available_backends()
+    compiled = [d for d in ("cpu", "cuda") if "compiled" in msda.available_backends(d)]
+    backends = args.backends or ["pytorch"] + compiled
     results = {}
     for backend in backends:
         _log(f"measuring {backend} in a fresh process")

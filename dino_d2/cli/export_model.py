@@ -3,7 +3,7 @@
     python tools/deploy/export_model.py --config-file configs/dino_r18_digits.py \\
         --format onnx --output export/ train.init_checkpoint=output/digits/model_final.pth
     # gathers instead of GridSample (runtimes such as TensorRT), and COCO AP through onnxruntime
-    python tools/deploy/export_model.py --config-file ... --format onnx --msda-impl gather \\
+    python tools/deploy/export_model.py --config-file ... --format onnx --msda-backend gather \\
         --output export/ --eval train.init_checkpoint=...
 
 The flags follow Detectron2's ``tools/deploy/export_model.py`` where they apply; the weights are
@@ -25,6 +25,7 @@ set with ``COCOEvaluator`` through the export and through the PyTorch model.
 import argparse
 import logging
 import sys
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -50,11 +51,11 @@ from dino_d2.export.exporter import (
     random_verification,
 )
 from dino_d2.export.graph import InferenceGraph
-from dino_d2.export.onnx import MSDA_ONNX_IMPLEMENTATIONS
+from dino_d2.export.onnx import MSDA_ONNX_BACKENDS
 from dino_d2.layers.fast_path import optimize_for_cpu_inference
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
 
-__all__ = ["main", "test_resize", "sample_batch"]
+__all__ = ["main", "parse_args", "test_resize", "sample_batch"]
 
 logger = logging.getLogger("dino_d2.export")
 
@@ -152,7 +153,9 @@ def _evaluate(cfg, runner, graph: InferenceGraph) -> Dict[str, float]:
     return results
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command line's arguments; the old ``--msda-impl`` is read as ``--msda-backend`` with a
+    DeprecationWarning."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -161,10 +164,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--output", required=True, help="folder for the model and model.json")
     parser.add_argument("--sample-image", help="an image to trace with (default: random)")
     parser.add_argument(
-        "--msda-impl",
-        choices=MSDA_ONNX_IMPLEMENTATIONS,
+        "--msda-backend",
+        choices=MSDA_ONNX_BACKENDS,
         default="grid_sample",
         help="ONNX form of deformable attention: GridSample, or gathers only",
+    )
+    # The flag's old name, accepted for one release.
+    parser.add_argument(
+        "--msda-impl",
+        choices=MSDA_ONNX_BACKENDS,
+        dest="deprecated_msda_impl",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (17 or newer)")
     parser.add_argument(
@@ -183,6 +193,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_unsafe_load_argument(parser, "train.init_checkpoint")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
     args = parser.parse_args(argv)
+    if args.deprecated_msda_impl is not None:
+        warnings.warn(
+            "--msda-impl is deprecated and will be removed; use --msda-backend",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        args.msda_backend = args.deprecated_msda_impl
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
     setup_logger(name="dino_d2")
     setup_logger(name="fvcore", abbrev_name="fvcore")
     try:
@@ -207,7 +229,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.output,
             preprocessing=_preprocessing(cfg, graph, short, long, graph.output_names(*sample)),
             verification=random_verification(graph, short, long),
-            msda_impl=args.msda_impl,
+            msda_backend=args.msda_backend,
             opset=args.opset,
             overwrite=args.overwrite,
             score_tolerance=args.score_tolerance,

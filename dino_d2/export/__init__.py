@@ -6,7 +6,7 @@ has fake kernels (see :mod:`dino_d2.layers.ms_deform_attn`) and stays one node i
 
 from .onnx import (
     MIN_OPSET,
-    MSDA_ONNX_IMPLEMENTATIONS,
+    MSDA_ONNX_BACKENDS,
     check_onnx_graph,
     export_onnx,
     run_onnxruntime,
@@ -14,7 +14,7 @@ from .onnx import (
 
 __all__ = [
     "MIN_OPSET",
-    "MSDA_ONNX_IMPLEMENTATIONS",
+    "MSDA_ONNX_BACKENDS",
     "check_onnx_graph",
     "export_onnx",
     "run_onnxruntime",

@@ -6,7 +6,7 @@ the one traced, a size that is not a multiple of 32, an extreme aspect ratio, on
 batch of three of different real sizes) and reports the differences (:mod:`.verify`).
 
 * ``onnx``: ``torch.onnx.export(dynamo=True)``; deformable attention decomposed into
-  ``GridSample`` (``msda_impl="grid_sample"``) or gathers (``"gather"``); run with onnxruntime.
+  ``GridSample`` (``msda_backend="grid_sample"``) or gathers (``"gather"``); run with onnxruntime.
 * ``pt2``: ``torch.export`` with dino_d2's compiled deformable attention kept as one op; saved
   with ``torch.export.save``, run with ``torch.export.load(...).module()`` (after
   ``dino_d2.layers.ms_deform_attn.load_extension()``).
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from dino_d2.layers.ms_deform_attn import load_extension
 
 from .graph import InferenceGraph
-from .onnx import MSDA_ONNX_IMPLEMENTATIONS, export_onnx
+from .onnx import MSDA_ONNX_BACKENDS, export_onnx
 from .verify import (
     DetectionComparison,
     compare_detections,
@@ -120,14 +120,14 @@ def _root_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def _export(graph: InferenceGraph, sample, fmt: str, path: str, msda_impl: str, opset: int):
+def _export(graph: InferenceGraph, sample, fmt: str, path: str, msda_backend: str, opset: int):
     shapes = dynamic_shapes(graph)
     if fmt == "onnx":
         export_onnx(
             graph,
             sample,
             path,
-            msda_impl=msda_impl,
+            msda_backend=msda_backend,
             opset_version=opset,
             dynamic_shapes=shapes,
             input_names=list(INPUT_NAMES),
@@ -219,7 +219,7 @@ def export_model(
     *,
     preprocessing: Dict[str, Any],
     verification: Sequence[Tuple[Tensor, Tensor]],
-    msda_impl: str = "grid_sample",
+    msda_backend: str = "grid_sample",
     opset: int = 18,
     overwrite: bool = False,
     score_tolerance: float = 1e-4,
@@ -235,7 +235,7 @@ def export_model(
         output_dir: the folder; the file names come from :func:`output_paths`.
         preprocessing: the runtime's pre-processing (written to the JSON, see the CLI).
         verification: ``(images, image_sizes)`` batches to compare on.
-        msda_impl: the ONNX decomposition of deformable attention (``onnx`` only).
+        msda_backend: the ONNX decomposition of deformable attention (``onnx`` only).
         opset: ONNX opset (``onnx`` only).
         overwrite: replace existing files; otherwise an existing output is an error.
         score_tolerance, box_tolerance: the largest differences accepted (scores; box
@@ -247,8 +247,8 @@ def export_model(
     """
     import time
 
-    if msda_impl not in MSDA_ONNX_IMPLEMENTATIONS:
-        raise ValueError(f"msda_impl must be one of {list(MSDA_ONNX_IMPLEMENTATIONS)}")
+    if msda_backend not in MSDA_ONNX_BACKENDS:
+        raise ValueError(f"msda_backend must be one of {list(MSDA_ONNX_BACKENDS)}")
     path, json_path = output_paths(output_dir, fmt)
     existing = [p for p in (path, json_path) if os.path.exists(p)]
     if existing and not overwrite:
@@ -266,7 +266,7 @@ def export_model(
     start = time.perf_counter()
     with torch.no_grad():
         try:
-            _export(graph, sample, fmt, path, msda_impl, opset)
+            _export(graph, sample, fmt, path, msda_backend, opset)
         except Exception as e:  # torch.export and the ONNX exporter raise many kinds
             where = failing_module(e, graph.model)
             raise ExportError(

@@ -2,8 +2,8 @@
 
 The compiled op ``torch.ops.dino_d2.ms_deform_attn_forward`` has no ONNX form, so
 :func:`export_onnx` runs ``torch.onnx.export(..., dynamo=True)`` inside
-:func:`~dino_d2.layers.ms_deform_attn.msda_implementation` and the attention is traced as one of
-its pure-PyTorch implementations:
+:func:`~dino_d2.layers.ms_deform_attn.msda_backend` and the attention is traced as one of
+its pure-PyTorch backends:
 
 * ``"grid_sample"`` (the default): ``GridSample`` nodes (ONNX opset 16 or newer; dino_d2 asks
   for 17 or newer);
@@ -26,18 +26,18 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from dino_d2.layers.ms_deform_attn import msda_implementation
+from dino_d2.layers import ms_deform_attn
 
 __all__ = [
     "MIN_OPSET",
-    "MSDA_ONNX_IMPLEMENTATIONS",
+    "MSDA_ONNX_BACKENDS",
     "check_onnx_graph",
     "export_onnx",
     "run_onnxruntime",
 ]
 
-# Implementations of deformable attention that ONNX can hold (see the module docstring).
-MSDA_ONNX_IMPLEMENTATIONS = ("grid_sample", "gather")
+# Backends of deformable attention that ONNX can hold (see the module docstring).
+MSDA_ONNX_BACKENDS = ("grid_sample", "gather")
 # Oldest opset accepted: GridSample exists from 16; 17 is the oldest dino_d2 tests.
 MIN_OPSET = 17
 # Domains of the standard ONNX operators.
@@ -54,12 +54,12 @@ def _require(module: str) -> Any:
         ) from e
 
 
-def check_onnx_graph(model_proto: Any, msda_impl: str) -> None:
+def check_onnx_graph(model_proto: Any, msda_backend: str) -> None:
     """Checks that an exported graph only holds standard ONNX operators.
 
     Args:
         model_proto: an ``onnx.ModelProto``.
-        msda_impl: the implementation it was exported with; with ``"gather"`` a ``GridSample``
+        msda_backend: the backend it was exported with; with ``"gather"`` a ``GridSample``
             node is an error too.
 
     Raises:
@@ -74,11 +74,11 @@ def check_onnx_graph(model_proto: Any, msda_impl: str) -> None:
     )
     if custom:
         problems.append(f"non-standard operators {custom}")
-    if msda_impl == "gather":
+    if msda_backend == "gather":
         grid_samples = [n.name for n in nodes if n.op_type == "GridSample"]
         if grid_samples:
             problems.append(
-                f"GridSample nodes {grid_samples[:5]} although msda_impl='gather' (does the "
+                f"GridSample nodes {grid_samples[:5]} although msda_backend='gather' (does the "
                 "model call F.grid_sample outside dino_d2's deformable attention?)"
             )
     if problems:
@@ -90,20 +90,20 @@ def export_onnx(
     args: tuple,
     f: Optional[str] = None,
     *,
-    msda_impl: str = "grid_sample",
+    msda_backend: str = "grid_sample",
     opset_version: Optional[int] = None,
     dynamic_shapes: Optional[Union[Dict[str, Any], Sequence[Any]]] = None,
     input_names: Optional[Sequence[str]] = None,
     output_names: Optional[Sequence[str]] = None,
 ) -> Any:
-    """Exports ``model`` to ONNX with deformable attention decomposed by ``msda_impl``.
+    """Exports ``model`` to ONNX with deformable attention decomposed by ``msda_backend``.
 
     Args:
         model: the module to export, in eval mode.
         args: example positional inputs.
         f: path of the ``.onnx`` file to write (weights inside it, or beside it as external data
             above 2 GB), or None to only return the program.
-        msda_impl: ``"grid_sample"`` or ``"gather"`` (see the module docstring).
+        msda_backend: ``"grid_sample"`` or ``"gather"`` (see the module docstring).
         opset_version: ONNX opset, at least :data:`MIN_OPSET`; None takes torch's default.
         dynamic_shapes: as for ``torch.export.export``, e.g. ``{"image": {0: Dim("N"), 2: ...}}``.
         input_names, output_names: names of the graph's inputs and outputs.
@@ -112,19 +112,19 @@ def export_onnx(
         The ``torch.onnx.ONNXProgram`` (its ``model_proto`` is the ``onnx.ModelProto``).
 
     Raises:
-        ValueError: for an unknown ``msda_impl``, an opset below :data:`MIN_OPSET`, or a graph that
+        ValueError: for an unknown ``msda_backend``, an opset below :data:`MIN_OPSET`, or a graph that
             fails :func:`check_onnx_graph`.
         ImportError: when onnx or onnxscript is missing.
     """
-    if msda_impl not in MSDA_ONNX_IMPLEMENTATIONS:
+    if msda_backend not in MSDA_ONNX_BACKENDS:
         raise ValueError(
-            f"msda_impl must be one of {list(MSDA_ONNX_IMPLEMENTATIONS)}, got {msda_impl!r}"
+            f"msda_backend must be one of {list(MSDA_ONNX_BACKENDS)}, got {msda_backend!r}"
         )
     if opset_version is not None and opset_version < MIN_OPSET:
         raise ValueError(f"opset_version must be at least {MIN_OPSET}, got {opset_version}")
     _require("onnx")
     _require("onnxscript")
-    with msda_implementation(msda_impl):
+    with ms_deform_attn.msda_backend(msda_backend):
         program = torch.onnx.export(
             model,
             args,
@@ -136,7 +136,7 @@ def export_onnx(
             verbose=False,
             optimize=False,
         )
-    check_onnx_graph(program.model_proto, msda_impl)
+    check_onnx_graph(program.model_proto, msda_backend)
     if f is not None:
         program.save(f)
     return program

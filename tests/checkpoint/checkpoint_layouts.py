@@ -21,8 +21,8 @@ SMALL = [
     "model.transformer.position_embedding.num_pos_feats=16",
     "model.transformer.encoder.num_layers=2",
     "model.transformer.decoder.num_layers=3",
-    "model.transformer.encoder.ffn_dim=48",
-    "model.transformer.decoder.ffn_dim=40",
+    "model.transformer.encoder.layer.ffn_dim=48",
+    "model.transformer.decoder.layer.ffn_dim=40",
     "model.transformer.query_selection.num_queries=12",
 ]
 

@@ -86,7 +86,7 @@ def test_nothing_is_written_on_failure(idea_source, tmp_path):
     path = tmp_path / "out.pth"
     path.write_bytes(b"previous")
     # Dropping an override: the model no longer fits the weights (its FFN is the config's 2048).
-    result.overrides = [o for o in result.overrides if "encoder.ffn_dim" not in o]
+    result.overrides = [o for o in result.overrides if "encoder.layer.ffn_dim" not in o]
     with pytest.raises(ConversionError, match="do not load strictly"):
         save_checkpoint(result, str(path))
     assert path.read_bytes() == b"previous"

@@ -13,11 +13,10 @@ from torch import nn
 
 from dino_d2.checkpoint import convert_checkpoint
 from dino_d2.checkpoint.classes import coco_category_ids
-from dino_d2.layers.ms_deform_attn import MultiScaleDeformableAttention
+from dino_d2.layers.deformable_attention import MultiScaleDeformableAttention
 from dino_d2.modeling.transformer import MultiScaleLevels
 
 SHAPES = torch.tensor([[8, 8], [4, 4], [2, 2], [1, 1]])
-START = torch.cat([torch.zeros(1, dtype=torch.long), SHAPES.prod(1).cumsum(0)[:-1]])
 HEADS = 8
 # The same geometry for dino_d2's layers: a batch of two unpadded images.
 LEVELS = MultiScaleLevels.from_masks([torch.zeros(2, h, w, dtype=torch.bool) for h, w in SHAPES])
@@ -99,13 +98,12 @@ def inputs(embed_dim, num_queries, seed=0):
     generator = torch.Generator().manual_seed(seed)
     total = int(SHAPES.prod(1).sum())
     memory = torch.randn(2, total, embed_dim, generator=generator)
-    padding = torch.zeros(2, total, dtype=torch.bool)
     query = torch.randn(2, num_queries, embed_dim, generator=generator)
     pos = torch.randn(2, num_queries, embed_dim, generator=generator)
     boxes = torch.rand(2, num_queries, 1, 4, generator=generator).expand(-1, -1, 4, -1) * 0.5 + 0.2
     mask = torch.rand(num_queries, num_queries, generator=generator) > 0.6
     mask.fill_diagonal_(False)
-    return memory, padding, query, pos, boxes.contiguous(), mask
+    return memory, query, pos, boxes.contiguous(), mask
 
 
 @torch.no_grad()
@@ -114,13 +112,13 @@ def test_encoder_layer_matches_source(converted):
     prefix = "transformer.encoder.layers.1."
     state, names = sub(checkpoint, prefix), NAMES[source]["encoder"]
     embed_dim = model.transformer.embed_dim
-    src, padding, _, _, _, _ = inputs(embed_dim, 1)
+    src, _, _, _, _ = inputs(embed_dim, 1)
     pos = torch.randn_like(src)
     points = torch.rand(2, src.shape[1], 4, 2)
 
     attention = deformable_attention(sub(state, names["attn"]), embed_dim)
     expected = layer_norm(
-        src + attention(src + pos, points, src, SHAPES, START, padding), state, names["attn_norm"]
+        src + attention(src + pos, points, src, LEVELS), state, names["attn_norm"]
     )
     expected = layer_norm(expected + ffn(expected, state, names), state, names["ffn_norm"])
 
@@ -134,7 +132,7 @@ def test_decoder_layer_matches_source_seq_first_attention(converted):
     prefix = "transformer.decoder.layers.2."
     state, names = sub(checkpoint, prefix), NAMES[source]["decoder"]
     embed_dim = model.transformer.embed_dim
-    memory, padding, query, pos, boxes, mask = inputs(embed_dim, 12, seed=1)
+    memory, query, pos, boxes, mask = inputs(embed_dim, 12, seed=1)
 
     self_attention = nn.MultiheadAttention(embed_dim, HEADS).eval()  # seq-first (Q, N, C)
     self_attention.load_state_dict(sub(state, names["self_attn"]))
@@ -142,9 +140,9 @@ def test_decoder_layer_matches_source_seq_first_attention(converted):
     tgt, tgt_pos = query.transpose(0, 1), pos.transpose(0, 1)
     attended = self_attention(tgt + tgt_pos, tgt + tgt_pos, tgt, attn_mask=mask)[0]
     tgt = layer_norm(tgt + attended, state, names["self_norm"])
-    attended = cross_attention(
-        (tgt + tgt_pos).transpose(0, 1), boxes, memory, SHAPES, START, padding
-    ).transpose(0, 1)
+    attended = cross_attention((tgt + tgt_pos).transpose(0, 1), boxes, memory, LEVELS).transpose(
+        0, 1
+    )
     tgt = layer_norm(tgt + attended, state, names["cross_norm"])
     tgt = layer_norm(tgt + ffn(tgt, state, names), state, names["ffn_norm"])
 

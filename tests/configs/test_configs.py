@@ -97,7 +97,7 @@ def _shrink(cfg):
     t.encoder.num_layers = 1
     t.decoder.num_layers = 2
     t.query_selection.num_queries = 20
-    t.encoder.ffn_dim = t.decoder.ffn_dim = 64
+    t.encoder.layer.ffn_dim = t.decoder.layer.ffn_dim = 64
     cfg.model.denoising.dn_number = 6
     bottom_up = cfg.model.backbone.bottom_up
     if "depths" in bottom_up:

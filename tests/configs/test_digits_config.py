@@ -20,7 +20,7 @@ def test_sizes_and_schedule(cfg):
     t = cfg.model.transformer
     assert t.embed_dim == 128 and t.position_embedding.num_pos_feats == 64
     assert t.encoder.num_layers == t.decoder.num_layers == 3
-    assert t.encoder.ffn_dim == t.decoder.ffn_dim == 512
+    assert t.encoder.layer.ffn_dim == t.decoder.layer.ffn_dim == 512
     assert t.query_selection.num_queries == 50 and t.num_levels == 4
     assert cfg.model.denoising.dn_number == 10 and cfg.model.num_classes == 10
     bottom_up = cfg.model.backbone.bottom_up

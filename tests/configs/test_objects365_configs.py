@@ -89,7 +89,7 @@ def _shrunk_model(name):
     t = cfg.model.transformer
     t.encoder.num_layers, t.decoder.num_layers = 1, 2
     t.query_selection.num_queries = 20
-    t.encoder.ffn_dim = t.decoder.ffn_dim = 64
+    t.encoder.layer.ffn_dim = t.decoder.layer.ffn_dim = 64
     return cfg, instantiate(cfg.model)
 
 

@@ -19,7 +19,7 @@ def _shrink(cfg, depth=2):
     t = cfg.model.transformer
     t.encoder.num_layers, t.decoder.num_layers = 1, 2
     t.query_selection.num_queries = 20
-    t.encoder.ffn_dim = t.decoder.ffn_dim = 64
+    t.encoder.layer.ffn_dim = t.decoder.layer.ffn_dim = 64
     cfg.model.denoising.dn_number = 6
     net = cfg.model.backbone.bottom_up.net
     net.depth = depth

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def test_onnx_gather_export_is_proven_at_other_sizes(tiny_model, tmp_path):
         str(tmp_path),
         preprocessing={"input_format": "RGB"},
         verification=random_verification(graph, 96, 160),
-        msda_impl="gather",
+        msda_backend="gather",
     )
     assert result.verification.passed, result.verification.summary()
     assert result.verification.num_detections == 6 * 10
@@ -329,3 +330,16 @@ def test_a_backbone_that_declares_it_cannot_be_exported_stops_at_once(tmp_path):
             verification=[],
         )
     assert not os.listdir(tmp_path)
+
+
+def test_msda_backend_flag_and_its_deprecated_name():
+    base = ["--config-file", "c.py", "--output", "out"]
+    assert export_cli.parse_args(base).msda_backend == "grid_sample"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert export_cli.parse_args(base + ["--msda-backend", "gather"]).msda_backend == "gather"
+    with pytest.warns(DeprecationWarning, match="use --msda-backend"):
+        args = export_cli.parse_args(base + ["--msda-impl", "gather"])
+    assert args.msda_backend == "gather"
+    with pytest.raises(SystemExit):
+        export_cli.parse_args(base + ["--msda-backend", "kernel"])

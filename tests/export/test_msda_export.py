@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from dino_d2.export import check_onnx_graph, export_onnx, run_onnxruntime
-from dino_d2.layers import ms_deform_attn as msda
-from dino_d2.layers.ms_deform_attn import (
+from dino_d2.layers import (
     MultiScaleDeformableAttention,
+    MultiScaleLevels,
     level_index_tensors,
     multi_scale_deformable_attn,
 )
+from dino_d2.layers import ms_deform_attn as msda
 
 __all__ = []
 
@@ -37,7 +38,7 @@ class LevelsToAttention(nn.Module):
     """Three conv levels (strides 2, 4, 8) of an image, attended by every token.
 
     Input: (N, 3, H, W) image. Output: (N, S, C), S = sum of the levels' H_l * W_l. The level
-    sizes flow from the feature maps' shapes (SymInts under export) into ``level_shapes``.
+    sizes flow from the feature maps' shapes (SymInts under export) into the levels' ``shapes``.
     """
 
     def __init__(self, channels=16, num_heads=2, num_levels=3, num_points=2):
@@ -60,8 +61,10 @@ class LevelsToAttention(nn.Module):
         for down in self.downs:
             x = down(x)
             features.append(x)
-        level_shapes = [tuple(f.shape[-2:]) for f in features]
-        spatial_shapes, level_start_index = level_index_tensors(level_shapes, image.device)
+        levels = MultiScaleLevels.from_masks(
+            [f.new_zeros((f.shape[0], f.shape[2], f.shape[3]), dtype=torch.bool) for f in features]
+        )
+        level_shapes = levels.shapes
         value = torch.cat([f.flatten(2).transpose(1, 2) for f in features], 1)
         n, s, _ = value.shape
         centres = []
@@ -71,14 +74,7 @@ class LevelsToAttention(nn.Module):
             grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
             centres.append(torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], -1))
         reference_points = torch.cat(centres)[None, :, None].expand(n, s, len(features), 2)
-        return self.attn(
-            self.query(value),
-            reference_points,
-            value,
-            spatial_shapes,
-            level_start_index,
-            level_shapes=level_shapes,
-        )
+        return self.attn(self.query(value), reference_points, value, levels)
 
 
 def _dynamic_shapes():
@@ -164,7 +160,7 @@ def test_exported_program_round_trips_through_a_file(exported, eager, tmp_path):
 def onnx_programs_fixture(model, tmp_path_factory):
     """The default export (plain torch.onnx.export, opset 17) and the gather one (a file)."""
     example = torch.randn(*EXPORT_SIZE, generator=torch.Generator().manual_seed(0))
-    # No msda_implementation block: the op picks grid_sample by itself during the ONNX export.
+    # No msda_backend block: the op picks grid_sample by itself during the ONNX export.
     default = torch.onnx.export(
         model,
         (example,),
@@ -174,7 +170,7 @@ def onnx_programs_fixture(model, tmp_path_factory):
         verbose=False,
     )
     path = str(tmp_path_factory.mktemp("onnx") / "levels_gather.onnx")
-    export_onnx(model, (example,), path, msda_impl="gather", dynamic_shapes=_dynamic_shapes())
+    export_onnx(model, (example,), path, msda_backend="gather", dynamic_shapes=_dynamic_shapes())
     return {"grid_sample": default.model_proto, "gather": path}
 
 
@@ -221,8 +217,8 @@ def test_onnx_decompositions_agree(onnx_programs, eager):
 
 def test_export_onnx_rejects_bad_arguments(model):
     example = torch.randn(*EXPORT_SIZE)
-    with pytest.raises(ValueError, match="msda_impl must be one of"):
-        export_onnx(model, (example,), msda_impl="kernel")
+    with pytest.raises(ValueError, match="msda_backend must be one of"):
+        export_onnx(model, (example,), msda_backend="kernel")
     with pytest.raises(ValueError, match="opset_version must be at least 17"):
         export_onnx(model, (example,), opset_version=16)
 
@@ -282,7 +278,7 @@ def test_onnx_op_alone_matches_the_kernel(impl):
     program = export_onnx(
         _Op().eval(),
         args,
-        msda_impl=impl,
+        msda_backend=impl,
         dynamic_shapes=({0: batch}, {0: batch, 1: queries}, {0: batch, 1: queries}),
     )
     for n, q in ((1, 5), (3, 40)):

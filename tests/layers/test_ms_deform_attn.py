@@ -1,5 +1,5 @@
 """Tests of multi-scale deformable attention: compiled kernels against the PyTorch reference,
-gradients, backend selection and the MultiScaleDeformableAttention module.
+gradients and the choice of backend (the module's tests are in test_deformable_attention.py).
 
 The compiled extension is required (the project always builds it): the kernel tests fail, not
 skip, without it. A CPU-only development build (``FORCE_CUDA=0 python setup.py build_ext
@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from dino_d2.layers import (
-    MultiScaleDeformableAttention,
     available_backends,
     cuda_kernel_compiled,
     multi_scale_deformable_attn,
@@ -94,7 +93,7 @@ KERNEL_NODE = "ms_deform_attn_forward"
 
 
 def test_cpu_kernel_is_built():
-    assert "cpu" in available_backends(), "dino_d2._C with the CPU kernels is not built"
+    assert "compiled" in available_backends("cpu"), "dino_d2._C with the CPU kernels is not built"
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dino_d2::ms_deform_attn_backward", "CPU")
 
 
@@ -242,8 +241,13 @@ def test_mixed_dtypes_are_promoted():
 def test_env_var_forces_reference(monkeypatch):
     value, shapes, starts, locations, weights = _inputs(1, 4, 2, 4, [(3, 4)], 2, torch.float64)
     value.requires_grad_()
-    monkeypatch.setenv(msda.BACKEND_ENV_VAR, "pytorch")
+    monkeypatch.setenv(msda.BACKEND_ENV_VAR, "grid_sample")
     output = multi_scale_deformable_attn(value, shapes, starts, locations, weights)
+    assert KERNEL_NODE not in _grad_fn_name(output)
+    # The old value "pytorch" still selects the reference, with a warning naming the new one.
+    monkeypatch.setenv(msda.BACKEND_ENV_VAR, "pytorch")
+    with pytest.warns(DeprecationWarning, match="'grid_sample'"):
+        output = multi_scale_deformable_attn(value, shapes, starts, locations, weights)
     assert KERNEL_NODE not in _grad_fn_name(output)
     # Read on every call.
     monkeypatch.setenv(msda.BACKEND_ENV_VAR, "auto")
@@ -265,7 +269,7 @@ def test_missing_extension_warns_once_and_uses_reference(monkeypatch):
                 multi_scale_deformable_attn(value, shapes, starts, locations, weights)
                 for _ in range(3)
             ]
-            assert available_backends() == ["pytorch"]
+            assert available_backends() == ["grid_sample", "gather"]
             assert cuda_kernel_compiled() is False
         messages = [w for w in caught if "dino_d2._C" in str(w.message)]
         assert len(messages) == 1
@@ -275,7 +279,7 @@ def test_missing_extension_warns_once_and_uses_reference(monkeypatch):
     finally:
         monkeypatch.undo()
         msda._extension_loaded.cache_clear()
-    assert "cpu" in available_backends()
+    assert available_backends() == ["compiled", "grid_sample", "gather"]
 
 
 def _nvcc_release():
@@ -312,89 +316,6 @@ def test_cuda_kernels_built_when_toolkit_present():
         )
 
 
-def _module_inputs(module, n=2, q=5, level_shapes=((6, 5), (3, 3)), boxes=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    shapes, starts = _shapes(list(level_shapes))
-    s = int((shapes[:, 0] * shapes[:, 1]).sum())
-    c, num_levels = module.embed_dim, len(level_shapes)
-    query = torch.randn(n, q, c, generator=gen)
-    value = torch.randn(n, s, c, generator=gen)
-    refs = torch.rand(n, q, num_levels, 4 if boxes else 2, generator=gen)
-    return query, refs, value, shapes, starts
-
-
-@pytest.mark.parametrize("boxes", [False, True], ids=["points", "boxes"])
-def test_module_matches_reference_backend(boxes, monkeypatch):
-    torch.manual_seed(0)
-    module = MultiScaleDeformableAttention(embed_dim=12, num_heads=4, num_levels=2, num_points=3)
-    # Non-trivial offsets and attention weights.
-    torch.nn.init.normal_(module.sampling_offsets.weight, std=0.5)
-    torch.nn.init.normal_(module.attention_weights.weight, std=0.5)
-    query, refs, value, shapes, starts = _module_inputs(module, boxes=boxes)
-    output = module(query, refs, value, shapes, starts)
-    assert output.shape == query.shape
-    output.sum().backward()
-    for name, parameter in module.named_parameters():
-        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
-    monkeypatch.setenv(msda.BACKEND_ENV_VAR, "pytorch")
-    expected = module(query, refs, value, shapes, starts)
-    _assert_close(output.detach(), expected.detach(), 1e-5)
-
-
-def test_module_padding_mask_and_batching():
-    torch.manual_seed(0)
-    module = MultiScaleDeformableAttention(embed_dim=16, num_heads=2, num_levels=2, num_points=2)
-    torch.nn.init.normal_(module.sampling_offsets.weight, std=2.0)
-    query, refs, value, shapes, starts = _module_inputs(module, n=2)
-    # Element 1 is padded on the right half of every level.
-    mask = torch.zeros(2, value.shape[1], dtype=torch.bool)
-    for (h, w), start in zip(shapes.tolist(), starts.tolist()):
-        mask[1, start : start + h * w] = (torch.arange(w) >= w // 2).repeat(h)
-    output = module(query, refs, value, shapes, starts, value_padding_mask=mask)
-
-    # Masked values never matter.
-    changed = value.clone()
-    changed[mask] = 1e3 * torch.randn(int(mask.sum()), value.shape[2])
-    output_changed = module(query, refs, changed, shapes, starts, value_padding_mask=mask)
-    torch.testing.assert_close(output_changed, output, rtol=0, atol=0)
-    # ... and the mask does: without it the padded element reads the changed values.
-    assert not torch.allclose(module(query, refs, changed, shapes, starts)[1], output[1])
-
-    # Batched equals one element at a time.
-    for i in range(2):
-        single = module(
-            query[i : i + 1], refs[i : i + 1], value[i : i + 1], shapes, starts, mask[i : i + 1]
-        )
-        _assert_close(single, output[i : i + 1], 1e-6)
-
-
-def test_module_initialisation():
-    module = MultiScaleDeformableAttention(embed_dim=32, num_heads=8, num_levels=3, num_points=4)
-    bias = module.sampling_offsets.bias.view(8, 3, 4, 2)
-    assert module.sampling_offsets.weight.abs().sum() == 0
-    # Point k of every head lies k + 1 times its unit-max direction away, the same on all levels.
-    torch.testing.assert_close(bias[:, :, 3], 4 * bias[:, :, 0])
-    torch.testing.assert_close(bias[:, 0], bias[:, 2])
-    torch.testing.assert_close(bias[:, 0, 0].abs().max(dim=-1).values, torch.ones(8))
-    torch.testing.assert_close(bias[0, 0, 0], torch.tensor([1.0, 0.0]))
-    torch.testing.assert_close(bias[2, 0, 0], torch.tensor([0.0, 1.0]), atol=1e-6, rtol=0)
-    assert module.attention_weights.weight.abs().sum() == 0
-    assert module.attention_weights.bias.abs().sum() == 0
-    for proj in (module.value_proj, module.output_proj):
-        assert proj.bias.abs().sum() == 0 and proj.weight.abs().sum() > 0
-    with pytest.raises(ValueError, match="divisible"):
-        MultiScaleDeformableAttention(embed_dim=30, num_heads=8)
-
-
-def test_module_zero_queries():
-    module = MultiScaleDeformableAttention(embed_dim=8, num_heads=2, num_levels=2, num_points=2)
-    query, refs, value, shapes, starts = _module_inputs(module, q=0)
-    output = module(query.requires_grad_(), refs, value.requires_grad_(), shapes, starts)
-    assert output.shape == (2, 0, 8)
-    output.sum().backward()
-    assert value.grad is not None and value.grad.abs().sum() == 0
-
-
 @requires_cuda
 @pytest.mark.parametrize(
     "dtype, tol",
@@ -402,7 +323,7 @@ def test_module_zero_queries():
     ids=["f64", "f32", "f16", "bf16"],
 )
 def test_cuda_kernel_matches_reference(dtype, tol):
-    assert "cuda" in available_backends(), "dino_d2._C was built without the CUDA kernels"
+    assert "compiled" in available_backends("cuda"), "dino_d2._C was built without the CUDA kernels"
     for case in ("five_levels", "batch65_dim3", "dino_heads", "zero_queries"):
         value, shapes, starts, locations, weights = _inputs(
             *CASES[case], dtype=dtype, device="cuda"

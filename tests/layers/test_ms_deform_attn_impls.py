@@ -1,6 +1,6 @@
-"""Tests of the deformable-attention implementations and of the custom-op registration:
-the gather-based implementation against the grid_sample reference and the compiled kernel,
-``msda_implementation``, ``level_shapes`` / ``level_index_tensors``, and the fake kernels and
+"""Tests of the deformable-attention backends and of the custom-op registration:
+the gather backend against the grid_sample reference and the compiled kernel,
+``msda_backend``, ``level_shapes`` / ``level_index_tensors``, and the fake kernels and
 autograd formula of ``torch.ops.dino_d2.ms_deform_attn_*`` (``torch.library.opcheck``).
 
 Helpers and cases come from test_ms_deform_attn.py (same folder).
@@ -10,14 +10,18 @@ import pytest
 import torch
 from test_ms_deform_attn import CASES, KERNEL_NODE, TOLERANCE, _assert_close, _inputs, _shapes
 
+from dino_d2.layers import MultiScaleDeformableAttention, MultiScaleLevels
 from dino_d2.layers import ms_deform_attn as msda
 from dino_d2.layers.ms_deform_attn import (
-    level_index_tensors,
+    msda_backend,
     msda_implementation,
     multi_scale_deformable_attn,
+)
+from dino_d2.layers.ms_deform_attn_reference import (
     multi_scale_deformable_attn_gather,
     multi_scale_deformable_attn_pytorch,
 )
+from dino_d2.layers.multi_scale_levels import level_index_tensors
 
 __all__ = []
 
@@ -115,7 +119,7 @@ def test_level_shapes_replace_the_host_read_of_spatial_shapes():
         value, shapes, locations, weights, level_shapes=pairs
     )
     torch.testing.assert_close(output, expected, rtol=0, atol=0)
-    with msda_implementation("grid_sample"):
+    with msda_backend("grid_sample"):
         dispatched = multi_scale_deformable_attn(
             value, shapes, starts, locations, weights, level_shapes=pairs
         )
@@ -137,7 +141,7 @@ def test_level_index_tensors():
 
 @pytest.fixture(name="calls")
 def calls_fixture(monkeypatch):
-    """Records which pure implementation the dispatcher calls (the kernel shows in grad_fn)."""
+    """Records which pure-PyTorch backend the dispatcher calls (the kernel shows in grad_fn)."""
     calls = []
     for name in ("multi_scale_deformable_attn_gather", "multi_scale_deformable_attn_pytorch"):
         original = getattr(msda, name)
@@ -151,7 +155,7 @@ def calls_fixture(monkeypatch):
     return calls
 
 
-def test_msda_implementation_selects_nests_and_restores(calls, monkeypatch):
+def test_msda_backend_selects_nests_and_restores(calls, monkeypatch):
     value, shapes, starts, locations, weights = _inputs(1, 4, 2, 4, [(3, 4)], 2, torch.float64)
     value.requires_grad_()
 
@@ -159,50 +163,72 @@ def test_msda_implementation_selects_nests_and_restores(calls, monkeypatch):
         return multi_scale_deformable_attn(value, shapes, starts, locations, weights)
 
     assert KERNEL_NODE in type(run().grad_fn).__name__ and calls == []
-    with msda_implementation("gather"):
+    with msda_backend("gather"):
         gather = run()
-        with msda_implementation("grid_sample"):
+        with msda_backend("grid_sample"):
             grid_sample = run()
         again = run()
         # An explicit choice wins over the environment variable.
-        monkeypatch.setenv(msda.BACKEND_ENV_VAR, "pytorch")
+        monkeypatch.setenv(msda.BACKEND_ENV_VAR, "grid_sample")
         run()
         monkeypatch.delenv(msda.BACKEND_ENV_VAR)
     assert calls == ["gather", "pytorch", "gather", "gather"]
     assert KERNEL_NODE in type(run().grad_fn).__name__ and len(calls) == 4
-    with msda_implementation("auto"):
+    with msda_backend("auto"):
         assert KERNEL_NODE in type(run().grad_fn).__name__ and len(calls) == 4
+    with msda_backend("compiled"):
+        assert KERNEL_NODE in type(run().grad_fn).__name__ and len(calls) == 4
+    monkeypatch.setenv(msda.BACKEND_ENV_VAR, "gather")
+    run()
+    assert calls[4:] == ["gather"]
+    monkeypatch.delenv(msda.BACKEND_ENV_VAR)
     _assert_close(gather.detach(), grid_sample.detach(), 1e-12)
     torch.testing.assert_close(again, gather, rtol=0, atol=0)
 
-    with pytest.raises(ValueError, match="msda_implementation takes one of"):
-        with msda_implementation("kernel"):
+    with pytest.raises(ValueError, match="msda_backend takes one of"):
+        with msda_backend("kernel"):
             pass
     # A failure inside the block restores the previous setting too.
     with pytest.raises(RuntimeError, match="inside"):
-        with msda_implementation("gather"):
+        with msda_backend("gather"):
             raise RuntimeError("inside")
-    assert msda._implementation == "auto"
+    assert msda._backend == "auto"
 
 
-def test_module_under_each_implementation_matches_the_kernel():
+def test_compiled_backend_refuses_tensors_it_cannot_run():
+    value, shapes, starts, locations, weights = _inputs(1, 4, 2, 4, [(3, 4)], 2, torch.float64)
+    with msda_backend("compiled"), pytest.raises(RuntimeError, match="cannot run torch.int"):
+        multi_scale_deformable_attn(value.int(), shapes, starts, locations.int(), weights.int())
+
+
+def test_deprecated_names_warn_and_still_select(calls):
+    value, shapes, starts, locations, weights = _inputs(1, 4, 2, 4, [(3, 4)], 2, torch.float64)
+    with pytest.warns(DeprecationWarning, match="use msda_backend"):
+        block = msda_implementation("gather")
+    with block:
+        multi_scale_deformable_attn(value, shapes, starts, locations, weights)
+    with pytest.warns(DeprecationWarning, match="'grid_sample'"), msda_backend("pytorch"):
+        multi_scale_deformable_attn(value, shapes, starts, locations, weights)
+    assert calls == ["gather", "pytorch"]
+
+
+def test_module_under_each_backend_matches_the_kernel():
     torch.manual_seed(0)
-    module = msda.MultiScaleDeformableAttention(
+    module = MultiScaleDeformableAttention(
         embed_dim=16, num_heads=2, num_levels=2, num_points=3
     ).double()
     torch.nn.init.normal_(module.sampling_offsets.weight, std=2.0)
     torch.nn.init.normal_(module.attention_weights.weight, std=0.5)
-    pairs = [(6, 5), (3, 3)]
-    shapes, starts = level_index_tensors(pairs)
     gen = torch.Generator().manual_seed(0)
     query = torch.randn(2, 7, 16, generator=gen, dtype=torch.float64)
     value = torch.randn(2, 39, 16, generator=gen, dtype=torch.float64)
     refs = torch.rand(2, 7, 2, 4, generator=gen, dtype=torch.float64)
-    mask = torch.rand(2, 39, generator=gen) > 0.7
-    expected = module(query, refs, value, shapes, starts, mask)
+    masks = [torch.rand(2, h, w, generator=gen) > 0.7 for h, w in [(6, 5), (3, 3)]]
+    levels = MultiScaleLevels.from_masks(masks)
+    expected = module(query, refs, value, levels)
     for name in ("grid_sample", "gather"):
-        with msda_implementation(name):
-            output = module(query, refs, value, shapes, starts, mask, level_shapes=pairs)
+        with msda_backend(name):
+            output = module(query, refs, value, levels)
         _assert_close(output, expected, 1e-12, name)
 
 

@@ -13,6 +13,7 @@ from dino_d2.modeling import (
     HungarianMatcher,
     MixedQuerySelection,
 )
+from dino_d2.modeling.transformer import DeformableDecoderLayer, DeformableEncoderLayer
 
 # DINO-4scale with a ResNet-50: the authors' R50 recipe (IDEA-Research/DINO, DINO_4scale.py).
 model = L(DINO)(
@@ -29,25 +30,30 @@ model = L(DINO)(
         num_extra_levels=1,
     ),
     transformer=L(DINOTransformer)(
+        # Each stack holds num_layers clones of its layer, initialised one by one.
         encoder=L(DeformableEncoder)(
+            layer=L(DeformableEncoderLayer)(
+                embed_dim="${...embed_dim}",
+                num_heads=8,
+                ffn_dim=2048,
+                num_levels="${...num_levels}",
+                num_points=4,
+                dropout=0.0,
+            ),
             num_layers=6,
-            embed_dim="${..embed_dim}",
-            num_heads=8,
-            ffn_dim=2048,
-            num_levels="${..num_levels}",
-            num_points=4,
-            dropout=0.0,
             use_checkpoint=False,
         ),
         decoder=L(DeformableDecoder)(
             num_classes="${...num_classes}",
+            layer=L(DeformableDecoderLayer)(
+                embed_dim="${...embed_dim}",
+                num_heads=8,
+                ffn_dim=2048,
+                num_levels="${...num_levels}",
+                num_points=4,
+                dropout=0.0,
+            ),
             num_layers=6,
-            embed_dim="${..embed_dim}",
-            num_heads=8,
-            ffn_dim=2048,
-            num_levels="${..num_levels}",
-            num_points=4,
-            dropout=0.0,
             share_heads=True,
             scale_query_pos_by_valid_ratio=False,
             use_checkpoint=False,

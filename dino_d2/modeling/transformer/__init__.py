@@ -8,7 +8,7 @@ from .decoder import (
     build_class_head,
 )
 from .encoder import DeformableEncoder, DeformableEncoderLayer, get_encoder_reference_points
-from .levels import MultiScaleLevels, valid_extent
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels, valid_extent
 from .query_selection import MixedQuerySelection, SelectedQueries, gen_encoder_output_proposals
 from .transformer import DINOTransformer, DINOTransformerOutput, HeadOutputs
 

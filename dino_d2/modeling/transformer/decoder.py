@@ -18,19 +18,19 @@ not the box handed to the next layer).
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from dino_d2.layers.box_ops import inverse_sigmoid
+from dino_d2.layers.deformable_attention import MultiScaleDeformableAttention
 from dino_d2.layers.ffn import FFN
 from dino_d2.layers.mlp import MLP
-from dino_d2.layers.ms_deform_attn import MultiScaleDeformableAttention
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 from dino_d2.layers.position_encoding import get_sine_pos_embed
 
-from .layer_stack import run_layer, stack_layers, xavier_init_except
-from .levels import MultiScaleLevels
+from .layer_stack import clone_layers, prototype_layer, run_layer, xavier_init_except
 
 __all__ = [
     "DecoderOutput",
@@ -91,6 +91,8 @@ class DeformableDecoderLayer(nn.Module):
         num_levels: feature levels L.
         num_points: sampling points per head and level.
         dropout: dropout of the self-attention weights and after every sub-block (0.0 in DINO).
+
+    The arguments are kept as attributes of the same names.
     """
 
     def __init__(
@@ -115,6 +117,17 @@ class DeformableDecoderLayer(nn.Module):
         self.cross_attn_dropout = nn.Dropout(dropout)
         self.cross_attn_norm = nn.LayerNorm(embed_dim)
         self.ffn = FFN(embed_dim, ffn_dim, dropout)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.ffn_dim = ffn_dim
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.dropout = dropout
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The layer's own initialisation, after its sub-modules': xavier on every matrix but
+        the deformable attention's."""
         xavier_init_except(self, self.cross_attn)
 
     def forward(
@@ -147,10 +160,7 @@ class DeformableDecoderLayer(nn.Module):
             query=query + query_pos,
             reference_points=reference_points,
             value=memory,
-            spatial_shapes=levels.spatial_shapes,
-            level_start_index=levels.level_start_index,
-            value_padding_mask=levels.value_padding_mask,
-            level_shapes=levels.shapes,
+            levels=levels,
         )
         query = self.cross_attn_norm(query + self.cross_attn_dropout(attn))
         return self.ffn(query)
@@ -170,9 +180,10 @@ class DeformableDecoder(nn.Module):
 
     Args:
         num_classes: K, the rows of the class heads.
+        layer: the prototype layer; the stack holds it and ``num_layers - 1`` deep copies, each
+            initialised on its own (:func:`clone_layers`). Its ``embed_dim`` C is the decoder's
+            and must be divisible by 4 (sine embedding of 4 coordinates into 2C).
         num_layers: number of layers.
-        embed_dim, num_heads, ffn_dim, num_levels, num_points, dropout: passed to every layer.
-            ``embed_dim`` must be divisible by 4 (sine embedding of 4 coordinates into 2C).
         share_heads: True (the authors): every slot of ``class_embed`` / ``bbox_embed`` holds the
             same module. False (detrex): independent copies, identical at initialization.
         prior_prob: focal-loss prior of the class-head bias.
@@ -184,37 +195,29 @@ class DeformableDecoder(nn.Module):
             whenever there is no padding.
         use_checkpoint: in training mode (with autograd enabled), run every layer under
             ``torch.utils.checkpoint``; outputs and gradients are unchanged.
+        **layer_keywords: deprecated: the layer's keywords (``embed_dim``, ``num_heads``,
+            ``ffn_dim``, ``num_levels``, ``num_points``, ``dropout``) given to the stack, as
+            before ``layer``; accepted for one release with a DeprecationWarning.
     """
 
     def __init__(
         self,
         *,
         num_classes: int,
+        layer: Optional[DeformableDecoderLayer] = None,
         num_layers: int = 6,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        ffn_dim: int = 2048,
-        num_levels: int = 4,
-        num_points: int = 4,
-        dropout: float = 0.0,
         share_heads: bool = True,
         prior_prob: float = 0.01,
         scale_query_pos_by_valid_ratio: bool = True,
         use_checkpoint: bool = False,
+        **layer_keywords: Any,
     ):
         super().__init__()
+        layer = prototype_layer(layer, DeformableDecoderLayer, "DeformableDecoder", layer_keywords)
+        embed_dim = layer.embed_dim
         if embed_dim % 4:
-            raise ValueError(f"embed_dim must be divisible by 4, got {embed_dim}")
-        self.layers = stack_layers(
-            DeformableDecoderLayer,
-            num_layers,
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            ffn_dim=ffn_dim,
-            num_levels=num_levels,
-            num_points=num_points,
-            dropout=dropout,
-        )
+            raise ValueError(f"the layer's embed_dim must be divisible by 4, got {embed_dim}")
+        self.layers = clone_layers(layer, num_layers)
         self.ref_point_head = MLP(2 * embed_dim, embed_dim, embed_dim, 2)
         for layer in self.ref_point_head.layers:
             nn.init.xavier_uniform_(layer.weight)
@@ -239,7 +242,7 @@ class DeformableDecoder(nn.Module):
     def forward(
         self,
         query: torch.Tensor,
-        reference_points: torch.Tensor,
+        reference_boxes: torch.Tensor,
         memory: torch.Tensor,
         levels: MultiScaleLevels,
         attn_mask: Optional[torch.Tensor] = None,
@@ -248,9 +251,9 @@ class DeformableDecoder(nn.Module):
 
         Args:
             query: (N, Q, C) initial content queries.
-            reference_points: (N, Q, 4) initial boxes, normalized cxcywh in [0, 1] relative to
-                each image's real size. Gradients flow into the layer-0 prediction only (through
-                look-forward-twice), never into the attention.
+            reference_boxes: (N, Q, 4) the reference box of the first layer, normalized cxcywh in
+                [0, 1] relative to each image's real size. Gradients flow into the layer-0
+                prediction only (through look-forward-twice), never into the attention.
             memory: (N, S, C) encoder output.
             levels: the geometry of the memory (shapes, level starts, valid sizes, padding).
             attn_mask: optional (Q, Q) bool self-attention mask, True = may not attend.
@@ -258,21 +261,28 @@ class DeformableDecoder(nn.Module):
         Returns:
             A :class:`DecoderOutput` with one entry per layer.
         """
+        # (N, 1, L, 4): a box relative to the real image, times these, is on each padded map.
         valid_ratios = levels.valid_ratios
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+        # box: (N, Q, 4) the reference box of the current layer, normalized cxcywh in [0, 1]
+        # relative to each image's real size. The layer attends around box.detach() (scaled onto
+        # each level's padded map), and its query position embeds it. box keeps its gradient for
+        # look-forward-twice: the layer predicts sigmoid(bbox_embed(hs) + box_logit), with
+        # box_logit = inverse_sigmoid(box), and hands the next layer its refinement of box.
+        box = reference_boxes
         output = query
-        ref = reference_points.detach()
-        prev_ref = reference_points
-        hidden, refs, all_logits, all_boxes = [], [], [], []
+        hidden, boxes_attended, all_logits, all_boxes = [], [], [], []
         for i, layer in enumerate(self.layers):
-            ref_input = ref[:, :, None] * ratios
-            embed_ref = ref_input[:, :, 0] if self.scale_query_pos_by_valid_ratio else ref
-            query_pos = self.ref_point_head(get_sine_pos_embed(embed_ref, self.embed_dim // 2))
+            box_on_maps = box.detach()[:, :, None] * ratios
+            if self.scale_query_pos_by_valid_ratio:
+                query_pos = get_sine_pos_embed(box_on_maps[:, :, 0], self.embed_dim // 2)
+            else:
+                query_pos = get_sine_pos_embed(box.detach(), self.embed_dim // 2)
             output = run_layer(
                 layer,
                 output,
-                query_pos,
-                ref_input,
+                self.ref_point_head(query_pos),
+                box_on_maps,
                 memory,
                 levels,
                 attn_mask,
@@ -280,17 +290,15 @@ class DeformableDecoder(nn.Module):
             )
             hs = self.norm(output)
             hidden.append(hs)
-            refs.append(ref)
+            boxes_attended.append(box.detach())
             all_logits.append(self.class_embed[i](hs))
-            # ref is prev_ref detached: its logit is prev_logit detached, computed once.
-            prev_logit = inverse_sigmoid(prev_ref)
-            all_boxes.append((self.bbox_embed[i](hs) + prev_logit).sigmoid())
+            box_logit = inverse_sigmoid(box)
+            all_boxes.append((self.bbox_embed[i](hs) + box_logit).sigmoid())
             if i + 1 < self.num_layers:
-                prev_ref = (self.bbox_embed[i](output) + prev_logit.detach()).sigmoid()
-                ref = prev_ref.detach()
+                box = (self.bbox_embed[i](output) + box_logit.detach()).sigmoid()
         return DecoderOutput(
             hidden_states=torch.stack(hidden),
-            reference_boxes=torch.stack(refs),
+            reference_boxes=torch.stack(boxes_attended),
             pred_logits=torch.stack(all_logits),
             pred_boxes=torch.stack(all_boxes),
         )

@@ -6,14 +6,16 @@ normalized ``(x, y)`` in [0, 1] relative to the padded feature map, which is wha
 :class:`MultiScaleDeformableAttention` samples from.
 """
 
+from typing import Any, Optional
+
 import torch
 from torch import nn
 
+from dino_d2.layers.deformable_attention import MultiScaleDeformableAttention
 from dino_d2.layers.ffn import FFN
-from dino_d2.layers.ms_deform_attn import MultiScaleDeformableAttention
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 
-from .layer_stack import run_layer, stack_layers, xavier_init_except
-from .levels import MultiScaleLevels
+from .layer_stack import clone_layers, prototype_layer, run_layer, xavier_init_except
 
 __all__ = ["DeformableEncoderLayer", "DeformableEncoder", "get_encoder_reference_points"]
 
@@ -61,6 +63,8 @@ class DeformableEncoderLayer(nn.Module):
         num_levels: feature levels L.
         num_points: sampling points per head and level.
         dropout: dropout after the attention and inside/after the FFN (0.0 in DINO).
+
+    The arguments are kept as attributes of the same names.
     """
 
     def __init__(
@@ -80,6 +84,17 @@ class DeformableEncoderLayer(nn.Module):
         self.self_attn_dropout = nn.Dropout(dropout)
         self.self_attn_norm = nn.LayerNorm(embed_dim)
         self.ffn = FFN(embed_dim, ffn_dim, dropout)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.ffn_dim = ffn_dim
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.dropout = dropout
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The layer's own initialisation, after its sub-modules': xavier on every matrix but
+        the deformable attention's."""
         xavier_init_except(self, self.self_attn)
 
     def forward(
@@ -104,51 +119,41 @@ class DeformableEncoderLayer(nn.Module):
             query=src + pos,
             reference_points=reference_points,
             value=src,
-            spatial_shapes=levels.spatial_shapes,
-            level_start_index=levels.level_start_index,
-            value_padding_mask=levels.value_padding_mask,
-            level_shapes=levels.shapes,
+            levels=levels,
         )
         src = self.self_attn_norm(src + self.self_attn_dropout(attn))
         return self.ffn(src)
 
 
 class DeformableEncoder(nn.Module):
-    """A stack of :class:`DeformableEncoderLayer` (no final norm, as in DINO).
+    """A stack of ``num_layers`` :class:`DeformableEncoderLayer` (no final norm, as in DINO).
 
     Args:
+        layer: the prototype layer; the stack holds it and ``num_layers - 1`` deep copies, each
+            initialised on its own (:func:`clone_layers`). Its ``embed_dim`` and ``num_levels``
+            are the encoder's.
         num_layers: number of layers.
-        embed_dim, num_heads, ffn_dim, num_levels, num_points, dropout: passed to every layer.
         use_checkpoint: in training mode (with autograd enabled), run every layer under
             ``torch.utils.checkpoint`` to trade compute for activation memory; outputs and
             gradients are unchanged.
+        **layer_keywords: deprecated: the layer's keywords (``embed_dim``, ``num_heads``,
+            ``ffn_dim``, ``num_levels``, ``num_points``, ``dropout``) given to the stack, as
+            before ``layer``; accepted for one release with a DeprecationWarning.
     """
 
     def __init__(
         self,
         *,
+        layer: Optional[DeformableEncoderLayer] = None,
         num_layers: int = 6,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        ffn_dim: int = 2048,
-        num_levels: int = 4,
-        num_points: int = 4,
-        dropout: float = 0.0,
         use_checkpoint: bool = False,
+        **layer_keywords: Any,
     ):
         super().__init__()
-        self.layers = stack_layers(
-            DeformableEncoderLayer,
-            num_layers,
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            ffn_dim=ffn_dim,
-            num_levels=num_levels,
-            num_points=num_points,
-            dropout=dropout,
-        )
-        self.embed_dim = embed_dim
-        self.num_levels = num_levels
+        layer = prototype_layer(layer, DeformableEncoderLayer, "DeformableEncoder", layer_keywords)
+        self.layers = clone_layers(layer, num_layers)
+        self.embed_dim = layer.embed_dim
+        self.num_levels = layer.num_levels
         self.use_checkpoint = use_checkpoint
 
     def forward(self, src: torch.Tensor, pos: torch.Tensor, levels: MultiScaleLevels):

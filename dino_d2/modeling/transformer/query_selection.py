@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 
 from .decoder import build_box_head, build_class_head
-from .levels import MultiScaleLevels
 
 __all__ = ["MixedQuerySelection", "SelectedQueries", "gen_encoder_output_proposals"]
 

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from dino_d2.layers.box_ops import inverse_sigmoid
 
-from .levels import MultiScaleLevels
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 
 __all__ = ["DINOTransformer", "DINOTransformerOutput", "HeadOutputs"]
 

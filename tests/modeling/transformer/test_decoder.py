@@ -3,25 +3,17 @@ import math
 import torch
 
 from dino_d2.layers.box_ops import inverse_sigmoid
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 from dino_d2.layers.position_encoding import get_sine_pos_embed
-from dino_d2.modeling.transformer.decoder import DeformableDecoder
-from dino_d2.modeling.transformer.levels import MultiScaleLevels
+from dino_d2.modeling.transformer.decoder import DeformableDecoder, DeformableDecoderLayer
 
 C, K, Q = 32, 3, 6
 
 
 def _decoder(**kwargs):
     torch.manual_seed(0)
-    decoder = DeformableDecoder(
-        num_classes=K,
-        num_layers=3,
-        embed_dim=C,
-        num_heads=4,
-        ffn_dim=64,
-        num_levels=2,
-        num_points=2,
-        **kwargs,
-    )
+    layer = DeformableDecoderLayer(embed_dim=C, num_heads=4, ffn_dim=64, num_levels=2, num_points=2)
+    decoder = DeformableDecoder(num_classes=K, layer=layer, num_layers=3, **kwargs)
     with torch.no_grad():  # the last box layer starts at zero, which would hide gradients
         for head in decoder.bbox_embed:
             head.layers[-1].weight.normal_(0, 0.1)
@@ -130,7 +122,8 @@ def test_share_heads():
 
 
 def test_head_initialization():
-    decoder = DeformableDecoder(num_classes=K, num_layers=2, embed_dim=C, num_heads=4, num_levels=2)
+    layer = DeformableDecoderLayer(embed_dim=C, num_heads=4, num_levels=2)
+    decoder = DeformableDecoder(num_classes=K, layer=layer, num_layers=2)
     bias = -math.log((1 - 0.01) / 0.01)
     torch.testing.assert_close(decoder.class_embed[0].bias, torch.full((K,), bias))
     assert decoder.bbox_embed[0].layers[-1].weight.abs().sum() == 0

@@ -4,7 +4,9 @@ import torch
 from dino_d2.layers.position_encoding import PositionEmbeddingSine
 from dino_d2.modeling.transformer import (
     DeformableDecoder,
+    DeformableDecoderLayer,
     DeformableEncoder,
+    DeformableEncoderLayer,
     DINOTransformer,
     MixedQuerySelection,
 )
@@ -21,13 +23,15 @@ def _build(embed_dim=64, use_checkpoint=False, scale_query_pos_by_valid_ratio=Tr
         embed_dim=embed_dim, num_heads=4, ffn_dim=2 * embed_dim, num_levels=2, num_points=2
     )
     model = DINOTransformer(
-        encoder=DeformableEncoder(num_layers=2, use_checkpoint=use_checkpoint, **common),
+        encoder=DeformableEncoder(
+            layer=DeformableEncoderLayer(**common), num_layers=2, use_checkpoint=use_checkpoint
+        ),
         decoder=DeformableDecoder(
             num_classes=K,
+            layer=DeformableDecoderLayer(**common),
             num_layers=2,
             use_checkpoint=use_checkpoint,
             scale_query_pos_by_valid_ratio=scale_query_pos_by_valid_ratio,
-            **common,
         ),
         query_selection=MixedQuerySelection(embed_dim=embed_dim, num_classes=K, num_queries=Q),
         position_embedding=PositionEmbeddingSine(num_pos_feats=embed_dim // 2, temperature=20),

@@ -1,10 +1,18 @@
 import torch
 
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels, valid_extent
 from dino_d2.layers.position_encoding import PositionEmbeddingSine
-from dino_d2.modeling.transformer.encoder import DeformableEncoder, get_encoder_reference_points
-from dino_d2.modeling.transformer.levels import MultiScaleLevels, valid_extent
+from dino_d2.modeling.transformer.encoder import (
+    DeformableEncoder,
+    DeformableEncoderLayer,
+    get_encoder_reference_points,
+)
 
 C = 32
+
+
+def _layer():
+    return DeformableEncoderLayer(embed_dim=C, num_heads=4, ffn_dim=64, num_levels=2, num_points=2)
 
 
 def _level_masks(valid, sizes):
@@ -54,9 +62,7 @@ def test_reference_points_hand_computation():
 
 def test_valid_outputs_ignore_padded_features():
     torch.manual_seed(0)
-    encoder = DeformableEncoder(
-        num_layers=2, embed_dim=C, num_heads=4, ffn_dim=64, num_levels=2, num_points=2
-    ).eval()
+    encoder = DeformableEncoder(layer=_layer(), num_layers=2).eval()
     with torch.no_grad():
         for layer in encoder.layers:  # non-trivial offsets and weights, reaching the padding
             layer.self_attn.sampling_offsets.weight.normal_(0, 0.5)
@@ -86,9 +92,8 @@ def test_valid_outputs_ignore_padded_features():
 
 def test_checkpointing_same_result_and_recomputes():
     torch.manual_seed(0)
-    kwargs = dict(num_layers=2, embed_dim=C, num_heads=4, ffn_dim=64, num_levels=2, num_points=2)
-    plain = DeformableEncoder(**kwargs)
-    ckpt = DeformableEncoder(use_checkpoint=True, **kwargs)
+    plain = DeformableEncoder(layer=_layer(), num_layers=2)
+    ckpt = DeformableEncoder(layer=_layer(), num_layers=2, use_checkpoint=True)
     ckpt.load_state_dict(plain.state_dict())
     sizes = [(4, 5), (2, 3)]
     masks = _level_masks([[(3, 4), (2, 2)], [(4, 5), (2, 3)]], sizes)

@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dino_d2.modeling.transformer.levels import MultiScaleLevels
+from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 from dino_d2.modeling.transformer.query_selection import (
     MixedQuerySelection,
     gen_encoder_output_proposals,

@@ -2,7 +2,9 @@
 
 The L feature maps of a batch are flattened level after level (each row-major) into one
 sequence of ``S = sum_l H_l * W_l`` tokens. Every image's real content is the top-left
-rectangle of each padded map; the rest is padding.
+rectangle of each padded map; the rest is padding. :class:`MultiScaleLevels` holds what the
+multi-scale deformable attention (:mod:`dino_d2.layers.deformable_attention`) needs to read
+that sequence: the level shapes, where each level starts, the padding mask and the valid ratios.
 """
 
 from dataclasses import dataclass
@@ -11,9 +13,35 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from dino_d2.layers.ms_deform_attn import level_index_tensors
+__all__ = ["LevelShapes", "MultiScaleLevels", "level_index_tensors", "valid_extent"]
 
-__all__ = ["MultiScaleLevels", "valid_extent"]
+# L pairs (H_l, W_l) of Python ints, or SymInts while exporting with dynamic sizes.
+LevelShapes = Sequence[Tuple[int, int]]
+
+
+def level_index_tensors(
+    level_shapes: LevelShapes, device: Optional[torch.device] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``spatial_shapes`` and ``level_start_index`` from L pairs (H_l, W_l).
+
+    The pairs may be SymInts (e.g. ``feature.shape[-2:]`` while exporting with dynamic sizes):
+    ``torch.tensor`` records them symbolically, while ``torch.as_tensor`` would specialize them to
+    the traced sizes.
+
+    Args:
+        level_shapes: L pairs (H_l, W_l) of Python ints or SymInts.
+        device: device of the returned tensors.
+
+    Returns:
+        spatial_shapes: (L, 2) int64 (H_l, W_l).
+        level_start_index: (L,) int64 start of each level in the flattened S axis.
+    """
+    spatial_shapes = torch.tensor(
+        [[h, w] for h, w in level_shapes], dtype=torch.int64, device=device
+    )
+    areas = spatial_shapes[:, 0] * spatial_shapes[:, 1]
+    level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
+    return spatial_shapes, level_start_index
 
 
 def valid_extent(mask: Tensor) -> Tensor:
