@@ -29,6 +29,12 @@ model.heads = L(OrderedDict)(
     )
 )
 model.transformer.decoder.num_layers = 9
+# The pixel decoder's PositionEmbeddingSine(normalize=True): temperature 10000, no offset.
+model.transformer.position_embedding.temperature = 10000
+model.transformer.position_embedding.offset = 0.0
+# The authors' inverse_sigmoid clamps at 1e-5 (DINO's at 1e-3): the decoder's boxes, the
+# denoising boxes and the mask-derived anchors.
+model.transformer.decoder.box_logit_eps = 1e-5
 model.transformer.query_selection.num_queries = 300
 model.denoising.dn_number = 100
 # DN_NOISE_SCALE 0.4: labels changed with probability 0.2, boxes jittered by 0.4. (The authors'

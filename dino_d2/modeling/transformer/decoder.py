@@ -193,6 +193,10 @@ class DeformableDecoder(nn.Module):
             the batch adds. False: the embedding is computed from the box relative to the real
             image, which makes batched inference equal to single-image inference. The two agree
             whenever there is no padding.
+        box_logit_eps: the clamp of ``inverse_sigmoid`` where a layer's box is taken back to
+            logit space (and the denoising boxes are, in the transformer): 1e-3 as the DINO
+            authors; Mask DINO's authors clamp at 1e-5, which matters for its mask-derived anchors
+            that lie on the image border.
         use_checkpoint: in training mode (with autograd enabled), run every layer under
             ``torch.utils.checkpoint``; outputs and gradients are unchanged.
         **layer_keywords: deprecated: the layer's keywords (``embed_dim``, ``num_heads``,
@@ -209,6 +213,7 @@ class DeformableDecoder(nn.Module):
         share_heads: bool = True,
         prior_prob: float = 0.01,
         scale_query_pos_by_valid_ratio: bool = True,
+        box_logit_eps: float = 1e-3,
         use_checkpoint: bool = False,
         **layer_keywords: Any,
     ):
@@ -237,6 +242,7 @@ class DeformableDecoder(nn.Module):
         self.num_classes = num_classes
         self.share_heads = share_heads
         self.scale_query_pos_by_valid_ratio = scale_query_pos_by_valid_ratio
+        self.box_logit_eps = box_logit_eps
         self.use_checkpoint = use_checkpoint
 
     def forward(
@@ -268,7 +274,7 @@ class DeformableDecoder(nn.Module):
         # relative to each image's real size. The layer attends around box.detach() (scaled onto
         # each level's padded map), and its query position embeds it. box keeps its gradient for
         # look-forward-twice: the layer predicts sigmoid(bbox_embed(hs) + box_logit), with
-        # box_logit = inverse_sigmoid(box), and hands the next layer its refinement of box.
+        # box_logit = inverse_sigmoid(box, self.box_logit_eps), and hands the next layer its refinement of box.
         box = reference_boxes
         output = query
         hidden, boxes_attended, all_logits, all_boxes = [], [], [], []
@@ -292,7 +298,7 @@ class DeformableDecoder(nn.Module):
             hidden.append(hs)
             boxes_attended.append(box.detach())
             all_logits.append(self.class_embed[i](hs))
-            box_logit = inverse_sigmoid(box)
+            box_logit = inverse_sigmoid(box, self.box_logit_eps)
             all_boxes.append((self.bbox_embed[i](hs) + box_logit).sigmoid())
             if i + 1 < self.num_layers:
                 box = (self.bbox_embed[i](output) + box_logit.detach()).sigmoid()

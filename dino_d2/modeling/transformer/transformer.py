@@ -168,7 +168,8 @@ class DINOTransformer(nn.Module):
                 region is the top-left rectangle.
             dn_content: optional (N, Q_dn, C) denoising content queries.
             dn_boxes: optional (N, Q_dn, 4) denoising boxes, normalized cxcywh in [0, 1]. They are
-                taken through ``inverse_sigmoid`` (clamped at 1e-3) and back like the authors'
+                taken through ``inverse_sigmoid`` (clamped at the decoder's ``box_logit_eps``,
+                1e-3 by default) and back like the authors'
                 logit-space inputs, so a padding slot should hold 0.5 (the authors' logit 0).
             attn_mask: optional ((Q_dn + Q), (Q_dn + Q)) bool decoder self-attention mask,
                 True = may not attend.
@@ -202,7 +203,8 @@ class DINOTransformer(nn.Module):
         if dn_content is not None:
             num_dn = dn_content.shape[1]
             content = torch.cat([dn_content, content], 1)
-            anchors = torch.cat([inverse_sigmoid(dn_boxes), anchors], 1)
+            eps = getattr(self.decoder, "box_logit_eps", 1e-3)
+            anchors = torch.cat([inverse_sigmoid(dn_boxes, eps), anchors], 1)
         decoded = self.decoder(content, anchors.sigmoid(), memory, levels, attn_mask)
         return DINOTransformerOutput(
             hidden_states=decoded.hidden_states,

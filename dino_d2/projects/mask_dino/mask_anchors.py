@@ -43,7 +43,11 @@ def mask_boxes(masks: Tensor, kind: str) -> Tensor:
 
 
 def mask_anchors(
-    mask_logits: Tensor, anchors: Tensor, valid_ratio: Tensor, kind: Optional[str]
+    mask_logits: Tensor,
+    anchors: Tensor,
+    valid_ratio: Tensor,
+    kind: Optional[str],
+    eps: float = 1e-5,
 ) -> Tensor:
     """The anchors (logit space) of the boxes of ``mask_logits > 0``.
 
@@ -57,6 +61,8 @@ def mask_anchors(
         anchors: (N, Q, 4) their anchors in logit space (normalized cxcywh after sigmoid).
         valid_ratio: (N, 2) ``(valid_width / W, valid_height / H)`` of each image.
         kind: one of :data:`MASK_BOX_INITS`, or None to keep ``anchors``.
+        eps: the clamp of ``inverse_sigmoid`` (Mask DINO's 1e-5: a mask's box often touches
+            the image border, where the clamp decides the anchor).
 
     Returns:
         (N, Q, 4) anchors in logit space, detached.
@@ -71,4 +77,4 @@ def mask_anchors(
     x0, y0, x1, y1 = (boxes / size).unbind(-1)
     cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
     nonempty = masks.flatten(2).any(-1)[..., None]
-    return torch.where(nonempty, inverse_sigmoid(cxcywh), anchors).detach()
+    return torch.where(nonempty, inverse_sigmoid(cxcywh, eps), anchors).detach()

@@ -122,7 +122,11 @@ class MaskDINO(DINO):
         with torch.no_grad():
             logits = head.predict(selected.enc_states, mask_features)
         anchors = mask_anchors(
-            logits, selected.anchors, levels.valid_ratios[:, 0], self.mask_box_init
+            logits,
+            selected.anchors,
+            levels.valid_ratios[:, 0],
+            self.mask_box_init,
+            eps=self.transformer.decoder.box_logit_eps,
         )
         return dataclasses.replace(selected, anchors=anchors)
 
