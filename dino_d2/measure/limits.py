@@ -123,7 +123,9 @@ def gemm_rate(
             _synchronize(device)
             if index:
                 seconds.append(time.perf_counter() - start)
-    return GemmRate(library, str(dtype).removeprefix("torch."), size**3 / statistics.median(seconds) / 1e9)
+    return GemmRate(
+        library, str(dtype).removeprefix("torch."), size**3 / statistics.median(seconds) / 1e9
+    )
 
 
 def fastest_gemm(
@@ -188,7 +190,11 @@ def model_limits(
         best = fastest_gemm(dtype, device, size=size, repeats=repeats)
         name = str(dtype).removeprefix("torch.")
         limits[name] = PrecisionLimit(
-            name, gmacs, best["library"], best["gmacs_per_s"], best["rates"],
+            name,
+            gmacs,
+            best["library"],
+            best["gmacs_per_s"],
+            best["rates"],
             gmacs / best["gmacs_per_s"],
         )
     return limits

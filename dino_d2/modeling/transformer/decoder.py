@@ -28,6 +28,7 @@ from dino_d2.layers.ffn import FFN
 from dino_d2.layers.mlp import MLP
 from dino_d2.layers.ms_deform_attn import MultiScaleDeformableAttention
 from dino_d2.layers.position_encoding import get_sine_pos_embed
+from dino_d2.layers.precision import in_float32
 
 from .layer_stack import run_layer, stack_layers, xavier_init_except
 from .levels import MultiScaleLevels
@@ -282,11 +283,13 @@ class DeformableDecoder(nn.Module):
             hidden.append(hs)
             refs.append(ref)
             all_logits.append(self.class_embed[i](hs))
-            # ref is prev_ref detached: its logit is prev_logit detached, computed once.
+            # ref is prev_ref detached: its logit is prev_logit detached, computed once. The
+            # box refinement runs in float32 under autocast (dino_d2.layers.precision).
             prev_logit = inverse_sigmoid(prev_ref)
-            all_boxes.append((self.bbox_embed[i](hs) + prev_logit).sigmoid())
+            all_boxes.append((in_float32(self.bbox_embed[i], hs) + prev_logit).sigmoid())
             if i + 1 < self.num_layers:
-                prev_ref = (self.bbox_embed[i](output) + prev_logit.detach()).sigmoid()
+                delta = in_float32(self.bbox_embed[i], output)
+                prev_ref = (delta + prev_logit.detach()).sigmoid()
                 ref = prev_ref.detach()
         return DecoderOutput(
             hidden_states=torch.stack(hidden),
