@@ -46,16 +46,16 @@ __all__ = [
     "model_limits",
 ]
 
-# A GEMM of two (size, size) matrices a @ b, through one library.
+# A GEMM a @ b.T of two (size, size) matrices through one library: the form of a linear layer
+# (activations times the transposed weight), which both libraries take without a copy.
 Gemm = Callable[[Tensor, Tensor], Tensor]
 
 
 def _torch_mm(a: Tensor, b: Tensor) -> Tensor:
-    return torch.mm(a, b)
+    return torch.mm(a, b.t())
 
 
 def _onednn_matmul(a: Tensor, b: Tensor) -> Tensor:
-    # _linear_pointwise computes a @ weight.T; b.T is the weight of a (size -> size) linear.
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
