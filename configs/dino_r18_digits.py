@@ -3,8 +3,6 @@ from detectron2.modeling.backbone import BasicStem, ResNet
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
-from dino_d2.engine import bfloat16_is_native
-
 from .common.data.coco_detr import dataloader
 from .common.models.dino_r50 import model
 from .common.optim import AdamW as optimizer
@@ -82,11 +80,6 @@ lr_multiplier = L(WarmupParamScheduler)(
     warmup_factor=0.01,
 )
 
-# Mixed precision where the hardware has it: on a CPU with bfloat16 instructions (AVX512-BF16,
-# AMX) a step takes 0.72-0.76 s under bfloat16 autocast against 0.99 s in float32 (2 cores, in
-# the training script); elsewhere bfloat16 is emulated and slower, so it trains in float32.
-train.amp.enabled = bfloat16_is_native()
-train.amp.precision = "bfloat16"
 train.max_iter = 1700
 train.eval_period = 425
 train.checkpointer.period = 425

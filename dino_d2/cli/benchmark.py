@@ -368,7 +368,9 @@ def _training(args, cfg, device) -> dict:
         )
     else:
         timings = time_training(setup, args.num_iter, args.warmup)
-    return {"input": source, **timings}
+    # What train.amp resolved to on this device (precision "auto" may give float32).
+    precision = str(setup.trainer.amp_dtype or torch.float32).removeprefix("torch.")
+    return {"input": source, "train_precision": precision, **timings}
 
 
 def _baseline(args, results: dict) -> dict:

@@ -30,8 +30,10 @@ dataset is generated under ``$DETECTRON2_DATASETS/digits``, else ``datasets/digi
 Besides Detectron2's keys of ``train`` (see configs/common/train.py), the script reads
 ``train.clip_grad`` (full-model gradient clipping), ``train.model_ema`` (weight EMA, saved in
 the checkpoints under ``"ema"``; ``use_for_eval`` evaluates with the averaged weights) and
-``train.amp.precision`` (optional: ``float16`` or ``bfloat16``; default float16 on CUDA with a
-GradScaler, bfloat16 on the CPU) and ``train.init_class_map`` (optional: the name of a
+``train.amp`` (``enabled=False``: float32; else ``precision``: ``auto``, the default,
+trains under bfloat16 autocast where the device computes bfloat16 natively, AVX512-BF16 or AMX
+on the CPU, Ampere or later on CUDA, and in float32 elsewhere, as the log says;
+``bfloat16`` or ``float16`` force that precision, float16 on CUDA only, with a GradScaler) and ``train.init_class_map`` (optional: the name of a
 ``dino_d2.checkpoint.class_map`` map, e.g. ``objects365_v2_to_coco``; training from
 ``train.init_checkpoint`` then gathers its class heads by that map; not on ``--resume``, not
 with ``--eval-only``). ``--eval-only`` evaluates ``train.init_checkpoint`` (the last
@@ -77,6 +79,7 @@ from dino_d2.engine import (
     check_num_classes,
     default_setup,
     default_writers,
+    describe_precision,
     launch,
     pop_dataset_overrides,
     register_config_datasets,
@@ -196,9 +199,9 @@ def do_train(args, cfg, device):
     amp_dtype, grad_scaler = None, None
     if cfg.train.amp.enabled:
         amp_dtype, grad_scaler = amp_settings(device, cfg.train.amp.get("precision"))
-        logger.info(
-            f"Mixed precision: autocast to {amp_dtype}, GradScaler: {grad_scaler is not None}"
-        )
+        logger.info(describe_precision(device, amp_dtype, grad_scaler))
+    else:
+        logger.info("float32: train.amp.enabled=False")
     clip = cfg.train.clip_grad
     trainer = Trainer(
         ddp_model,

@@ -21,7 +21,13 @@ from .lr_decay import ViTLayerDecay
 from .optimizer import get_optimizer_params
 from .output_dir import OutputDirConflictError, prepare_output_dir
 from .train_keys import SCRIPT_TRAIN_KEYS, check_train_keys, declare_train_keys, known_train_keys
-from .trainer import Trainer, amp_settings, bfloat16_is_native, check_losses_finite
+from .trainer import (
+    Trainer,
+    amp_settings,
+    bfloat16_is_native,
+    check_losses_finite,
+    describe_precision,
+)
 from .writers import JSONWriter, default_writers
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "Trainer",
     "amp_settings",
     "bfloat16_is_native",
+    "describe_precision",
     "check_losses_finite",
     "ModelEMA",
     "EMAHook",

@@ -36,7 +36,13 @@ from detectron2.utils.events import get_event_storage
 from .._compat import run_after_backward_hooks
 from .defaults import resolve_device
 
-__all__ = ["Trainer", "amp_settings", "bfloat16_is_native", "check_losses_finite"]
+__all__ = [
+    "Trainer",
+    "amp_settings",
+    "bfloat16_is_native",
+    "check_losses_finite",
+    "describe_precision",
+]
 
 _PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,25 +68,39 @@ def bfloat16_is_native(device=None) -> bool:
 
 def amp_settings(
     device: torch.device, precision: Optional[str] = None
-) -> Tuple[torch.dtype, Optional[torch.amp.GradScaler]]:
-    """The autocast dtype and the GradScaler (or None) for mixed precision on ``device``.
+) -> Tuple[Optional[torch.dtype], Optional[torch.amp.GradScaler]]:
+    """The autocast dtype (None: float32) and the GradScaler (or None) for ``train.amp`` on
+    ``device``, when ``train.amp.enabled`` is true.
 
     Args:
         device: the model's device.
-        precision: "float16" or "bfloat16"; None picks float16 on CUDA and bfloat16 elsewhere.
-            float16 needs a GradScaler (it is only offered on CUDA); bfloat16 has float32's
-            range and is used without one.
+        precision: ``train.amp.precision``: "auto" (the default of configs/common/train.py),
+            "bfloat16", "float16", or None.
+
+            * "auto": bfloat16 where ``device`` computes it natively
+              (:func:`bfloat16_is_native`: AVX512-BF16 or AMX on the CPU, Ampere or later on
+              CUDA), float32 (a None dtype) elsewhere, where bfloat16 autocast is slower than
+              float32;
+            * "bfloat16" / "float16": that precision, wherever it runs. float16 needs a
+              GradScaler (it is only offered on CUDA); bfloat16 has float32's range and is used
+              without one;
+            * None: float16 on CUDA, bfloat16 elsewhere.
 
     Raises:
         ValueError: an unknown precision, float16 off CUDA, bfloat16 on a GPU without it, or
             a device without autocast.
     """
     device = torch.device(device)
+    if precision == "auto":
+        if not bfloat16_is_native(device):
+            return None, None
+        precision = "bfloat16"
     if precision is None:
         precision = "float16" if device.type == "cuda" else "bfloat16"
     if precision not in _PRECISIONS:
         raise ValueError(
-            f"train.amp.precision must be one of {sorted(_PRECISIONS)}, got {precision!r}"
+            f"train.amp.precision must be 'auto' or one of {sorted(_PRECISIONS)}, "
+            f"got {precision!r}"
         )
     if not torch.amp.is_autocast_available(device.type):
         raise ValueError(f"mixed precision: PyTorch has no autocast for {device.type} devices")
@@ -95,6 +115,19 @@ def amp_settings(
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU has no bfloat16; use train.amp.precision=float16")
     return dtype, None
+
+
+def describe_precision(device, amp_dtype: Optional[torch.dtype], grad_scaler=None) -> str:
+    """One log line naming the precision training runs in on ``device`` and why."""
+    device = torch.device(device)
+    if amp_dtype is not None:
+        scaler = ", with a GradScaler" if grad_scaler is not None else ""
+        return f"Mixed precision: autocast to {amp_dtype} on {device.type}{scaler}"
+    if device.type == "cpu":
+        reason = "this CPU has no bfloat16 instructions (AVX512-BF16 or AMX)"
+    else:
+        reason = f"{device} does not compute bfloat16 natively"
+    return f"float32: {reason} (train.amp.precision=bfloat16 forces bfloat16 autocast)"
 
 
 def _stacked_to_host(scalars: List[torch.Tensor]) -> torch.Tensor:

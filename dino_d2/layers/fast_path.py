@@ -18,6 +18,11 @@ channels) those two passes cost about as much as a third of the product itself. 
 applies both in the same call (``torch.ops.mkldnn._linear_pointwise``, the op TorchInductor
 emits for CPU linears).
 
+The fast path holds under CPU autocast to bfloat16: the fused linears then run oneDNN's bfloat16
+matmul (with the bias and ReLU fused as in float32) and the folded convolutions a bfloat16
+weight, each weight cast (and folded) once instead of on every call
+(:mod:`dino_d2.layers.inference_weights`), and the backbone stays channels-last.
+
 Every module keeps its parameters, buffers and state-dict keys, and is still called as a module:
 forward hooks fire, and a Linear that is not exactly ``nn.Linear`` (a LoRA adapter, a quantized
 Linear, any subclass) is left as it is, with the ReLU after it. The transformed modules give the
@@ -29,15 +34,22 @@ inference).
 
 import copy
 import functools
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .frozen_bn import fold_frozen_batchnorm
+from .inference_weights import autocast_dtype, derived_weight, use_derived_weights
 
-__all__ = ["OneDNNLinear", "optimize_for_cpu_inference", "optimize_for_training", "optimized_copy"]
+__all__ = [
+    "OneDNNLinear",
+    "onednn_bfloat16_available",
+    "optimize_for_cpu_inference",
+    "optimize_for_training",
+    "optimized_copy",
+]
 
 _ACTIVATIONS = ("none", "relu")
 
@@ -47,19 +59,33 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _fusable(x: Tensor, weight: Tensor) -> bool:
-    """Whether oneDNN's fused matmul may run: float32 on the CPU, no autograd, not while
-    compiling, exporting or tracing (the op takes no traced values), oneDNN present."""
-    return (
+@functools.lru_cache(maxsize=None)
+def onednn_bfloat16_available() -> bool:
+    """Whether oneDNN computes bfloat16 matrix products on this CPU (in hardware with
+    AVX512-BF16 or AMX, emulated with AVX-512 otherwise)."""
+    return _onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _onednn_dtype(x: Tensor, weight: Tensor) -> Optional[torch.dtype]:
+    """The dtype oneDNN's fused matmul runs in, or None where it may not run.
+
+    It runs on the CPU with float32 weights, without autograd, not while compiling, exporting
+    or tracing (the op takes no traced values), with oneDNN present: in float32 on float32
+    inputs, and in bfloat16 under CPU autocast to bfloat16 (where ``F.linear`` would run in
+    bfloat16 too).
+    """
+    if not (
         x.device.type == "cpu"
-        and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch.jit.is_tracing()
+        and use_derived_weights()
         and _onednn_available()
-    )
+    ):
+        return None
+    if autocast_dtype(x) == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16):
+        return torch.bfloat16 if onednn_bfloat16_available() else None
+    if x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    return None
 
 
 class OneDNNLinear(nn.Linear):
@@ -77,10 +103,22 @@ class OneDNNLinear(nn.Linear):
     activation: str = "none"
 
     def forward(self, x: Tensor) -> Tensor:
-        """Maps (..., in_features) to (..., out_features)."""
-        if _fusable(x, self.weight):
+        """Maps (..., in_features) to (..., out_features); bfloat16 under CPU autocast."""
+        dtype = _onednn_dtype(x, self.weight)
+        if dtype == torch.float32:
             return torch.ops.mkldnn._linear_pointwise(
                 x, self.weight, self.bias, self.activation, [], ""
+            )
+        if dtype is not None:
+            # The weights in that precision, cast once (not on every call, as autocast would).
+            weight, bias = derived_weight(
+                self,
+                f"weight/{dtype}",
+                (self.weight, self.bias),
+                functools.partial(_cast, self.weight, self.bias, dtype),
+            )
+            return torch.ops.mkldnn._linear_pointwise(
+                x.to(dtype), weight, bias, self.activation, [], ""
             )
         out = F.linear(x, self.weight, self.bias)
         if self.activation == "relu":
@@ -89,6 +127,12 @@ class OneDNNLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
+
+
+def _cast(
+    weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype
+) -> Tuple[Tensor, Optional[Tensor]]:
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _fuse_relus(model: nn.Module) -> int:

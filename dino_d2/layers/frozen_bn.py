@@ -4,16 +4,24 @@ Detectron2's backbones (ResNet, RegNet) build every convolution as ``detectron2.
 with a ``norm``; with ``FrozenBatchNorm2d`` that norm is a fixed per-channel affine map
 ``y * scale + shift``, and applying it is a full pass over the activations in the forward (and,
 in training, the backward) pass. Folded into the convolution, ``conv(x, w * scale) + shift``
-gives the same result (up to float rounding) without that pass. The folded weight is computed
-from the current parameters on every call, so training the convolution, loading a checkpoint or
-moving the model need nothing more, and the module keeps its parameters, buffers and
-state-dict keys.
+gives the same result (up to float rounding) without that pass. Under autograd the folded
+weight is computed from the current parameters on every call; without it (inference) it is
+computed once, in the precision autocast computes in when autocast is on, and again whenever a
+parameter or statistic changes (:mod:`dino_d2.layers.inference_weights`). So training the
+convolution, loading a checkpoint or moving the model need nothing more, and the module keeps
+its parameters, buffers and state-dict keys.
 """
 
+import functools
+from typing import Optional, Tuple
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
+
+from .inference_weights import autocast_dtype, derived_weight, use_derived_weights
 
 __all__ = ["FrozenBNConv2d", "fold_frozen_batchnorm"]
 
@@ -25,12 +33,29 @@ class FrozenBNConv2d(Conv2d):
     :func:`fold_frozen_batchnorm`).
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def folded(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+        """The folded ``(weight, bias)``, in ``dtype`` (default: the weight's own)."""
         norm = self.norm
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
         shift = norm.bias - norm.running_mean * scale
         bias = shift if self.bias is None else self.bias * scale + shift
         weight = self.weight * scale.view(-1, 1, 1, 1)
+        if dtype is not None:
+            weight, bias = weight.to(dtype), bias.to(dtype)
+        return weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if use_derived_weights():
+            # Inference: folded once, in the precision autocast computes in (if it is on).
+            dtype = autocast_dtype(x)
+            norm = self.norm
+            sources = (self.weight, self.bias, norm.weight, norm.bias)
+            sources += (norm.running_mean, norm.running_var)
+            weight, bias = derived_weight(
+                self, f"folded/{dtype}", sources, functools.partial(self.folded, dtype)
+            )
+        else:
+            weight, bias = self.folded()
         x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if self.activation is not None:
             x = self.activation(x)

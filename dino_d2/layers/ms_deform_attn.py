@@ -6,7 +6,7 @@ the attention-weighted sum. Three backends compute it:
 
 * ``"compiled"``: the kernels of the ``dino_d2._C`` extension, the custom op
   ``torch.ops.dino_d2.ms_deform_attn_forward`` (with ``_backward``), for ``cpu`` tensors (float32 /
-  float64) and ``cuda`` ones when it was compiled with the CUDA kernels. The op has fake (meta)
+  float64, and bfloat16 values with float32 locations and weights, summed in float32) and ``cuda`` ones when it was compiled with the CUDA kernels. The op has fake (meta)
   kernels and an autograd formula registered here (``csrc/ops.cpp`` names this module), so
   ``torch.export`` keeps it as one node and an ExportedProgram or an AOTInductor package runs it
   with the compiled kernel.
@@ -76,9 +76,10 @@ MSDA_BACKENDS = ("auto", "compiled", "grid_sample", "gather")
 _DEPRECATED_BACKEND_NAMES = {"pytorch": "grid_sample"}
 _FORWARD_OP = "dino_d2::ms_deform_attn_forward"
 _BACKWARD_OP = "dino_d2::ms_deform_attn_backward"
-# Dtypes the compiled kernels accept, per device type.
+# Dtypes of value the compiled kernels accept, per device type (the CPU kernel takes bfloat16
+# values with float32 locations and weights: see _cpu_bfloat16_kernel).
 _COMPILED_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
     "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
 }
 # Set by msda_backend(). A plain module global (not thread-local): torch.compile guards on it,
@@ -309,6 +310,18 @@ def _backend_for(value: torch.Tensor) -> str:
     return choice
 
 
+def _cpu_bfloat16_kernel(value: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the CPU kernel takes ``value`` in bfloat16 as it is, with the ``others``
+    (locations, weights; float32 or bfloat16) in float32: bfloat16 values under CPU autocast,
+    where the locations and the softmaxed weights come out in float32."""
+    return (
+        value.dtype == torch.bfloat16
+        and value.device.type == "cpu"
+        and all(t.dtype in (torch.float32, torch.bfloat16) for t in others)
+        and _backend_for(value) == "compiled"
+    )
+
+
 def multi_scale_deformable_attn(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -321,10 +334,12 @@ def multi_scale_deformable_attn(
     """Multi-scale deformable attention, computed by the backend chosen for this call.
 
     See the module docstring for the choice: by default the compiled kernel of the tensors'
-    device when the extension provides it for their dtype (CPU: float32 and float64), otherwise
+    device when the extension provides it for their dtype (CPU: float32, float64, bfloat16), otherwise
     :func:`multi_scale_deformable_attn_pytorch`. Inputs of different floating dtypes are promoted
-    to a common one first. Differentiable with respect to ``value``, ``sampling_locations`` and
-    ``attention_weights`` (first order with the compiled backend).
+    to a common one first, except bfloat16 values on the CPU: the kernel reads them as they are,
+    with the locations and weights in float32, and returns bfloat16. Differentiable with respect
+    to ``value``, ``sampling_locations`` and ``attention_weights`` (first order with the compiled
+    backend).
 
     Args:
         value: (N, S, M, D) values of all levels, flattened level after level.
@@ -337,8 +352,17 @@ def multi_scale_deformable_attn(
             export with dynamic image sizes does not bake the traced sizes in.
 
     Returns:
-        (N, Q, M * D) attention output, in the promoted dtype.
+        (N, Q, M * D) attention output, in the promoted dtype (bfloat16 for the CPU kernel's
+        bfloat16 values).
     """
+    if _cpu_bfloat16_kernel(value, sampling_locations, attention_weights):
+        return torch.ops.dino_d2.ms_deform_attn_forward(
+            value,
+            spatial_shapes,
+            level_start_index,
+            sampling_locations.float(),
+            attention_weights.float(),
+        )
     dtype = torch.promote_types(
         value.dtype, torch.promote_types(sampling_locations.dtype, attention_weights.dtype)
     )

@@ -14,14 +14,20 @@ Every set gets every loss term named in ``losses`` (terms registered in
 weight; the per-set weights (all 1, as in the authors' configuration) and the keys follow from
 ``num_decoder_layers`` in code. ``num_boxes`` is the number of target boxes in the batch,
 averaged over workers when torch.distributed is initialized, and clamped to at least 1.
+
+Under autocast the matching and the losses run in float32 (autocast off; the class logits and
+boxes of every set widened to float32): costs and focal terms summed over thousands of queries
+need float32's precision, and the matcher compares costs across queries.
 """
 
+import dataclasses
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..layers.precision import autocast_on
 from .denoising import DenoisingQueries
 from .losses import MatchedQueries, QuerySet
 from .matcher import HungarianMatcher
@@ -98,8 +104,23 @@ class DINOCriterion(nn.Module):
 
         Returns:
             Scalar losses, already weighted, keyed as in ``self.weight_dict`` (a term that
-            returns None for a set is left out).
+            returns None for a set is left out); float32 under autocast.
         """
+        if autocast_on(outputs.pred_logits):
+            widened = {
+                name: getattr(outputs, name).float()
+                for name in ("pred_logits", "pred_boxes", "enc_logits", "enc_boxes")
+            }
+            with torch.autocast(outputs.pred_logits.device.type, enabled=False):
+                return self._losses(dataclasses.replace(outputs, **widened), targets, dn)
+        return self._losses(outputs, targets, dn)
+
+    def _losses(
+        self,
+        outputs: DINOTransformerOutput,
+        targets: List[Dict[str, Tensor]],
+        dn: Optional[DenoisingQueries],
+    ) -> Dict[str, Tensor]:
         pred_logits, pred_boxes = outputs.pred_logits, outputs.pred_boxes
         if pred_logits.shape[0] != self.num_decoder_layers:
             raise ValueError(

@@ -16,6 +16,7 @@ from dino_d2.engine import (
     amp_settings,
     bfloat16_is_native,
     check_losses_finite,
+    describe_precision,
 )
 
 
@@ -179,6 +180,20 @@ def test_bfloat16_is_native_reads_the_cpu_capabilities(monkeypatch, avx512_bf16,
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert bfloat16_is_native("cpu") is native
     assert bfloat16_is_native("meta") is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bfloat16_only_where_native(monkeypatch, native):
+    """train.amp.precision="auto" (configs/common/train.py): bfloat16 autocast where the CPU has
+    bfloat16 instructions, float32 (no autocast dtype) elsewhere, named in the log line."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    dtype, scaler = amp_settings("cpu", "auto")
+    assert scaler is None and dtype == (torch.bfloat16 if native else None)
+    line = describe_precision("cpu", dtype)
+    assert ("bfloat16" in line) if native else line.startswith("float32: this CPU has no bfloat16")
+    # An explicit precision is kept whatever the hardware.
+    assert amp_settings("cpu", "bfloat16") == (torch.bfloat16, None)
 
 
 def test_invalid_arguments():

@@ -14,6 +14,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import FrozenBatchNorm2d
 
 from dino_d2.data import generate_digits_dataset, register_digits
+from dino_d2.engine import bfloat16_is_native
 from dino_d2.engine.benchmark import (
     build_training,
     busy_cpu,
@@ -162,6 +163,7 @@ def test_frozen_batchnorm_made_non_trivial_and_fast_path_equal(tiny_dino_config)
 
 TRAIN_KEYS = KEYS - {"latency_ms_median", "latency_ms_mean", "latency_ms_min", "images_per_s"}
 TRAIN_KEYS |= {"step_s_median", "step_s_mean", "step_s_min", "threads", "total_loss"}
+TRAIN_KEYS |= {"train_precision"}
 BUSY_KEYS = (TRAIN_KEYS - {"step_s_mean"}) | {
     "busy_step_s_median", "busy_step_s_min", "busy_threads", "busy_ratio",
     "busy_ratio_per_round", "busy_processes", "settle_steps", "others_cpus_idle",
@@ -187,6 +189,9 @@ def test_training_steps(tiny_config):
     assert set(results) == TRAIN_KEYS
     assert results["mode"] == "train" and results["input"] == "random 64x80, 3 boxes/image"
     assert results["batch_size"] == 2 and results["threads"] == [1, 1]
+    # train.amp.precision="auto" (every config's default): bf16 where the CPU computes it.
+    native = bfloat16_is_native("cpu")
+    assert results["train_precision"] == ("bfloat16" if native else "float32")
     assert 0 < results["step_s_min"] <= results["step_s_median"]
     assert math.isfinite(results["total_loss"]) and results["total_loss"] > 0
     assert "iteration 2/2" in result.stderr and "warm-up 1/1" in result.stderr

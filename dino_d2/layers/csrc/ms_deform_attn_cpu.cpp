@@ -1,4 +1,6 @@
-// Multi-scale deformable attention on the CPU (float32 and float64).
+// Multi-scale deformable attention on the CPU: float32 and float64, and bfloat16 values with
+// float32 locations and weights, summed in float32 (the output and grad_value are rounded to
+// bfloat16 once, when stored).
 //
 // Forward: every (n, q, m) writes its own output row out[n, q, m, :], so the flattened (n, q, m)
 // range is split between threads with no synchronisation; it is walked in the memory order of
@@ -23,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -147,14 +150,14 @@ inline bool bilinear_corners(
   return true;
 }
 
-// out[d] += sum_k w[k] * row[k][d] for d < channels.
-template <typename scalar_t>
+// out[d] += sum_k w[k] * row[k][d] for d < channels, in scalar_t whatever the rows' value_t.
+template <typename scalar_t, typename value_t>
 inline void accumulate_four(
     scalar_t* __restrict__ out,
-    const scalar_t* __restrict__ row0,
-    const scalar_t* __restrict__ row1,
-    const scalar_t* __restrict__ row2,
-    const scalar_t* __restrict__ row3,
+    const value_t* __restrict__ row0,
+    const value_t* __restrict__ row1,
+    const value_t* __restrict__ row2,
+    const value_t* __restrict__ row3,
     const scalar_t* w,
     int64_t channels) {
   const scalar_t w0 = w[0];
@@ -162,17 +165,18 @@ inline void accumulate_four(
   const scalar_t w2 = w[2];
   const scalar_t w3 = w[3];
   for (int64_t d = 0; d < channels; ++d) {
-    out[d] += w0 * row0[d] + w1 * row1[d] + w2 * row2[d] + w3 * row3[d];
+    out[d] += w0 * static_cast<scalar_t>(row0[d]) + w1 * static_cast<scalar_t>(row1[d]) +
+        w2 * static_cast<scalar_t>(row2[d]) + w3 * static_cast<scalar_t>(row3[d]);
   }
 }
 
 // grad_row[d] += alpha * grad_out[d] for d < channels; returns sum_d grad_out[d] * row[d].
 // The dot product keeps kLanes partial sums so that the compiler can vectorise it without
 // reassociating floating-point additions on its own.
-template <typename scalar_t>
+template <typename scalar_t, typename value_t>
 inline scalar_t dot_and_scatter(
     const scalar_t* __restrict__ grad_out,
-    const scalar_t* __restrict__ row,
+    const value_t* __restrict__ row,
     scalar_t* __restrict__ grad_row,
     scalar_t alpha,
     int64_t channels) {
@@ -181,13 +185,13 @@ inline scalar_t dot_and_scatter(
   int64_t d = 0;
   for (; d + kLanes <= channels; d += kLanes) {
     for (int64_t k = 0; k < kLanes; ++k) {
-      partial[k] += grad_out[d + k] * row[d + k];
+      partial[k] += grad_out[d + k] * static_cast<scalar_t>(row[d + k]);
       grad_row[d + k] += alpha * grad_out[d + k];
     }
   }
   scalar_t tail = 0;
   for (; d < channels; ++d) {
-    tail += grad_out[d] * row[d];
+    tail += grad_out[d] * static_cast<scalar_t>(row[d]);
     grad_row[d] += alpha * grad_out[d];
   }
   return ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
@@ -206,39 +210,41 @@ struct Layout {
   }
 };
 
-// Pointers and sizes of one kernel call.
-template <typename scalar_t>
+// Pointers and sizes of one kernel call. value_t is the dtype of value (float, double or
+// BFloat16); scalar_t, that of the locations, the weights and every sum (float for BFloat16).
+template <typename scalar_t, typename value_t>
 struct Problem {
-  const scalar_t* value;
+  const value_t* value;
   Layout layout;
   const Level* levels;
   const scalar_t* sampling_locations;  // (N, Q, M, L, P, 2)
   const scalar_t* attention_weights;   // (N, Q, M, L, P)
-  const scalar_t* zeros;               // D zeros
+  const value_t* zeros;                // D zeros
   Sizes sz;
 };
 
 // One sampling location of the forward pass, ready to accumulate: four rows of D channels and
 // their weights (attention weight times bilinear weight). A corner outside the map has weight 0
 // and points at a row of zeros.
-template <typename scalar_t>
+template <typename scalar_t, typename value_t>
 struct Tap {
-  const scalar_t* row[4];
+  const value_t* row[4];
   scalar_t weight[4];
 };
 
 // Fills `taps` with the sampling locations of block (n, q, m) that touch the map, prefetches
 // their rows and returns how many were written.
-template <typename scalar_t>
-inline int64_t plan_forward(const Problem<scalar_t>& pb, int64_t nqm, Tap<scalar_t>* taps) {
+template <typename scalar_t, typename value_t>
+inline int64_t plan_forward(
+    const Problem<scalar_t, value_t>& pb, int64_t nqm, Tap<scalar_t, value_t>* taps) {
   const Sizes& sz = pb.sz;
   const int64_t samples = sz.levels * sz.points;
   const int64_t n = nqm / (sz.queries * sz.heads);
   const int64_t m = nqm % sz.heads;
-  const scalar_t* value_nm = pb.value + pb.layout.slab(n, m);
+  const value_t* value_nm = pb.value + pb.layout.slab(n, m);
   const scalar_t* loc = pb.sampling_locations + nqm * samples * 2;
   const scalar_t* attn = pb.attention_weights + nqm * samples;
-  const int64_t row_bytes = sz.channels * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t row_bytes = sz.channels * static_cast<int64_t>(sizeof(value_t));
   const bool adjacent = pb.layout.pixel == sz.channels;
   Corners<scalar_t> c;
   int64_t count = 0;
@@ -248,7 +254,7 @@ inline int64_t plan_forward(const Problem<scalar_t>& pb, int64_t nqm, Tap<scalar
       if (!bilinear_corners(loc[2 * s], loc[2 * s + 1], pb.levels[l], c)) {
         continue;
       }
-      Tap<scalar_t>& tap = taps[count++];
+      Tap<scalar_t, value_t>& tap = taps[count++];
       for (int k = 0; k < 4; ++k) {
         tap.row[k] = c.valid[k] ? value_nm + c.pixel[k] * pb.layout.pixel : pb.zeros;
         tap.weight[k] = c.valid[k] ? attn[s] * c.weight[k] : scalar_t(0);
@@ -266,27 +272,41 @@ inline int64_t plan_forward(const Problem<scalar_t>& pb, int64_t nqm, Tap<scalar
   return count;
 }
 
-// Computes the output rows of blocks (n, q, m) in [begin, end).
-template <typename scalar_t>
+// Computes the output rows of blocks (n, q, m) in [begin, end). A row of a narrower value_t
+// (BFloat16) is summed in a scalar_t row and rounded once, when it is stored.
+template <typename scalar_t, typename value_t>
 inline void forward_range(
-    const Problem<scalar_t>& pb, scalar_t* output, int64_t begin, int64_t end) {
+    const Problem<scalar_t, value_t>& pb, value_t* output, int64_t begin, int64_t end) {
+  constexpr bool widened = !std::is_same_v<scalar_t, value_t>;
   const int64_t channels = pb.sz.channels;
   const int64_t samples = pb.sz.levels * pb.sz.points;
-  std::vector<Tap<scalar_t>> taps[2] = {
-      std::vector<Tap<scalar_t>>(samples), std::vector<Tap<scalar_t>>(samples)};
+  std::vector<Tap<scalar_t, value_t>> taps[2] = {
+      std::vector<Tap<scalar_t, value_t>>(samples), std::vector<Tap<scalar_t, value_t>>(samples)};
+  std::vector<scalar_t> sums(widened ? channels : 0);
   int64_t counts[2] = {plan_forward(pb, begin, taps[0].data()), 0};
   int slot = 0;
   for (int64_t nqm = begin; nqm < end; ++nqm) {
     if (nqm + 1 < end) {
       counts[1 - slot] = plan_forward(pb, nqm + 1, taps[1 - slot].data());
     }
-    scalar_t* out = output + nqm * channels;
+    scalar_t* out;
+    if constexpr (widened) {
+      out = sums.data();
+    } else {
+      out = output + nqm * channels;
+    }
     for (int64_t d = 0; d < channels; ++d) {
       out[d] = scalar_t(0);
     }
     for (int64_t t = 0; t < counts[slot]; ++t) {
-      const Tap<scalar_t>& tap = taps[slot][t];
+      const Tap<scalar_t, value_t>& tap = taps[slot][t];
       accumulate_four(out, tap.row[0], tap.row[1], tap.row[2], tap.row[3], tap.weight, channels);
+    }
+    if constexpr (widened) {
+      value_t* stored = output + nqm * channels;
+      for (int64_t d = 0; d < channels; ++d) {
+        stored[d] = static_cast<value_t>(out[d]);
+      }
     }
     slot = 1 - slot;
   }
@@ -312,9 +332,9 @@ struct GradTap {
 // Fills `taps` with the sampling locations of block (n, q, m) that touch the map, prefetches
 // their value and grad_value rows, and the inputs of the next query of the same head (M blocks
 // further). Returns how many taps were written.
-template <typename scalar_t>
+template <typename scalar_t, typename value_t>
 inline int64_t plan_backward(
-    const Problem<scalar_t>& pb,
+    const Problem<scalar_t, value_t>& pb,
     const Grads<scalar_t>& grads,
     int64_t n,
     int64_t q,
@@ -322,13 +342,14 @@ inline int64_t plan_backward(
     GradTap<scalar_t>* taps) {
   const Sizes& sz = pb.sz;
   const int64_t samples = sz.levels * sz.points;
-  const int64_t row_bytes = sz.channels * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t row_bytes = sz.channels * static_cast<int64_t>(sizeof(value_t));
+  const int64_t grad_row_bytes = sz.channels * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t nqm = (n * sz.queries + q) * sz.heads + m;
   if (q + 1 < sz.queries) {
     const int64_t next = nqm + sz.heads;
     prefetch(pb.sampling_locations + next * samples * 2, 2 * samples * sizeof(scalar_t));
     prefetch(pb.attention_weights + next * samples, samples * sizeof(scalar_t));
-    prefetch(grads.output + next * sz.channels, row_bytes);
+    prefetch(grads.output + next * sz.channels, grad_row_bytes);
   }
   const int64_t slab = pb.layout.slab(n, m);
   const bool adjacent = pb.layout.pixel == sz.channels;
@@ -351,7 +372,7 @@ inline int64_t plan_backward(
           if (c.valid[j]) {
             const int64_t offset = slab + c.pixel[j] * pb.layout.pixel;
             prefetch(pb.value + offset, (pair ? 2 : 1) * row_bytes);
-            prefetch(grads.value + offset, (pair ? 2 : 1) * row_bytes, true);
+            prefetch(grads.value + offset, (pair ? 2 : 1) * grad_row_bytes, true);
           }
         }
       }
@@ -362,9 +383,12 @@ inline int64_t plan_backward(
 }
 
 // Accumulates the gradients of every query for the heads (n, m) in [begin, end).
-template <typename scalar_t>
+template <typename scalar_t, typename value_t>
 inline void backward_range(
-    const Problem<scalar_t>& pb, const Grads<scalar_t>& grads, int64_t begin, int64_t end) {
+    const Problem<scalar_t, value_t>& pb,
+    const Grads<scalar_t>& grads,
+    int64_t begin,
+    int64_t end) {
   const Sizes& sz = pb.sz;
   const int64_t samples = sz.levels * sz.points;
   std::vector<GradTap<scalar_t>> taps[2] = {
@@ -373,7 +397,7 @@ inline void backward_range(
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / sz.heads;
     const int64_t m = nm % sz.heads;
-    const scalar_t* value_nm = pb.value + pb.layout.slab(n, m);
+    const value_t* value_nm = pb.value + pb.layout.slab(n, m);
     scalar_t* grad_value_nm = grads.value + pb.layout.slab(n, m);
     int slot = 0;
     if (sz.queries > 0) {
@@ -424,34 +448,40 @@ inline void backward_range(
 
 // Two compiled copies of each range function: the baseline one, and on x86 one for AVX2 + FMA.
 // `flatten` inlines the helpers so that their loops are vectorised for the copy's instruction set.
-template <typename scalar_t>
+template <typename scalar_t, typename value_t>
 DINO_D2_FLATTEN void forward_range_baseline(
-    const Problem<scalar_t>& pb, scalar_t* output, int64_t begin, int64_t end) {
+    const Problem<scalar_t, value_t>& pb, value_t* output, int64_t begin, int64_t end) {
   forward_range(pb, output, begin, end);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename value_t>
 DINO_D2_FLATTEN void backward_range_baseline(
-    const Problem<scalar_t>& pb, const Grads<scalar_t>& grads, int64_t begin, int64_t end) {
+    const Problem<scalar_t, value_t>& pb,
+    const Grads<scalar_t>& grads,
+    int64_t begin,
+    int64_t end) {
   backward_range(pb, grads, begin, end);
 }
 
 #ifdef DINO_D2_AVX2_CLONE
-template <typename scalar_t>
+template <typename scalar_t, typename value_t>
 __attribute__((target("avx2,fma"), flatten)) void forward_range_avx2(
-    const Problem<scalar_t>& pb, scalar_t* output, int64_t begin, int64_t end) {
+    const Problem<scalar_t, value_t>& pb, value_t* output, int64_t begin, int64_t end) {
   forward_range(pb, output, begin, end);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename value_t>
 __attribute__((target("avx2,fma"), flatten)) void backward_range_avx2(
-    const Problem<scalar_t>& pb, const Grads<scalar_t>& grads, int64_t begin, int64_t end) {
+    const Problem<scalar_t, value_t>& pb,
+    const Grads<scalar_t>& grads,
+    int64_t begin,
+    int64_t end) {
   backward_range(pb, grads, begin, end);
 }
 #endif
 
-template <typename scalar_t>
-void forward_kernel(const Problem<scalar_t>& pb, scalar_t* output) {
+template <typename scalar_t, typename value_t>
+void forward_kernel(const Problem<scalar_t, value_t>& pb, value_t* output) {
   const int64_t samples = std::max<int64_t>(1, pb.sz.levels * pb.sz.points);
   const int64_t blocks = pb.sz.batch * pb.sz.queries * pb.sz.heads;
   const bool avx2 = cpu_has_avx2_fma();
@@ -466,8 +496,8 @@ void forward_kernel(const Problem<scalar_t>& pb, scalar_t* output) {
   });
 }
 
-template <typename scalar_t>
-void backward_kernel(const Problem<scalar_t>& pb, const Grads<scalar_t>& grads) {
+template <typename scalar_t, typename value_t>
+void backward_kernel(const Problem<scalar_t, value_t>& pb, const Grads<scalar_t>& grads) {
   const bool avx2 = cpu_has_avx2_fma();
   at::parallel_for(0, pb.sz.batch * pb.sz.heads, 1, [&](int64_t b, int64_t e) {
 #ifdef DINO_D2_AVX2_CLONE
@@ -478,6 +508,23 @@ void backward_kernel(const Problem<scalar_t>& pb, const Grads<scalar_t>& grads) 
 #endif
     backward_range_baseline(pb, grads, b, e);
   });
+}
+
+// The dtype of the locations, the weights, their gradients and every sum, for values of
+// `dtype`: float32 for bfloat16 values (whose 8-bit mantissa cannot place a sample within a
+// pixel of a wide map), else the values' own dtype.
+at::ScalarType accumulation_dtype(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 ? at::kFloat : dtype;
+}
+
+// Runs `body` with scalar_t (the sums' type) and value_t (the values' type) set for `dtype`.
+template <typename Body>
+void dispatch_value_dtype(at::ScalarType dtype, Body&& body) {
+  if (dtype == at::kBFloat16) {
+    body(float{}, c10::BFloat16{});
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ms_deform_attn_cpu", [&] { body(scalar_t{}, scalar_t{}); });
 }
 
 void check_tensor(const at::Tensor& t, const char* name, const char* op) {
@@ -506,11 +553,14 @@ std::vector<Level> check_inputs(
       value.dim() == 4, op, ": value must have shape (N, S, M, D), got ", value.sizes());
   const at::ScalarType dtype = value.scalar_type();
   TORCH_CHECK(
-      dtype == at::kFloat || dtype == at::kDouble, op,
-      ": the CPU kernel supports float32 and float64, got value of dtype ", dtype);
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, op,
+      ": the CPU kernel supports float32, float64 and bfloat16 values, got value of dtype ",
+      dtype);
+  const at::ScalarType sum_dtype = accumulation_dtype(dtype);
   TORCH_CHECK(
-      sampling_locations.scalar_type() == dtype && attention_weights.scalar_type() == dtype, op,
-      ": value, sampling_locations and attention_weights must share a dtype, got ", dtype, ", ",
+      sampling_locations.scalar_type() == sum_dtype && attention_weights.scalar_type() == sum_dtype,
+      op, ": sampling_locations and attention_weights must be ", sum_dtype, " with value of dtype ",
+      dtype, " (float32 with bfloat16 values, else the value's dtype), got ",
       sampling_locations.scalar_type(), " and ", attention_weights.scalar_type());
   TORCH_CHECK(
       spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
@@ -609,17 +659,19 @@ at::Tensor ms_deform_attn_forward_cpu(
   const at::Tensor values = value.contiguous();
   const at::Tensor loc = sampling_locations.contiguous();
   const at::Tensor attn = attention_weights.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    const std::vector<scalar_t> zeros(sz.channels, scalar_t(0));
-    const Problem<scalar_t> pb{
-        values.data_ptr<scalar_t>(),
+  dispatch_value_dtype(value.scalar_type(), [&](auto sum, auto val) {
+    using scalar_t = decltype(sum);
+    using value_t = decltype(val);
+    const std::vector<value_t> zeros(sz.channels, value_t(0));
+    const Problem<scalar_t, value_t> pb{
+        values.data_ptr<value_t>(),
         value_layout(sz, false),
         levels.data(),
         loc.data_ptr<scalar_t>(),
         attn.data_ptr<scalar_t>(),
         zeros.data(),
         sz};
-    forward_kernel(pb, output.data_ptr<scalar_t>());
+    forward_kernel(pb, output.data_ptr<value_t>());
   });
   return output;
 }
@@ -647,21 +699,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       grad_output.sizes());
 
   // With the head-major layout grad_value is accumulated as (N, M, S, D), then transposed back.
+  // Gradients are summed in the accumulation dtype (float32 for bfloat16 values); grad_value is
+  // rounded to the value's dtype once, at the end.
   const bool head_major = backward_head_major(sz);
+  const auto sums = value.options().dtype(accumulation_dtype(value.scalar_type()));
   at::Tensor grad_value = head_major
-      ? at::zeros({sz.batch, sz.heads, sz.pixels, sz.channels}, value.options())
-      : at::zeros(value.sizes(), value.options());
-  at::Tensor grad_loc = at::empty(sampling_locations.sizes(), value.options());
-  at::Tensor grad_attn = at::empty(attention_weights.sizes(), value.options());
+      ? at::zeros({sz.batch, sz.heads, sz.pixels, sz.channels}, sums)
+      : at::zeros(value.sizes(), sums);
+  at::Tensor grad_loc = at::empty(sampling_locations.sizes(), sums);
+  at::Tensor grad_attn = at::empty(attention_weights.sizes(), sums);
   if (grad_attn.numel() > 0) {
     const at::Tensor values =
         head_major ? value.permute({0, 2, 1, 3}).contiguous() : value.contiguous();
     const at::Tensor loc = sampling_locations.contiguous();
     const at::Tensor attn = attention_weights.contiguous();
-    const at::Tensor grad_out = grad_output.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-      const Problem<scalar_t> pb{
-          values.data_ptr<scalar_t>(),
+    const at::Tensor grad_out = grad_output.contiguous().to(sums.dtype());
+    dispatch_value_dtype(value.scalar_type(), [&](auto sum, auto val) {
+      using scalar_t = decltype(sum);
+      using value_t = decltype(val);
+      const Problem<scalar_t, value_t> pb{
+          values.data_ptr<value_t>(),
           value_layout(sz, head_major),
           levels.data(),
           loc.data_ptr<scalar_t>(),
@@ -677,9 +734,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     });
   }
   if (head_major) {
-    grad_value = grad_value.permute({0, 2, 1, 3}).contiguous();
+    grad_value = grad_value.permute({0, 2, 1, 3});
   }
-  return {grad_value, grad_loc, grad_attn};
+  return {grad_value.to(value.scalar_type()).contiguous(), grad_loc, grad_attn};
 }
 
 }  // namespace dino_d2

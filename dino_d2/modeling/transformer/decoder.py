@@ -29,6 +29,7 @@ from dino_d2.layers.ffn import FFN
 from dino_d2.layers.mlp import MLP
 from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 from dino_d2.layers.position_encoding import get_sine_pos_embed
+from dino_d2.layers.precision import in_float32
 
 from .layer_stack import clone_layers, prototype_layer, run_layer, xavier_init_except
 
@@ -274,7 +275,7 @@ class DeformableDecoder(nn.Module):
         # relative to each image's real size. The layer attends around box.detach() (scaled onto
         # each level's padded map), and its query position embeds it. box keeps its gradient for
         # look-forward-twice: the layer predicts sigmoid(bbox_embed(hs) + box_logit), with
-        # box_logit = inverse_sigmoid(box, self.box_logit_eps), and hands the next layer its refinement of box.
+        # box_logit = inverse_sigmoid(box), and hands the next layer its refinement of box.
         box = reference_boxes
         output = query
         hidden, boxes_attended, all_logits, all_boxes = [], [], [], []
@@ -298,10 +299,11 @@ class DeformableDecoder(nn.Module):
             hidden.append(hs)
             boxes_attended.append(box.detach())
             all_logits.append(self.class_embed[i](hs))
+            # The box refinement runs in float32 under autocast (dino_d2.layers.precision).
             box_logit = inverse_sigmoid(box, self.box_logit_eps)
-            all_boxes.append((self.bbox_embed[i](hs) + box_logit).sigmoid())
+            all_boxes.append((in_float32(self.bbox_embed[i], hs) + box_logit).sigmoid())
             if i + 1 < self.num_layers:
-                box = (self.bbox_embed[i](output) + box_logit.detach()).sigmoid()
+                box = (in_float32(self.bbox_embed[i], output) + box_logit.detach()).sigmoid()
         return DecoderOutput(
             hidden_states=torch.stack(hidden),
             reference_boxes=torch.stack(boxes_attended),
