@@ -65,7 +65,7 @@ from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
 from dino_d2._compat import fast_coco_eval_available
-from dino_d2.checkpoint import AtomicCheckpointer, add_unsafe_load_argument, write_json
+from dino_d2.checkpoint import AtomicCheckpointer, add_unsafe_load_argument
 from dino_d2.checkpoint.class_map import get_class_map
 from dino_d2.engine import (
     EMAHook,
@@ -86,6 +86,7 @@ from dino_d2.engine.job_env import resume_after_restart
 from dino_d2.engine.threads import AdaptiveThreadsHook
 from dino_d2.layers.fast_path import optimize_for_training, optimized_copy
 from dino_d2.model_zoo import load_config_file
+from dino_d2.utils import write_json
 
 logger = logging.getLogger("detectron2")
 

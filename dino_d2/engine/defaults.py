@@ -87,7 +87,7 @@ def default_setup(cfg: DictConfig, args) -> None:
             present).
 
     Raises:
-        dino_d2.checkpoint.OutputWriteError: the output folder is not writable.
+        dino_d2.utils.OutputWriteError: the output folder is not writable.
         dino_d2.engine.output_dir.OutputDirConflictError: ``--resume`` in a folder holding the
             checkpoints of another model or other training datasets.
     """
