@@ -67,19 +67,21 @@ from detectron2.utils.registry import locate
 from dino_d2._compat import fast_coco_eval_available
 from dino_d2.checkpoint import AtomicCheckpointer, add_unsafe_load_argument
 from dino_d2.checkpoint.class_map import get_class_map
+from dino_d2.data import (
+    apply_dataset_overrides,
+    check_num_classes,
+    pop_dataset_overrides,
+    register_config_datasets,
+)
 from dino_d2.engine import (
     EMAHook,
     EvalHook,
     ModelEMA,
     Trainer,
     amp_settings,
-    apply_dataset_overrides,
-    check_num_classes,
     default_setup,
     default_writers,
     launch,
-    pop_dataset_overrides,
-    register_config_datasets,
     resolve_device,
 )
 from dino_d2.engine.job_env import resume_after_restart

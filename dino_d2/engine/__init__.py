@@ -2,18 +2,7 @@
 any device, a model EMA, the job setup the training script uses, and a CPU-capable launcher in
 which one failing process stops the whole job."""
 
-from .defaults import (
-    CUSTOM_TEST_DATASET,
-    CUSTOM_TRAIN_DATASET,
-    DATASET_OVERRIDE_KEYS,
-    apply_dataset_overrides,
-    check_num_classes,
-    config_dataset_names,
-    default_setup,
-    pop_dataset_overrides,
-    register_config_datasets,
-    resolve_device,
-)
+from .defaults import default_setup, resolve_device
 from .ema import EMAHook, ModelEMA
 from .hooks import EvalHook
 from .launch import DEFAULT_TIMEOUT, JobFailedError, launch
@@ -35,14 +24,6 @@ __all__ = [
     "EMAHook",
     "default_setup",
     "resolve_device",
-    "DATASET_OVERRIDE_KEYS",
-    "CUSTOM_TRAIN_DATASET",
-    "CUSTOM_TEST_DATASET",
-    "pop_dataset_overrides",
-    "apply_dataset_overrides",
-    "config_dataset_names",
-    "register_config_datasets",
-    "check_num_classes",
     "SCRIPT_TRAIN_KEYS",
     "declare_train_keys",
     "known_train_keys",
