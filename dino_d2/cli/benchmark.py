@@ -7,7 +7,7 @@
         --onnx export/model.onnx --openvino
     python tools/benchmark.py --config-file configs/dino_r18_digits.py --dataset --num-iter 20 \\
         --batch-size 2 --json train.device=cpu
-    # training steps (forward, backward, gradient clipping, optimizer step; no data loader)
+    # training iterations (the training script's, on one repeated batch: no data loader)
     python tools/benchmark.py --config-file configs/dino_r50_4scale_12ep.py --train \\
         --batch-size 2 --height 640 --width 640 --num-boxes 5
     python tools/benchmark.py --config-file configs/dino_r18_digits.py --train \\
@@ -21,9 +21,12 @@ work done: DINO always keeps the same number of queries) on the config's device
 (``train.device``; CUDA when available). Inference runs it in eval mode without gradients on
 random images of ``--height`` x ``--width`` (the same batch every iteration) or, with
 ``--dataset``, on the first images of the config's test data loader, read before timing starts.
-``--train`` times the step of ``tools/lazyconfig_train_net.py`` (the config's optimizer,
-gradient clipping, mixed precision and EMA) on one batch of random images with ``--num-boxes``
-random ground-truth boxes each. ``--warmup`` iterations are run first and not timed.
+``--train`` times the iterations of ``tools/lazyconfig_train_net.py``, built by the same code
+(:func:`dino_d2.engine.build_training`: the training transform, the config's optimizer,
+gradient clipping, mixed precision, learning-rate schedule, EMA and compute threads), on one
+batch of random images with ``--num-boxes`` random ground-truth boxes each, repeated instead of
+a data loader; only the job's checkpoints, evaluations and metric files are left out.
+``--warmup`` iterations are run first and not timed.
 
 ``--busy N`` starts N spinning processes (another user's jobs) during every other block of
 steps (``--busy-settle`` seconds of untimed steps, then ``--busy-block`` timed ones; ``--num-iter``
@@ -59,6 +62,7 @@ is 1 when the fast path's or an export's detections differ from the eager model'
 """
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -73,13 +77,17 @@ from detectron2.config import LazyConfig, instantiate
 
 import dino_d2.modeling  # noqa: F401  (registers DINO and the backbones)
 from dino_d2.checkpoint import AtomicCheckpointer, UntrustedFileError, add_unsafe_load_argument
-from dino_d2.engine import resolve_device
-from dino_d2.engine.benchmark import (
-    build_training,
+from dino_d2.engine import build_training, resolve_device
+from dino_d2.export.exporter import load_exported, load_openvino
+from dino_d2.export.verify import compare_detections, detections_of_outputs, eager_detections
+from dino_d2.layers.fast_path import optimized_copy
+from dino_d2.measure import (
     dataset_batches,
+    fast_path_parity,
     matrix_math_limit,
     padded_batch,
     peak_rss_mb,
+    perturb_frozen_batchnorm,
     random_batches,
     sgemm_gmacs,
     time_exported,
@@ -87,10 +95,6 @@ from dino_d2.engine.benchmark import (
     time_training,
     time_training_idle_and_busy,
 )
-from dino_d2.engine.parity import fast_path_parity, perturb_frozen_batchnorm
-from dino_d2.export.exporter import load_exported, load_openvino
-from dino_d2.export.verify import compare_detections, detections_of_outputs, eager_detections
-from dino_d2.layers.fast_path import optimized_copy
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
 
 __all__ = ["main"]
@@ -356,10 +360,10 @@ def _training(args, cfg, device) -> dict:
     )[0]  # fmt: skip
     source = f"random {args.height}x{args.width}, {args.num_boxes} boxes/image"
     logger.info(f"Device: {device}; training inputs: {source}; batch size {args.batch_size}")
-    setup = build_training(cfg, batch, device)
+    training = build_training(cfg, device, data_loader=itertools.repeat(batch))
     if args.busy:
         timings = time_training_idle_and_busy(
-            setup,
+            training,
             args.num_iter,
             args.warmup,
             block=args.busy_block,
@@ -367,7 +371,7 @@ def _training(args, cfg, device) -> dict:
             settle_s=args.busy_settle,
         )
     else:
-        timings = time_training(setup, args.num_iter, args.warmup)
+        timings = time_training(training, args.num_iter, args.warmup)
     return {"input": source, **timings}
 
 

@@ -1,6 +1,7 @@
 """Training: optimizer parameter groups, a trainer with gradient clipping and mixed precision on
-any device, a model EMA, the job setup the training script uses, and a CPU-capable launcher in
-which one failing process stops the whole job."""
+any device, a model EMA, the training step built once from a config (``train`` read into typed
+options), the job setup the training script uses, and a CPU-capable launcher in which one
+failing process stops the whole job."""
 
 from .defaults import default_setup, resolve_device
 from .ema import EMAHook, ModelEMA
@@ -9,7 +10,9 @@ from .launch import DEFAULT_TIMEOUT, JobFailedError, launch
 from .lr_decay import ViTLayerDecay
 from .optimizer import get_optimizer_params
 from .output_dir import OutputDirConflictError, prepare_output_dir
-from .train_keys import SCRIPT_TRAIN_KEYS, check_train_keys, declare_train_keys, known_train_keys
+from .train_keys import check_train_keys, declare_train_keys, known_train_keys
+from .train_options import TrainOptions
+from .training import Training, build_training
 from .trainer import Trainer, amp_settings, bfloat16_is_native, check_losses_finite
 from .writers import JSONWriter, default_writers
 
@@ -24,7 +27,9 @@ __all__ = [
     "EMAHook",
     "default_setup",
     "resolve_device",
-    "SCRIPT_TRAIN_KEYS",
+    "TrainOptions",
+    "Training",
+    "build_training",
     "declare_train_keys",
     "known_train_keys",
     "check_train_keys",

@@ -21,6 +21,7 @@ from detectron2.utils.logger import setup_logger
 from .. import _compat
 from .output_dir import check_writable, prepare_output_dir
 from .train_keys import check_train_keys
+from .train_options import TrainOptions
 
 __all__ = [
     "default_setup",
@@ -54,7 +55,8 @@ def default_setup(cfg: DictConfig, args) -> None:
         dino_d2.engine.output_dir.OutputDirConflictError: ``--resume`` in a folder holding the
             checkpoints of another model or other training datasets.
     """
-    output_dir = cfg.train.output_dir
+    options = TrainOptions.from_config(cfg.train)
+    output_dir = options.output_dir
     rank = comm.get_rank()
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
@@ -80,10 +82,10 @@ def default_setup(cfg: DictConfig, args) -> None:
         logger.info(f"Full config saved to {path}")
     check_train_keys(cfg.train)
 
-    seed = cfg.train.get("seed", -1)
+    seed = options.seed
     seed_all_rng(None if seed < 0 else seed + rank)
     if not getattr(args, "eval_only", False):
-        torch.backends.cudnn.benchmark = bool(cfg.train.get("cudnn_benchmark", False))
+        torch.backends.cudnn.benchmark = options.cudnn_benchmark
 
 
 def _drop_handler(logger: logging.Logger, handler: logging.Handler, record) -> None:

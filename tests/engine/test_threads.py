@@ -1,4 +1,5 @@
 """CPU threads that follow the free cores: the controller and the hook."""
+
 import pytest
 import torch
 
