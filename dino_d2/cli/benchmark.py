@@ -67,7 +67,6 @@ import json
 import logging
 import os
 import sys
-from typing import Tuple
 
 import psutil
 import torch
@@ -79,20 +78,19 @@ import dino_d2.modeling  # noqa: F401  (registers DINO and the backbones)
 from dino_d2.checkpoint import AtomicCheckpointer, UntrustedFileError, add_unsafe_load_argument
 from dino_d2.engine import build_training, resolve_device
 from dino_d2.export.exporter import load_exported, load_openvino
-from dino_d2.export.verify import compare_detections, detections_of_outputs, eager_detections
 from dino_d2.layers.fast_path import optimized_copy
 from dino_d2.measure import (
+    ExportInfoError,
     dataset_batches,
     fast_path_parity,
     matrix_math_limit,
-    padded_batch,
     peak_rss_mb,
     perturb_frozen_batchnorm,
     random_batches,
     sgemm_gmacs,
-    time_exported,
     time_inference,
     time_training,
+    time_export,
     time_training_idle_and_busy,
 )
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
@@ -103,12 +101,6 @@ logger = logging.getLogger("dino_d2.benchmark")
 
 # Inference and training defaults: (num_iter, warmup, batch_size, height, width).
 _DEFAULTS = {False: (50, 5, 1, 800, 1333), True: (5, 2, 2, 640, 640)}
-# model.json's input_dtype -> the dtype of the image batch an export takes.
-_EXPORT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
-
-
-class ExportInfoError(ValueError):
-    """The ``model.json`` beside an export holds a value the benchmark cannot use."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -238,32 +230,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def _export_inputs(path: str) -> Tuple[torch.dtype, int]:
-    """The image dtype and the smallest padded size of an export, from the ``model.json`` beside
-    it (uint8 and no minimum without one)."""
-    json_path = os.path.join(os.path.dirname(path), "model.json")
-    if not os.path.isfile(json_path):
-        return torch.uint8, 0
-    with open(json_path) as f:
-        try:
-            info = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ExportInfoError(f"{json_path} is not valid JSON: {error}") from None
-    if not isinstance(info, dict):
-        raise ExportInfoError(f"{json_path} holds a {type(info).__name__}; expected an object")
-    dtype = info.get("input_dtype", "uint8")
-    if dtype not in _EXPORT_DTYPES:
-        raise ExportInfoError(
-            f"{json_path}: input_dtype is {dtype!r}; expected one of {sorted(_EXPORT_DTYPES)}"
-        )
-    min_size = info.get("min_input_size", 0)
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-        raise ExportInfoError(
-            f"{json_path}: min_input_size is {min_size!r}; expected a non-negative integer"
-        )
-    return _EXPORT_DTYPES[dtype], min_size
-
-
 def _exported_runtimes(args):
     """``(name, path, loader)`` for each export to time."""
     runtimes = []
@@ -283,33 +249,7 @@ def _time_exports(args, model, batches) -> dict:
     results = {}
     for name, path, load in _exported_runtimes(args):
         logger.info(f"{name}: {path}")
-        dtype, min_size = _export_inputs(path)
-        padded = [padded_batch(batch, dtype) for batch in batches]
-        if min(padded[0][0].shape[-2:]) < min_size:
-            raise ValueError(
-                f"{path} takes images of at least {min_size} pixels a side (model.json's "
-                f"min_input_size), got {tuple(padded[0][0].shape[-2:])}: give larger "
-                "--height / --width"
-            )
-        run = load(path)
-        timings = time_exported(run, padded, args.warmup)
-        pairs = []
-        for index, (images, image_sizes) in enumerate(padded[: max(1, args.warmup)]):
-            reference = eager_detections(model, images, image_sizes)
-            exported = detections_of_outputs(run(images, image_sizes), image_sizes)
-            pairs.extend(
-                (ref, out, f"batch {index}, image {i}")
-                for i, (ref, out) in enumerate(zip(reference, exported))
-            )
-        comparison = compare_detections(pairs)
-        results[name] = {
-            "path": path,
-            **timings,
-            "parity": comparison.summary(),
-            "parity_passed": comparison.passed,
-            "max_score_diff": comparison.max_score_diff,
-            "max_box_diff_px": comparison.max_box_diff,
-        }
+        results[name] = time_export(path, load, model, batches, args.warmup)
     return results
 
 

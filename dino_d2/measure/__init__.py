@@ -5,7 +5,8 @@ The functions behind ``tools/benchmark.py``, ``tools/analyze_model.py`` and
 
 * :mod:`~dino_d2.measure.inputs`: random images (with boxes for training), a test set's first
   images, a batch padded for an exported graph;
-* :mod:`~dino_d2.measure.timing`: inference latency of a model and of an exported graph;
+* :mod:`~dino_d2.measure.timing`: inference latency of a model and of an exported graph, and
+  :mod:`~dino_d2.measure.exports`: an export timed and compared beside its eager model;
 * :mod:`~dino_d2.measure.training`: the training script's step, timed idle and on a busy machine
   (:mod:`~dino_d2.measure.busy`);
 * :mod:`~dino_d2.measure.flops` and :mod:`~dino_d2.measure.sgemm`: multiply-accumulates and the
@@ -15,6 +16,7 @@ The functions behind ``tools/benchmark.py``, ``tools/analyze_model.py`` and
 """
 
 from .busy import busy_cpu
+from .exports import ExportInfoError, export_inputs, time_export
 from .flops import count_macs
 from .inputs import dataset_batches, padded_batch, random_batches
 from .memory import cuda_peak_mb, peak_rss_mb
@@ -29,6 +31,9 @@ __all__ = [
     "dataset_batches",
     "time_inference",
     "time_exported",
+    "ExportInfoError",
+    "export_inputs",
+    "time_export",
     "time_training",
     "time_training_idle_and_busy",
     "busy_cpu",
