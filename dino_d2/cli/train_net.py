@@ -181,9 +181,8 @@ def load_initial_weights(
 def do_train(args, cfg, device):
     """Trains: the step of :func:`dino_d2.engine.build_training` (the one ``tools/benchmark.py
     --train`` times), with the job's checkpoints, evaluations and metric files."""
-    options = TrainOptions.from_config(cfg.train)
     training = build_training(cfg, device, model=build_model(cfg, device))
-    model, trainer, ema = training.model, training.trainer, training.ema
+    model, trainer, ema, options = training.model, training.trainer, training.ema, training.options
     if options.amp.enabled:
         logger.info(
             f"Mixed precision: autocast to {trainer.amp_dtype}, GradScaler: "

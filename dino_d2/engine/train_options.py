@@ -1,4 +1,4 @@
-"""The options under a config's ``train``, read once into typed values with their defaults.
+"""The options under a config's ``train``, read into typed values with their defaults.
 
 Detectron2 has no schema for ``train`` (a free-form dict in LazyConfigs). :class:`TrainOptions`
 is dino_d2's: the training script, :func:`dino_d2.engine.default_setup` and
