@@ -100,3 +100,28 @@ def test_import_dino_d2_registers_the_meta_architecture():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _reachable(graph, start):
+    seen, todo = set(), [name for name in graph if name == start or name.startswith(start + ".")]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph[name])
+    return seen
+
+
+def test_training_imports_no_measurement_or_export_code():
+    """engine/ (the training) stands below measure/ and export/: they import it, not the reverse,
+    also through other packages."""
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    reached = _reachable(graph, "dino_d2.engine")
+    assert "dino_d2.engine.training" in reached and "dino_d2.layers.fast_path" in reached
+    forbidden = ("dino_d2.measure", "dino_d2.export")
+    assert sorted(m for m in reached if m.startswith(forbidden)) == []
+    # The check sees such an import: measure reaches both.
+    assert {"dino_d2.engine.training", "dino_d2.export.verify"} <= _reachable(
+        graph, "dino_d2.measure"
+    )

@@ -5,13 +5,12 @@
 ``save_checkpoint`` writes the result as a verified Detectron2 checkpoint. The command-line tool
 is ``tools/convert_checkpoint.py``. :class:`AtomicCheckpointer` is the training script's
 checkpointer: Detectron2's, with files that a killed job never leaves half-written;
-:mod:`dino_d2.checkpoint.atomic` writes any file of the output folder that way, with errors
+:mod:`dino_d2.utils.atomic` writes any file of the output folder that way, with errors
 that say how much space a failed write needed. Every checkpoint is read by
 :func:`load_checkpoint_file` (:mod:`dino_d2.checkpoint.loading`), which never runs code a file
 carries unless ``--unsafe-load`` is given.
 """
 
-from .atomic import OutputWriteError, append_or_roll_back, atomic_write, write_error, write_json
 from .checkpointer import AtomicCheckpointer
 from .convert import (
     SOURCES,
@@ -27,11 +26,6 @@ from .swin import convert_swin_checkpoint
 
 __all__ = [
     "AtomicCheckpointer",
-    "OutputWriteError",
-    "atomic_write",
-    "append_or_roll_back",
-    "write_error",
-    "write_json",
     "SOURCES",
     "ConversionError",
     "ConversionResult",

@@ -4,7 +4,7 @@ Detectron2's ``DetectionCheckpointer`` (fvcore's ``Checkpointer.save``, the same
 v0.6 and main) writes ``model_XXXXXXX.pth`` and then ``last_checkpoint`` in place: a job killed
 during either write leaves a truncated checkpoint, or a ``last_checkpoint`` that is empty or names
 one, and ``--resume`` then fails. :class:`AtomicCheckpointer` writes each file with
-:func:`dino_d2.checkpoint.atomic.atomic_write` (a temporary file in the same folder, flushed to
+:func:`dino_d2.utils.atomic.atomic_write` (a temporary file in the same folder, flushed to
 disk, renamed over the final name), so a reader sees either the old file or the complete new one.
 ``last_checkpoint`` is only updated, the same way, after the checkpoint it names is in place. A
 killed job leaves at most a ``.<name>.<12 hex digits>.tmp`` file behind, which nothing reads; the
@@ -13,7 +13,7 @@ it started) after its first complete save.
 
 A write that fails (a full disk, a folder that became read-only) removes its temporary file,
 leaves the previous checkpoint and ``last_checkpoint`` as they were, and raises
-:class:`dino_d2.checkpoint.atomic.OutputWriteError` naming the folder, the checkpoint's size and
+:class:`dino_d2.utils.atomic.OutputWriteError` naming the folder, the checkpoint's size and
 the free space, and the checkpoint ``last_checkpoint`` still names.
 
 Reading a file goes through :func:`dino_d2.checkpoint.loading.load_checkpoint_file`: a checkpoint
@@ -33,11 +33,11 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .atomic import TEMPORARY_FILE, WRITE_DELAY_ENV, atomic_write, os_error_of, write_error
+from ..utils.atomic import TEMPORARY_FILE, atomic_write, os_error_of, write_error
 from .class_map import ClassMap, is_class_head, log_class_map, remap_class_rows
 from .loading import load_checkpoint_file
 
-__all__ = ["AtomicCheckpointer", "atomic_write", "detectron2_layout", "WRITE_DELAY_ENV"]
+__all__ = ["AtomicCheckpointer", "detectron2_layout"]
 
 logger = logging.getLogger(__name__)
 

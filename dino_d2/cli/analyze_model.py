@@ -5,7 +5,7 @@
         --height 800 --width 1333 train.device=cpu
 
 FLOPs follow fvcore's convention (one fused multiply-add counts as one flop) and are measured by
-tracing inference on random images of the given size (:func:`dino_d2.engine.flops.count_macs`,
+tracing inference on random images of the given size (:func:`dino_d2.measure.flops.count_macs`,
 which also counts the deformable attention op).
 """
 
@@ -19,7 +19,7 @@ from fvcore.nn import parameter_count, parameter_count_table
 from detectron2.config import LazyConfig, instantiate
 from detectron2.utils.logger import setup_logger
 
-from dino_d2.engine.flops import count_macs
+from dino_d2.measure.flops import count_macs
 from dino_d2.model_zoo import load_config_file
 
 __all__ = ["count_flops", "count_parameters", "main"]

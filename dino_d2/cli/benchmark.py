@@ -7,7 +7,7 @@
         --onnx export/model.onnx --openvino
     python tools/benchmark.py --config-file configs/dino_r18_digits.py --dataset --num-iter 20 \\
         --batch-size 2 --json train.device=cpu
-    # training steps (forward, backward, gradient clipping, optimizer step; no data loader)
+    # training iterations (the training script's, on one repeated batch: no data loader)
     python tools/benchmark.py --config-file configs/dino_r50_4scale_12ep.py --train \\
         --batch-size 2 --height 640 --width 640 --num-boxes 5
     python tools/benchmark.py --config-file configs/dino_r18_digits.py --train \\
@@ -21,9 +21,12 @@ work done: DINO always keeps the same number of queries) on the config's device
 (``train.device``; CUDA when available). Inference runs it in eval mode without gradients on
 random images of ``--height`` x ``--width`` (the same batch every iteration) or, with
 ``--dataset``, on the first images of the config's test data loader, read before timing starts.
-``--train`` times the step of ``tools/lazyconfig_train_net.py`` (the config's optimizer,
-gradient clipping, mixed precision and EMA) on one batch of random images with ``--num-boxes``
-random ground-truth boxes each. ``--warmup`` iterations are run first and not timed.
+``--train`` times the iterations of ``tools/lazyconfig_train_net.py``, built by the same code
+(:func:`dino_d2.engine.build_training`: the training transform, the config's optimizer,
+gradient clipping, mixed precision, learning-rate schedule, EMA and compute threads), on one
+batch of random images with ``--num-boxes`` random ground-truth boxes each, repeated instead of
+a data loader; only the job's checkpoints, evaluations and metric files are left out.
+``--warmup`` iterations are run first and not timed.
 
 ``--busy N`` starts N spinning processes (another user's jobs) during every other block of
 steps (``--busy-settle`` seconds of untimed steps, then ``--busy-block`` timed ones; ``--num-iter``
@@ -59,11 +62,11 @@ is 1 when the fast path's or an export's detections differ from the eager model'
 """
 
 import argparse
+import itertools
 import json
 import logging
 import os
 import sys
-from typing import Tuple
 
 import psutil
 import torch
@@ -73,24 +76,23 @@ from detectron2.config import LazyConfig, instantiate
 
 import dino_d2.modeling  # noqa: F401  (registers DINO and the backbones)
 from dino_d2.checkpoint import AtomicCheckpointer, UntrustedFileError, add_unsafe_load_argument
-from dino_d2.engine import resolve_device
-from dino_d2.engine.benchmark import (
-    build_training,
+from dino_d2.engine import build_training, resolve_device
+from dino_d2.export.exporter import load_exported, load_openvino
+from dino_d2.layers.fast_path import optimized_copy
+from dino_d2.measure import (
+    ExportInfoError,
     dataset_batches,
+    fast_path_parity,
     matrix_math_limit,
-    padded_batch,
     peak_rss_mb,
+    perturb_frozen_batchnorm,
     random_batches,
     sgemm_gmacs,
-    time_exported,
     time_inference,
     time_training,
+    time_export,
     time_training_idle_and_busy,
 )
-from dino_d2.engine.parity import fast_path_parity, perturb_frozen_batchnorm
-from dino_d2.export.exporter import load_exported, load_openvino
-from dino_d2.export.verify import compare_detections, detections_of_outputs, eager_detections
-from dino_d2.layers.fast_path import optimized_copy
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
 
 __all__ = ["main"]
@@ -99,12 +101,6 @@ logger = logging.getLogger("dino_d2.benchmark")
 
 # Inference and training defaults: (num_iter, warmup, batch_size, height, width).
 _DEFAULTS = {False: (50, 5, 1, 800, 1333), True: (5, 2, 2, 640, 640)}
-# model.json's input_dtype -> the dtype of the image batch an export takes.
-_EXPORT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}
-
-
-class ExportInfoError(ValueError):
-    """The ``model.json`` beside an export holds a value the benchmark cannot use."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -234,32 +230,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def _export_inputs(path: str) -> Tuple[torch.dtype, int]:
-    """The image dtype and the smallest padded size of an export, from the ``model.json`` beside
-    it (uint8 and no minimum without one)."""
-    json_path = os.path.join(os.path.dirname(path), "model.json")
-    if not os.path.isfile(json_path):
-        return torch.uint8, 0
-    with open(json_path) as f:
-        try:
-            info = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ExportInfoError(f"{json_path} is not valid JSON: {error}") from None
-    if not isinstance(info, dict):
-        raise ExportInfoError(f"{json_path} holds a {type(info).__name__}; expected an object")
-    dtype = info.get("input_dtype", "uint8")
-    if dtype not in _EXPORT_DTYPES:
-        raise ExportInfoError(
-            f"{json_path}: input_dtype is {dtype!r}; expected one of {sorted(_EXPORT_DTYPES)}"
-        )
-    min_size = info.get("min_input_size", 0)
-    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
-        raise ExportInfoError(
-            f"{json_path}: min_input_size is {min_size!r}; expected a non-negative integer"
-        )
-    return _EXPORT_DTYPES[dtype], min_size
-
-
 def _exported_runtimes(args):
     """``(name, path, loader)`` for each export to time."""
     runtimes = []
@@ -279,33 +249,7 @@ def _time_exports(args, model, batches) -> dict:
     results = {}
     for name, path, load in _exported_runtimes(args):
         logger.info(f"{name}: {path}")
-        dtype, min_size = _export_inputs(path)
-        padded = [padded_batch(batch, dtype) for batch in batches]
-        if min(padded[0][0].shape[-2:]) < min_size:
-            raise ValueError(
-                f"{path} takes images of at least {min_size} pixels a side (model.json's "
-                f"min_input_size), got {tuple(padded[0][0].shape[-2:])}: give larger "
-                "--height / --width"
-            )
-        run = load(path)
-        timings = time_exported(run, padded, args.warmup)
-        pairs = []
-        for index, (images, image_sizes) in enumerate(padded[: max(1, args.warmup)]):
-            reference = eager_detections(model, images, image_sizes)
-            exported = detections_of_outputs(run(images, image_sizes), image_sizes)
-            pairs.extend(
-                (ref, out, f"batch {index}, image {i}")
-                for i, (ref, out) in enumerate(zip(reference, exported))
-            )
-        comparison = compare_detections(pairs)
-        results[name] = {
-            "path": path,
-            **timings,
-            "parity": comparison.summary(),
-            "parity_passed": comparison.passed,
-            "max_score_diff": comparison.max_score_diff,
-            "max_box_diff_px": comparison.max_box_diff,
-        }
+        results[name] = time_export(path, load, model, batches, args.warmup)
     return results
 
 
@@ -356,10 +300,10 @@ def _training(args, cfg, device) -> dict:
     )[0]  # fmt: skip
     source = f"random {args.height}x{args.width}, {args.num_boxes} boxes/image"
     logger.info(f"Device: {device}; training inputs: {source}; batch size {args.batch_size}")
-    setup = build_training(cfg, batch, device)
+    training = build_training(cfg, device, data_loader=itertools.repeat(batch))
     if args.busy:
         timings = time_training_idle_and_busy(
-            setup,
+            training,
             args.num_iter,
             args.warmup,
             block=args.busy_block,
@@ -367,9 +311,9 @@ def _training(args, cfg, device) -> dict:
             settle_s=args.busy_settle,
         )
     else:
-        timings = time_training(setup, args.num_iter, args.warmup)
+        timings = time_training(training, args.num_iter, args.warmup)
     # What train.amp resolved to on this device (precision "auto" may give float32).
-    precision = str(setup.trainer.amp_dtype or torch.float32).removeprefix("torch.")
+    precision = str(training.trainer.amp_dtype or torch.float32).removeprefix("torch.")
     return {"input": source, "train_precision": precision, **timings}
 
 

@@ -57,7 +57,7 @@ def _mb(value: float) -> float:
 
 def _convert(json_file: str, queue) -> None:
     from dino_d2.data.coco_cache import cache_folder, cache_key, ensure_cache
-    from dino_d2.engine.benchmark import peak_rss_mb
+    from dino_d2.measure.memory import peak_rss_mb
 
     shutil.rmtree(os.path.join(cache_folder(json_file), cache_key(json_file)), ignore_errors=True)
     imports_rss = peak_rss_mb()
@@ -84,7 +84,7 @@ def _open(json_file: str, image_root: str, cache: bool):
 
 
 def _speed(json_file: str, image_root: str, cache: bool, reads: int, queue) -> None:
-    from dino_d2.engine.benchmark import peak_rss_mb
+    from dino_d2.measure.memory import peak_rss_mb
 
     start = time.perf_counter()
     dataset = _open(json_file, image_root, cache)

@@ -56,39 +56,38 @@ import os
 import sys
 from contextlib import contextmanager, nullcontext
 
-import torch
 from omegaconf import ListConfig
 
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import default_argument_parser, hooks
-from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
 
 from dino_d2._compat import fast_coco_eval_available
-from dino_d2.checkpoint import AtomicCheckpointer, add_unsafe_load_argument, write_json
+from dino_d2.checkpoint import AtomicCheckpointer, add_unsafe_load_argument
 from dino_d2.checkpoint.class_map import get_class_map
-from dino_d2.engine import (
-    EMAHook,
-    EvalHook,
-    ModelEMA,
-    Trainer,
-    amp_settings,
+from dino_d2.data import (
     apply_dataset_overrides,
     check_num_classes,
+    pop_dataset_overrides,
+    register_config_datasets,
+)
+from dino_d2.engine import (
+    EvalHook,
+    ModelEMA,
+    TrainOptions,
+    build_training,
     default_setup,
     default_writers,
     describe_precision,
     launch,
-    pop_dataset_overrides,
-    register_config_datasets,
     resolve_device,
 )
 from dino_d2.engine.job_env import resume_after_restart
-from dino_d2.engine.threads import AdaptiveThreadsHook
-from dino_d2.layers.fast_path import optimize_for_training, optimized_copy
+from dino_d2.layers.fast_path import optimized_copy
 from dino_d2.model_zoo import load_config_file
+from dino_d2.utils import write_json
 
 logger = logging.getLogger("detectron2")
 
@@ -149,7 +148,9 @@ def build_model(cfg, device):
     return model.to(device)
 
 
-def load_initial_weights(checkpointer: AtomicCheckpointer, train, resume: bool) -> None:
+def load_initial_weights(
+    checkpointer: AtomicCheckpointer, options: TrainOptions, resume: bool
+) -> None:
     """Loads the weights training starts from.
 
     With ``resume`` and a checkpoint in the output folder, that checkpoint (model, optimizer,
@@ -159,7 +160,7 @@ def load_initial_weights(checkpointer: AtomicCheckpointer, train, resume: bool) 
 
     Args:
         checkpointer: the training's checkpointer.
-        train: the config's ``train`` node.
+        options: the config's ``train`` options.
         resume: ``--resume`` was given.
 
     Raises:
@@ -167,76 +168,47 @@ def load_initial_weights(checkpointer: AtomicCheckpointer, train, resume: bool) 
         ValueError: ``train.init_class_map`` is set without ``train.init_checkpoint``, or the
             checkpoint's or the model's class heads do not have the map's sizes.
     """
-    name = train.get("init_class_map")
+    name = options.init_class_map
     class_map = get_class_map(name) if name else None
     if class_map is None or (resume and checkpointer.has_checkpoint()):
-        checkpointer.resume_or_load(train.init_checkpoint, resume=resume)
-    elif not train.init_checkpoint:
+        checkpointer.resume_or_load(options.init_checkpoint, resume=resume)
+    elif not options.init_checkpoint:
         raise ValueError(
             f"train.init_class_map={name!r} needs train.init_checkpoint: the checkpoint whose "
             "class heads it maps"
         )
     else:
-        checkpointer.load_with_class_map(train.init_checkpoint, class_map)
+        checkpointer.load_with_class_map(options.init_checkpoint, class_map)
 
 
 def do_train(args, cfg, device):
-    model = build_model(cfg, device)
-    # Frozen batch norms folded into their convolutions, channels-last backbone: the same
-    # training, faster; parameters and checkpoints unchanged.
-    optimize_for_training(model)
-    cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
-
-    ema_cfg = cfg.train.model_ema
-    ema = ModelEMA(model, decay=ema_cfg.decay) if ema_cfg.enabled else None
-    ddp_kwargs = dict(cfg.train.ddp)
-    if torch.device(device).type != "cuda":
-        ddp_kwargs["device_ids"] = None
-    ddp_model = create_ddp_model(model, **ddp_kwargs)
-
-    amp_dtype, grad_scaler = None, None
-    if cfg.train.amp.enabled:
-        amp_dtype, grad_scaler = amp_settings(device, cfg.train.amp.get("precision"))
-        logger.info(describe_precision(device, amp_dtype, grad_scaler))
+    """Trains: the step of :func:`dino_d2.engine.build_training` (the one ``tools/benchmark.py
+    --train`` times), with the job's checkpoints, evaluations and metric files."""
+    training = build_training(cfg, device, model=build_model(cfg, device))
+    model, trainer, ema, options = training.model, training.trainer, training.ema, training.options
+    if options.amp.enabled:
+        logger.info(describe_precision(device, trainer.amp_dtype, trainer.grad_scaler))
     else:
         logger.info("float32: train.amp.enabled=False")
-    clip = cfg.train.clip_grad
-    trainer = Trainer(
-        ddp_model,
-        train_loader,
-        optimizer,
-        clip_grad_max_norm=clip.max_norm if clip.enabled else None,
-        clip_grad_norm_type=clip.norm_type,
-        amp_dtype=amp_dtype,
-        grad_scaler=grad_scaler,
-    )
     checkpointables = {"trainer": trainer}
     if ema is not None:
         checkpointables["ema"] = ema
     checkpointer = AtomicCheckpointer(
-        model, cfg.train.output_dir, unsafe_load=args.unsafe_load, **checkpointables
+        model, options.output_dir, unsafe_load=args.unsafe_load, **checkpointables
     )
-    eval_ema = ema if ema is not None and ema_cfg.use_for_eval else None
+    eval_ema = ema if ema is not None and options.model_ema.use_for_eval else None
     trainer.register_hooks(
         [
-            hooks.IterationTimer(),
-            # On the CPU, the compute threads follow the cores other processes leave free.
-            AdaptiveThreadsHook() if torch.device(device).type == "cpu" else None,
-            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            # Before the checkpointer and the evaluation: both see this step's average.
-            EMAHook(ema, model) if ema is not None else None,
             (
-                hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+                hooks.PeriodicCheckpointer(checkpointer, **options.checkpointer)
                 if comm.is_main_process()
                 else None
             ),
-            EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, eval_ema)),
+            EvalHook(options.eval_period, lambda: do_test(cfg, model, eval_ema)),
             (
                 hooks.PeriodicWriter(
-                    default_writers(cfg.train.output_dir, cfg.train.max_iter),
-                    period=cfg.train.log_period,
+                    default_writers(options.output_dir, options.max_iter),
+                    period=options.log_period,
                 )
                 if comm.is_main_process()
                 else None
@@ -244,35 +216,36 @@ def do_train(args, cfg, device):
         ]
     )
 
-    load_initial_weights(checkpointer, cfg.train, args.resume)
+    load_initial_weights(checkpointer, options, args.resume)
     # A checkpoint stores the iteration that had just finished.
     start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    trainer.train(start_iter, options.max_iter)
 
 
 def do_eval_only(args, cfg, device):
+    options = TrainOptions.from_config(cfg.train)
     model = build_model(cfg, device)
-    ema_cfg = cfg.train.model_ema
+    ema_options = options.model_ema
     ema = None
-    if ema_cfg.enabled and ema_cfg.use_for_eval:
-        ema = ModelEMA(model, decay=ema_cfg.decay)
+    if ema_options.enabled and ema_options.use_for_eval:
+        ema = ModelEMA(model, decay=ema_options.decay)
     checkpointer = AtomicCheckpointer(
         model,
-        cfg.train.output_dir,
+        options.output_dir,
         unsafe_load=args.unsafe_load,
         **({"ema": ema} if ema is not None else {}),
     )
     if args.resume and checkpointer.has_checkpoint():
         path = checkpointer.get_checkpoint_file()
     else:
-        path = cfg.train.init_checkpoint
+        path = options.init_checkpoint
     checkpointer.load(path)
     if ema is not None and not ema.restored:
         logger.warning(f"{path} has no EMA weights; evaluating the model's own weights")
         ema = None
     results = do_test(cfg, model, ema)
     if comm.is_main_process():
-        path = os.path.join(cfg.train.output_dir, "eval_results.json")
+        path = os.path.join(options.output_dir, "eval_results.json")
         write_json(path, results)
         logger.info(f"Evaluation results written to {path}")
     return results
@@ -311,14 +284,15 @@ def main(args):
         apply_dataset_overrides(cfg, dataset_overrides)
     use_slow_coco_eval_if_needed(cfg)
     # torchrun restarted the job, or SLURM requeued it: it continues from its last checkpoint.
-    restart = not args.resume and not args.eval_only and resume_after_restart(cfg.train.output_dir)
+    options = TrainOptions.from_config(cfg.train)
+    restart = not args.resume and not args.eval_only and resume_after_restart(options.output_dir)
     args.resume = args.resume or restart
     default_setup(cfg, args)
     if restart:
         logger.info("A restarted job: resuming from the last checkpoint of train.output_dir")
     register_config_datasets(cfg)
     check_num_classes(cfg)
-    device = resolve_device(cfg.train.get("device"))
+    device = resolve_device(options.device)
     logger.info(f"Device: {device}")
     if args.eval_only:
         return do_eval_only(args, cfg, device)

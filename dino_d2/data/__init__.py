@@ -1,7 +1,8 @@
 """Data: DETR-style augmentation, a DatasetMapper with clear errors for unreadable images, the
 digits demo dataset, dataset registration (including the builtin datasets registered on demand
 by name: the digits, Objects365 v1 and v2), COCO jsons read with errors that name the file,
-annotation and field, and their memory-mapped cache for datasets of any size."""
+annotation and field, and their memory-mapped cache for datasets of any size; the datasets a
+job names on the command line (``dataset.train_json=...``) and the check of ``num_classes``."""
 
 from .builtin import builtin_dataset_names, register_builtin, register_builtin_datasets
 from .cached_dataset import CachedCocoDataset
@@ -24,6 +25,16 @@ from .digits import (
 )
 from .mapper import DatasetMapper, MissingMasksError, UnreadableImageError, read_image
 from .objects365 import Objects365LayoutError, register_objects365
+from .overrides import (
+    CUSTOM_TEST_DATASET,
+    CUSTOM_TRAIN_DATASET,
+    DATASET_OVERRIDE_KEYS,
+    apply_dataset_overrides,
+    check_num_classes,
+    config_dataset_names,
+    pop_dataset_overrides,
+    register_config_datasets,
+)
 from .transforms import RandomChoice, detr_test_augmentation, detr_train_augmentation
 
 __all__ = [
@@ -53,4 +64,12 @@ __all__ = [
     "register_builtin_datasets",
     "register_objects365",
     "Objects365LayoutError",
+    "DATASET_OVERRIDE_KEYS",
+    "CUSTOM_TRAIN_DATASET",
+    "CUSTOM_TEST_DATASET",
+    "pop_dataset_overrides",
+    "apply_dataset_overrides",
+    "config_dataset_names",
+    "register_config_datasets",
+    "check_num_classes",
 ]

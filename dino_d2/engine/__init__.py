@@ -1,26 +1,18 @@
 """Training: optimizer parameter groups, a trainer with gradient clipping and mixed precision on
-any device, a model EMA, the job setup the training script uses, and a CPU-capable launcher in
-which one failing process stops the whole job."""
+any device, a model EMA, the training step built once from a config (``train`` read into typed
+options), the job setup the training script uses, and a CPU-capable launcher in which one
+failing process stops the whole job."""
 
-from .defaults import (
-    CUSTOM_TEST_DATASET,
-    CUSTOM_TRAIN_DATASET,
-    DATASET_OVERRIDE_KEYS,
-    apply_dataset_overrides,
-    check_num_classes,
-    config_dataset_names,
-    default_setup,
-    pop_dataset_overrides,
-    register_config_datasets,
-    resolve_device,
-)
+from .defaults import default_setup, resolve_device
 from .ema import EMAHook, ModelEMA
 from .hooks import EvalHook
 from .launch import DEFAULT_TIMEOUT, JobFailedError, launch
 from .lr_decay import ViTLayerDecay
 from .optimizer import get_optimizer_params
 from .output_dir import OutputDirConflictError, prepare_output_dir
-from .train_keys import SCRIPT_TRAIN_KEYS, check_train_keys, declare_train_keys, known_train_keys
+from .train_keys import check_train_keys, declare_train_keys, known_train_keys
+from .train_options import TrainOptions
+from .training import Training, build_training
 from .trainer import (
     Trainer,
     amp_settings,
@@ -42,15 +34,9 @@ __all__ = [
     "EMAHook",
     "default_setup",
     "resolve_device",
-    "DATASET_OVERRIDE_KEYS",
-    "CUSTOM_TRAIN_DATASET",
-    "CUSTOM_TEST_DATASET",
-    "pop_dataset_overrides",
-    "apply_dataset_overrides",
-    "config_dataset_names",
-    "register_config_datasets",
-    "check_num_classes",
-    "SCRIPT_TRAIN_KEYS",
+    "TrainOptions",
+    "Training",
+    "build_training",
     "declare_train_keys",
     "known_train_keys",
     "check_train_keys",

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from detectron2.config import LazyConfig
 
-from ..checkpoint.atomic import OutputWriteError, format_size, fsync_dir
+from ..utils.atomic import OutputWriteError, format_size, fsync_dir
 from ..model_zoo import load_config_file
 
 __all__ = [

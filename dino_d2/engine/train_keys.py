@@ -3,9 +3,10 @@
 ``train`` is a free-form dict in LazyConfigs (Detectron2 has no schema for it), so
 ``train.max_itr=5`` on the command line adds a key that nothing reads, and training runs the
 config's ``max_iter``. :func:`check_train_keys` warns about every key under ``train`` that is not
-read by the training script (:data:`SCRIPT_TRAIN_KEYS`) or by the Detectron2 parts it hands a
-whole sub-dict to (``train.ddp`` goes to ``DistributedDataParallel``, ``train.checkpointer`` to
-``PeriodicCheckpointer``), and suggests the nearest known key.
+read by the training (the fields of :class:`dino_d2.engine.train_options.TrainOptions`, through
+which the script reads ``train``) or by the parts it hands a whole sub-dict to (``train.ddp``
+goes to Detectron2's ``create_ddp_model`` and ``DistributedDataParallel``,
+``train.checkpointer`` to ``PeriodicCheckpointer``), and suggests the nearest known key.
 
 Keys read by your own code (a hook of your own training script, say) are declared once, at
 import time of the module that reads them::
@@ -19,37 +20,16 @@ prefix.
 """
 
 import difflib
-import inspect
 import logging
-from typing import Callable, Dict, Iterable, List, Set
+from typing import Dict, List, Set
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["SCRIPT_TRAIN_KEYS", "declare_train_keys", "known_train_keys", "check_train_keys"]
+from .train_options import TrainOptions, option_keys
+
+__all__ = ["declare_train_keys", "known_train_keys", "check_train_keys"]
 
 logger = logging.getLogger(__name__)
-
-# What tools/lazyconfig_train_net.py and dino_d2.engine.default_setup read (configs/common/train.py).
-SCRIPT_TRAIN_KEYS = (
-    "output_dir",
-    "init_checkpoint",
-    "init_class_map",
-    "max_iter",
-    "amp.enabled",
-    "amp.precision",
-    "ddp.fp16_compression",
-    "clip_grad.enabled",
-    "clip_grad.max_norm",
-    "clip_grad.norm_type",
-    "model_ema.enabled",
-    "model_ema.decay",
-    "model_ema.use_for_eval",
-    "eval_period",
-    "log_period",
-    "seed",
-    "device",
-    "cudnn_benchmark",
-)
 
 _DECLARED: Set[str] = set()
 
@@ -71,28 +51,11 @@ def declare_train_keys(*keys: str) -> None:
         _DECLARED.add(_strip(key))
 
 
-def _parameters(function: Callable, skip: Iterable[str]) -> List[str]:
-    names = []
-    for name, parameter in inspect.signature(function).parameters.items():
-        if name in skip or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
-        names.append(name)
-    return names
-
-
-def _handed_over_keys() -> List[str]:
-    """The keyword arguments of what the script passes ``train.ddp`` / ``train.checkpointer`` to."""
-    from detectron2.engine.hooks import PeriodicCheckpointer
-    from torch.nn.parallel import DistributedDataParallel
-
-    ddp = _parameters(DistributedDataParallel.__init__, ("self", "module"))
-    checkpointer = _parameters(PeriodicCheckpointer.__init__, ("self", "checkpointer"))
-    return [f"ddp.{name}" for name in ddp] + [f"checkpointer.{name}" for name in checkpointer]
-
-
-def known_train_keys() -> Set[str]:
-    """The keys under ``train`` that are read: the script's, Detectron2's and the declared."""
-    return set(SCRIPT_TRAIN_KEYS) | set(_handed_over_keys()) | _DECLARED
+def known_train_keys(options: type = TrainOptions) -> Set[str]:
+    """The keys under ``train`` that are read: the fields of ``options`` (default
+    :class:`TrainOptions`, what dino_d2's training reads; see
+    :func:`dino_d2.engine.train_options.option_keys`) and the declared keys."""
+    return set(option_keys(options)) | _DECLARED
 
 
 def _leaves(node, prefix: str = "") -> Dict[str, object]:
@@ -104,16 +67,18 @@ def _leaves(node, prefix: str = "") -> Dict[str, object]:
     return {prefix: node}
 
 
-def check_train_keys(train: DictConfig) -> List[str]:
+def check_train_keys(train: DictConfig, options: type = TrainOptions) -> List[str]:
     """Warns about each key under ``train`` that nothing reads, with the nearest known key.
 
     Args:
         train: the config's ``train`` node, overrides applied.
+        options: the dataclass the training reads ``train`` into (default
+            :class:`TrainOptions`).
 
     Returns:
         the unknown keys (dotted, below ``train``), in the config's order.
     """
-    known = known_train_keys()
+    known = known_train_keys(options)
     declared = tuple(_DECLARED)
     container = (
         OmegaConf.to_container(train, resolve=False) if OmegaConf.is_config(train) else train

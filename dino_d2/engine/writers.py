@@ -5,13 +5,13 @@ Detectron2's ``JSONWriter`` appends to ``metrics.json`` through a buffered file:
 fills up, the file can end in half a line (``tools/plot_metrics.py`` and any JSON-lines reader
 then fail) and the error names neither the file nor the space. :class:`JSONWriter` collects the
 lines Detectron2's writer produces and appends them with
-:func:`dino_d2.checkpoint.atomic.append_or_roll_back`: all of them or none, and an
-:class:`~dino_d2.checkpoint.atomic.OutputWriteError` naming the folder and the free space. After
+:func:`dino_d2.utils.atomic.append_or_roll_back`: all of them or none, and an
+:class:`~dino_d2.utils.atomic.OutputWriteError` naming the folder and the free space. After
 a failed write it writes nothing more; a failure while training is already stopping on another
 error (the hooks' ``after_train``) is logged, so that it does not hide that error.
 
 :class:`TensorboardXWriter` is Detectron2's, with the bare ``OSError`` of TensorBoard's writer
-thread turned into an :class:`~dino_d2.checkpoint.atomic.OutputWriteError` the same way (the
+thread turned into an :class:`~dino_d2.utils.atomic.OutputWriteError` the same way (the
 event file keeps what was written before; TensorBoard reads a file that ends in a partial
 record up to that record).
 """
@@ -25,7 +25,7 @@ from detectron2.utils.events import CommonMetricPrinter, EventWriter
 from detectron2.utils.events import JSONWriter as _DetectronJSONWriter
 from detectron2.utils.events import TensorboardXWriter as _DetectronTensorboardXWriter
 
-from ..checkpoint.atomic import append_or_roll_back, write_error
+from ..utils.atomic import append_or_roll_back, write_error
 
 __all__ = ["JSONWriter", "TensorboardXWriter", "default_writers"]
 

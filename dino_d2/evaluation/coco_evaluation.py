@@ -5,7 +5,7 @@ in place: a full disk or a read-only folder truncates the files of the previous 
 raises a bare ``OSError``. :class:`COCOEvaluator` lets Detectron2 write them into a staging folder
 inside the output folder (``.coco_eval.<12 hex digits>.tmp/``), then moves each complete file
 over the old one (``os.replace``, atomic). A failed write leaves the old files as they were,
-removes the staging folder and raises :class:`dino_d2.checkpoint.OutputWriteError` naming the
+removes the staging folder and raises :class:`dino_d2.utils.OutputWriteError` naming the
 folder and the free space. A staging folder left by a killed job is removed by the next
 evaluation in that output folder.
 """
@@ -19,7 +19,7 @@ import uuid
 from detectron2.evaluation import COCOEvaluator as _DetectronCOCOEvaluator
 from detectron2.utils import comm
 
-from ..checkpoint.atomic import fsync_dir, os_error_of, write_error
+from ..utils.atomic import fsync_dir, os_error_of, write_error
 
 __all__ = ["COCOEvaluator"]
 

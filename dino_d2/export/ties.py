@@ -17,7 +17,7 @@ either way, and at the k-th place keep either one. Neither is a difference of th
   query selection. :func:`recorded_selections` records what a run selected.
 
 It lives beside :mod:`.verify` because it serves comparisons: the fast path's parity
-(:mod:`dino_d2.engine.parity`), the export verification and ``tools/verify_conversion.py``.
+(:mod:`dino_d2.measure.parity`), the export verification and ``tools/verify_conversion.py``.
 """
 
 import contextlib

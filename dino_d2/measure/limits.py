@@ -16,7 +16,7 @@ So every precision is measured with each library that computes it, and the large
 A rate is ``size ** 3`` MACs over the median of ``repeats`` timed products of two ``size`` x
 ``size`` matrices (after one untimed), at the current thread count, in GMAC/s (10^9 MACs a
 second). The limit of a model is ``MACs / rate`` (fvcore's MACs,
-:func:`dino_d2.engine.flops.count_macs`).
+:func:`dino_d2.measure.flops.count_macs`).
 
 Command line (prints the rates and, with ``--config``, the model's limits as JSON)::
 
@@ -203,7 +203,7 @@ def model_limits(
 def _model_gmacs(config: str, height: int, width: int) -> float:
     from detectron2.config import instantiate
 
-    from ..engine.flops import count_macs
+    from .flops import count_macs
     from ..layers.fast_path import optimized_copy
     from ..model_zoo import load_config_file
 

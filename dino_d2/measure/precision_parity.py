@@ -68,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from detectron2.config import instantiate
 
     from ..checkpoint import AtomicCheckpointer
-    from ..engine.parity import perturb_frozen_batchnorm
+    from .parity import perturb_frozen_batchnorm
     from ..model_zoo import load_config_file
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

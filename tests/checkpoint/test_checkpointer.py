@@ -10,7 +10,6 @@ from torch import nn
 from detectron2.config import instantiate
 
 from dino_d2.checkpoint import AtomicCheckpointer
-from dino_d2.checkpoint.checkpointer import atomic_write
 
 
 def test_save_writes_the_checkpoint_and_the_pointer_and_leaves_no_temporary_file(tmp_path):
@@ -27,20 +26,6 @@ def test_save_writes_the_checkpoint_and_the_pointer_and_leaves_no_temporary_file
     loaded = AtomicCheckpointer(other, str(tmp_path)).resume_or_load("", resume=True)
     assert loaded["iteration"] == 4
     assert torch.equal(other.weight, model.weight)
-
-
-def test_a_failed_write_keeps_the_previous_file(tmp_path):
-    path = str(tmp_path / "last_checkpoint")
-    atomic_write(path, lambda f: f.write("model_0000001.pth"), mode="w")
-
-    def fail_halfway(f):
-        f.write("model_00")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(path, fail_halfway, mode="w")
-    assert open(path).read() == "model_0000001.pth"
-    assert os.listdir(tmp_path) == ["last_checkpoint"]
 
 
 def test_the_first_save_removes_temporary_files_of_killed_writes_only(tmp_path):

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from dino_d2.checkpoint import AtomicCheckpointer, OutputWriteError, append_or_roll_back, atomic
+from dino_d2.checkpoint import AtomicCheckpointer
+from dino_d2.utils import OutputWriteError, atomic
 from dino_d2.checkpoint.checkpointer import _serialized_size
 
 
@@ -178,25 +179,3 @@ def test_failed_pointer_update_keeps_the_old_pointer(tmp_path, monkeypatch):
     ):
         checkpointer.save("model_0000002", iteration=2)
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
-
-
-def test_append_rolls_back_a_partial_write(tmp_path, monkeypatch):
-    path = tmp_path / "metrics.json"
-    append_or_roll_back(str(path), b'{"iteration": 0}\n')
-    real_write = os.write
-    calls = []
-
-    def half_then_full(fd, data):
-        calls.append(len(data))
-        if len(calls) == 1:
-            return real_write(fd, bytes(data)[: len(data) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(atomic.os, "write", half_then_full)
-    with pytest.raises(OSError) as error:
-        append_or_roll_back(str(path), b'{"iteration": 1, "loss": 2.5}\n')
-    assert error.value.errno == errno.ENOSPC and len(calls) == 2
-    assert path.read_bytes() == b'{"iteration": 0}\n'
-    monkeypatch.undo()
-    append_or_roll_back(str(path), b'{"iteration": 1}\n')
-    assert path.read_bytes() == b'{"iteration": 0}\n{"iteration": 1}\n'

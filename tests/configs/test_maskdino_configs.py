@@ -29,7 +29,9 @@ def test_the_authors_recipe(name):
     assert model.heads.masks.pixel_decoder.in_channels == res2_channels
     assert model.mask_box_init == box_init
     assert model.transformer.encoder.num_layers == 6 and model.transformer.decoder.num_layers == 9
-    assert model.transformer.encoder.layer.ffn_dim == model.transformer.decoder.layer.ffn_dim == 2048
+    assert (
+        model.transformer.encoder.layer.ffn_dim == model.transformer.decoder.layer.ffn_dim == 2048
+    )
     assert model.transformer.query_selection.num_queries == 300
     assert model.denoising.dn_number == 100 and model.denoising.box_noise_scale == 0.4
     assert model.num_select == 100

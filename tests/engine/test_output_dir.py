@@ -9,7 +9,7 @@ import pytest
 
 from detectron2.config import LazyConfig
 
-from dino_d2.checkpoint import OutputWriteError
+from dino_d2.utils import OutputWriteError
 from dino_d2.engine import output_dir as output_dir_module
 from dino_d2.engine.output_dir import (
     OutputDirConflictError,

@@ -11,7 +11,7 @@ import pytest
 from detectron2.utils.events import EventStorage
 from detectron2.utils.events import JSONWriter as DetectronJSONWriter
 
-from dino_d2.checkpoint import OutputWriteError, atomic
+from dino_d2.utils import OutputWriteError, atomic
 from dino_d2.engine.defaults import drop_log_files_on_error
 from dino_d2.engine.writers import JSONWriter, TensorboardXWriter, default_writers
 

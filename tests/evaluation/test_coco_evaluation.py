@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator as DetectronCOCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
 
-from dino_d2.checkpoint import OutputWriteError
+from dino_d2.utils import OutputWriteError
 from dino_d2.data import register_coco_format_dataset
 from dino_d2.evaluation import COCOEvaluator
 

@@ -13,7 +13,7 @@ from torch import nn
 from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 
-from dino_d2.engine.parity import fast_path_parity, perturb_frozen_batchnorm
+from dino_d2.measure.parity import fast_path_parity, perturb_frozen_batchnorm
 from dino_d2.export.exporter import export_model
 from dino_d2.export.graph import InferenceGraph
 from dino_d2.export.verify import pad_images

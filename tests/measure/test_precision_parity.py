@@ -4,7 +4,7 @@ import torch
 
 from detectron2.config import instantiate
 
-from dino_d2.engine.parity import perturb_frozen_batchnorm
+from dino_d2.measure.parity import perturb_frozen_batchnorm
 from dino_d2.measure.precision_parity import autocast_parity
 
 __all__ = []

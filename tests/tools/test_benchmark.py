@@ -6,25 +6,14 @@ import os
 import subprocess
 import sys
 
-import psutil
 import pytest
 import torch
 
 from detectron2.config import LazyConfig, instantiate
-from detectron2.layers import FrozenBatchNorm2d
 
 from dino_d2.data import generate_digits_dataset, register_digits
 from dino_d2.engine import bfloat16_is_native
-from dino_d2.engine.benchmark import (
-    build_training,
-    busy_cpu,
-    dataset_batches,
-    padded_batch,
-    random_batches,
-    time_inference,
-    time_training,
-)
-from dino_d2.engine.parity import fast_path_parity, perturb_frozen_batchnorm
+from dino_d2.measure import dataset_batches, time_inference
 from dino_d2.export.exporter import export_model, min_input_size
 from dino_d2.export.graph import InferenceGraph
 from dino_d2.export.verify import verification_batches
@@ -144,23 +133,6 @@ def test_exported_model_timed_and_compared_with_eager(tiny_dino_config, tmp_path
     ]
 
 
-def test_frozen_batchnorm_made_non_trivial_and_fast_path_equal(tiny_dino_config):
-    cfg = tiny_dino_config()
-    model = instantiate(cfg.model).eval()
-    assert perturb_frozen_batchnorm(model, seed=1) > 0
-    norm = next(m for m in model.modules() if isinstance(m, FrozenBatchNorm2d))
-    assert not torch.equal(norm.running_var, torch.ones_like(norm.running_var))
-    batch = random_batches(1, 2, 96, 80)[0]
-    comparison = fast_path_parity(model, batch)
-    assert comparison.passed and comparison.num_paired == 2 * cfg.model.num_select
-    assert comparison.max_score_diff <= 1e-4
-    # Integer pixels, as a uint8 image holds; padded into one batch for an export.
-    images, sizes = padded_batch(random_batches(1, 1, 50, 70)[0] + batch)
-    assert images.dtype == torch.uint8 and images.shape == (3, 3, 96, 80)
-    assert sizes.tolist() == [[50, 70], [96, 80], [96, 80]]
-    assert torch.equal(images[1].float(), batch[0]["image"]) and not images[0, :, 50:].any()
-
-
 TRAIN_KEYS = KEYS - {"latency_ms_median", "latency_ms_mean", "latency_ms_min", "images_per_s"}
 TRAIN_KEYS |= {"step_s_median", "step_s_mean", "step_s_min", "threads", "total_loss"}
 TRAIN_KEYS |= {"train_precision"}
@@ -228,66 +200,3 @@ def test_training_steps_idle_and_busy(tiny_config):
 def test_bad_arguments(args, message):
     result = _run_tool("--config-file", "unused.py", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
-
-
-def test_random_training_batch():
-    batches = random_batches(3, 2, 60, 90, num_boxes=4, num_classes=7, seed=1)
-    assert len(batches) == 3 and batches[0] is batches[2] and len(batches[0]) == 2
-    for item in batches[0]:
-        assert item["image"].shape == (3, 60, 90) and 0 <= item["image"].min()
-        assert item["image"].max() <= 255
-        instances = item["instances"]
-        boxes = instances.gt_boxes.tensor
-        assert instances.image_size == (60, 90) and boxes.shape == (4, 4)
-        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 90).all() and (boxes[:, 3] <= 60).all()
-        assert ((boxes[:, 2:] - boxes[:, :2]) >= torch.tensor([90, 60]) / 20 - 1e-4).all()
-        assert instances.gt_classes.dtype == torch.int64
-        assert 0 <= instances.gt_classes.min() and instances.gt_classes.max() < 7
-    assert "instances" not in random_batches(1, 1, 8, 8)[0][0]
-
-
-def test_busy_processes_run_inside_and_are_killed_after():
-    with pytest.raises(RuntimeError, match="boom"):
-        with busy_cpu(2, settle_s=0.1) as pids:
-            assert len(pids) == 2
-            assert all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
-            raise RuntimeError("boom")
-    assert not any(psutil.pid_exists(pid) for pid in pids)
-
-
-def test_busy_processes_end_with_a_killed_benchmark():
-    """A benchmark killed without clean-up (SIGKILL) leaves no spinning process behind."""
-    script = (
-        "from dino_d2.engine.benchmark import busy_cpu\n"
-        "import time\n"
-        "with busy_cpu(1, settle_s=0.1) as pids:\n"
-        "    print(pids[0], flush=True)\n"
-        "    time.sleep(60)\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    spinner = psutil.Process(int(process.stdout.readline()))
-    assert spinner.is_running()
-    process.kill()
-    process.wait()
-    gone, _ = psutil.wait_procs([spinner], timeout=10)
-    assert gone == [spinner]
-
-
-def test_training_setup_follows_the_training_script(tiny_dino_config, monkeypatch):
-    """The config's clipping, EMA and (off CUDA, unless the user chose) adaptive threads."""
-    cfg = tiny_dino_config()
-    cfg.train.model_ema.enabled = True
-    batch = random_batches(1, 1, 64, 64, num_boxes=2, num_classes=cfg.model.num_classes)[0]
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
-    monkeypatch.delenv("TORCH_NUM_THREADS", raising=False)
-    setup = build_training(cfg, batch, "cpu")
-    assert setup.trainer.clip_grad_max_norm == cfg.train.clip_grad.max_norm
-    assert setup.ema is not None and setup.threads is not None
-    before = {k: v.clone() for k, v in setup.ema.state.items()}
-    results = time_training(setup, num_iter=1, warmup=0)
-    assert setup.ema.num_updates == 1
-    assert any(not torch.equal(before[k], v) for k, v in setup.ema.state.items())
-    assert math.isfinite(results["total_loss"]) and results["threads"] == [1]
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert build_training(cfg, batch, "cpu").threads is None

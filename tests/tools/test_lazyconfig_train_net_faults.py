@@ -29,7 +29,7 @@ from test_lazyconfig_train_net import (  # noqa: F401 (data is a fixture)
 
 from detectron2.config import LazyConfig, instantiate
 
-from dino_d2.checkpoint.checkpointer import WRITE_DELAY_ENV
+from dino_d2.utils.atomic import WRITE_DELAY_ENV
 from dino_d2.data.digits import generate_digits_dataset
 
 # A warm-up over half of the 8 iterations, so that a schedule restarted at the resume would show.

@@ -109,22 +109,6 @@ def test_benchmark(tiny, payload, capsys):
     _assert_refused(capsys.readouterr().err, path, global_name, marker)
 
 
-@pytest.mark.parametrize(
-    "info, expected",
-    [
-        ({"input_dtype": "load"}, "input_dtype is 'load'; expected one of ['float32', 'uint8']"),
-        ({"min_input_size": "__import__('os')"}, "min_input_size is \"__import__('os')\""),
-        ({"min_input_size": -1}, "expected a non-negative integer"),
-        ([1, 2], "holds a list; expected an object"),
-    ],
-)
-def test_benchmark_reads_an_exports_json_as_checked_data(tmp_path, info, expected):
-    (tmp_path / "model.json").write_text(json.dumps(info))
-    with pytest.raises(benchmark.ExportInfoError) as error:
-        benchmark._export_inputs(str(tmp_path / "model.pt2"))
-    assert str(tmp_path / "model.json") in str(error.value) and expected in str(error.value)
-
-
 def test_exporter(tiny, payload, tmp_path, capsys):
     path, marker, global_name = payload("payload.pth")
     argv = ["--config-file", tiny["config"], "--output", str(tmp_path / "export")]

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from dino_d2.data import register_coco_format_dataset
-from dino_d2.engine import check_num_classes
+from dino_d2.data import check_num_classes
 
 
 @pytest.fixture

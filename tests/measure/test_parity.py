@@ -1,0 +1,20 @@
+"""The CPU fast path against the plain model, with frozen batch norms that folding changes."""
+
+import torch
+
+from detectron2.config import instantiate
+from detectron2.layers import FrozenBatchNorm2d
+
+from dino_d2.measure import fast_path_parity, perturb_frozen_batchnorm, random_batches
+
+
+def test_frozen_batchnorm_made_non_trivial_and_fast_path_equal(tiny_dino_config):
+    cfg = tiny_dino_config()
+    model = instantiate(cfg.model).eval()
+    assert perturb_frozen_batchnorm(model, seed=1) > 0
+    norm = next(m for m in model.modules() if isinstance(m, FrozenBatchNorm2d))
+    assert not torch.equal(norm.running_var, torch.ones_like(norm.running_var))
+    batch = random_batches(1, 2, 96, 80)[0]
+    comparison = fast_path_parity(model, batch)
+    assert comparison.passed and comparison.num_paired == 2 * cfg.model.num_select
+    assert comparison.max_score_diff <= 1e-4
