@@ -44,7 +44,7 @@ def test_values_and_sub_dicts_are_read():
     )
     options = TrainOptions.from_config(train)
     assert options.max_iter == 7 and options.device == "cpu"
-    assert options.amp == AmpOptions(enabled=True, precision=None)
+    assert options.amp == AmpOptions(enabled=True, precision="auto")
     assert options.clip_grad.max_norm == 1 and options.clip_grad.enabled
     assert options.checkpointer == {"period": 3}  # handed whole to PeriodicCheckpointer
 

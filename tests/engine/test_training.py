@@ -8,7 +8,7 @@ import torch
 
 from detectron2.engine import hooks
 
-from dino_d2.engine import EMAHook, Training, build_training
+from dino_d2.engine import EMAHook, Training, amp_settings, build_training
 from dino_d2.engine.threads import AdaptiveThreadsHook
 from dino_d2.layers.frozen_bn import FrozenBNConv2d
 from dino_d2.measure import random_batches
@@ -37,7 +37,9 @@ def test_the_step_is_wired_from_the_config(training_of):
     training = training_of()
     trainer, options = training.trainer, training.options
     assert trainer.clip_grad_max_norm == options.clip_grad.max_norm
-    assert trainer.amp_dtype is None and training.ema is not None
+    # train.amp as configs/common/train.py sets it: "auto", bfloat16 where the CPU computes it.
+    expected = amp_settings("cpu", options.amp.precision)[0] if options.amp.enabled else None
+    assert trainer.amp_dtype == expected and training.ema is not None
     # The training transform: frozen batch norms folded into their convolutions.
     assert any(isinstance(m, FrozenBNConv2d) for m in training.model.modules())
     kinds = [type(hook) for hook in trainer._hooks]
