@@ -30,159 +30,21 @@ Class heads and the label embedding keep the rows of :attr:`Architecture.class_r
 """
 
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping
 
-import torch
-
-from .architecture import (
-    Architecture,
-    DetectorShape,
-    infer_swin_architecture,
-    match_feature_names,
+from .architecture import DetectorShape
+from .classes import coco_category_ids
+from .layout import (
+    DetectorLayout,
+    all_equal,
+    count_consecutive,
+    layout_indices,
+    require_key,
+    rows_rule,
 )
-from .classes import coco_category_ids, select_rows
 from .mapping import ConversionError, Rule
-from .resnet import RESNET_STAGE_CHANNELS, infer_resnet_depth, resnet_rules
 
-__all__ = ["DetectorLayout", "AuthorsLayout", "DetrexLayout", "DETECTOR_LAYOUTS"]
-
-_TARGET_BACKBONE = "backbone.bottom_up."
-
-
-def _indices(state_dict: Mapping[str, torch.Tensor], pattern: str) -> List[int]:
-    """Sorted distinct values of the ``(\\d+)`` group of ``pattern`` over the keys."""
-    compiled = re.compile(pattern)
-    found = {int(m.group(1)) for m in map(compiled.match, state_dict) if m}
-    return sorted(found)
-
-
-def _count(state_dict: Mapping[str, torch.Tensor], pattern: str, what: str) -> int:
-    indices = _indices(state_dict, pattern)
-    if not indices or indices != list(range(len(indices))):
-        raise ConversionError(f"found no consecutive {what} (indices {indices})")
-    return len(indices)
-
-
-class DetectorLayout:
-    """Base of the layouts of trained DINO detectors.
-
-    Subclasses set the class attributes (``container`` is the top-level key of the state dict,
-    ``marker`` a key that identifies the layout, the prefixes locate the backbone) and implement
-    ``_shape`` and ``_head_rules``; ``_class_rows`` and ``_read_args`` hold the source's defaults.
-    """
-
-    name: str = ""
-    container: str = "model"
-    top_level: Tuple[str, ...] = ()
-    marker: str = ""
-    resnet_prefix: str = ""
-    resnet_naming: str = "torchvision"
-    swin_prefix: str = ""
-    resnet_freeze_at: int = 2
-    ignored_prefixes: Tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        """One line for "known layouts" messages."""
-        return (
-            f"{self.name}: {{{', '.join(repr(k) for k in self.top_level)}}} with "
-            f"{self.marker!r} in {self.container!r}"
-        )
-
-    def extract(self, checkpoint: Any, use_ema: bool = False):
-        """``(state_dict, args)`` from the loaded file (args None unless the file has them), or
-        None when the file is not in this layout."""
-        state_dict = checkpoint.get(self.container) if isinstance(checkpoint, Mapping) else None
-        if not isinstance(state_dict, Mapping) or self.marker not in state_dict:
-            return None
-        return dict(state_dict), None
-
-    def backbone_kind(self, state_dict: Mapping[str, torch.Tensor]) -> Tuple[str, str]:
-        """``("resnet" | "swin", prefix)`` of the backbone weights."""
-        stem = "stem.conv1.weight" if self.resnet_naming == "detectron2" else "conv1.weight"
-        if self.resnet_prefix + stem in state_dict:
-            return "resnet", self.resnet_prefix
-        if f"{self.swin_prefix}patch_embed.proj.weight" in state_dict:
-            return "swin", self.swin_prefix
-        seen = sorted(k for k in state_dict if k.startswith(self.swin_prefix))[:5]
-        raise ConversionError(
-            f"the {self.name!r} checkpoint's backbone is neither a ResNet "
-            f"({self.resnet_prefix}...) nor a Swin Transformer ({self.swin_prefix}patch_embed...); "
-            f"its first keys: {seen}"
-        )
-
-    def is_ignored(self, key: str) -> bool:
-        """Checkpoint keys that have no counterpart by design (BN counters, loss modules)."""
-        return key.endswith(".num_batches_tracked") or key.startswith(self.ignored_prefixes)
-
-    def inspect(
-        self,
-        state_dict: Mapping[str, torch.Tensor],
-        args: Optional[Mapping[str, Any]],
-        num_classes: Optional[int],
-    ) -> Architecture:
-        """Reads the architecture; ``num_classes`` keeps class rows ``0..num_classes-1``."""
-        shape = self._shape(state_dict)
-        kind, prefix = self.backbone_kind(state_dict)
-        if kind == "resnet":
-            depth = infer_resnet_depth(state_dict, prefix, self.resnet_naming)
-            features = match_feature_names(
-                shape.level_widths, list(RESNET_STAGE_CHANNELS), "level projection"
-            )
-            backbone = {
-                "stages.depth": depth,
-                "out_features": features,
-                "freeze_at": self.resnet_freeze_at,
-            }
-        else:
-            backbone = infer_swin_architecture(state_dict, prefix)
-            channels = [backbone["embed_dim"] * 2**i for i in range(len(backbone["depths"]))]
-            features = match_feature_names(shape.level_widths, channels, "level projection")
-            backbone.update(out_features=features, frozen_stages=-1)
-        arch = Architecture(backbone=kind, backbone_values=backbone, detector=shape)
-        arch.class_rows = self._class_rows(shape, num_classes, arch.notes)
-        self._read_args(args, arch)
-        return arch
-
-    def _class_rows(self, shape: DetectorShape, num_classes: Optional[int], notes) -> List[int]:
-        if num_classes is None:
-            return list(range(shape.class_rows))
-        if not 0 < num_classes <= shape.class_rows:
-            raise ConversionError(
-                f"--num-classes {num_classes} does not fit the checkpoint's {shape.class_rows} "
-                "class rows"
-            )
-        return list(range(num_classes))
-
-    def _read_args(self, args: Optional[Mapping[str, Any]], arch: Architecture) -> None:
-        """Fills the values that the weights do not determine (defaults of the source)."""
-
-    def rules(self, arch: Architecture) -> List[Rule]:
-        """All rules for a target built from ``arch`` (the Swin backbone is mapped separately)."""
-        rules: List[Rule] = []
-        if arch.backbone == "resnet":
-            rules += resnet_rules(self.resnet_prefix, _TARGET_BACKBONE, self.resnet_naming)
-        return rules + self._head_rules(arch)
-
-    def _shape(self, state_dict: Mapping[str, torch.Tensor]) -> DetectorShape:
-        raise NotImplementedError
-
-    def _head_rules(self, arch: Architecture) -> List[Rule]:
-        raise NotImplementedError
-
-
-def _require(state_dict: Mapping[str, torch.Tensor], key: str, layout: str) -> torch.Tensor:
-    if key not in state_dict:
-        raise ConversionError(f"the checkpoint lacks {key!r}, which the {layout!r} layout expects")
-    return state_dict[key]
-
-
-def _all_equal(state_dict: Mapping[str, torch.Tensor], keys: Sequence[str]) -> bool:
-    first = state_dict[keys[0]]
-    return all(torch.equal(first, state_dict[k]) for k in keys[1:])
-
-
-def _rows_rule(target: str, source: str, rows: Sequence[int], aliases=()) -> Rule:
-    return Rule(target, source, select_rows(rows), tuple(aliases), note="class rows selected")
+__all__ = ["AuthorsLayout", "DetrexLayout", "DETECTOR_LAYOUTS"]
 
 
 # The authors' args that change the computation in ways dino_d2 does not implement, and the
@@ -247,9 +109,11 @@ class AuthorsLayout(DetectorLayout):
 
     def _shape(self, sd):
         h, layout = self.head, self.name
-        level_embed = _require(sd, f"{h}transformer.level_embed", layout)
+        level_embed = require_key(sd, f"{h}transformer.level_embed", layout)
         num_levels, embed_dim = level_embed.shape
-        projections = _count(sd, re.escape(h) + r"input_proj\.(\d+)\.0\.weight$", "input_proj")
+        projections = count_consecutive(
+            sd, re.escape(h) + r"input_proj\.(\d+)\.0\.weight$", "input_proj"
+        )
         if projections != num_levels:
             raise ConversionError(
                 f"{projections} input_proj entries but {num_levels} levels in level_embed"
@@ -258,33 +122,35 @@ class AuthorsLayout(DetectorLayout):
         widths = [int(w.shape[1]) for w in convs if w.shape[-1] == 1]
         enc = f"{h}transformer.encoder.layers."
         dec = f"{h}transformer.decoder.layers."
-        decoder_layers = _count(sd, re.escape(dec) + r"(\d+)\.linear1\.weight$", "decoder layers")
+        decoder_layers = count_consecutive(
+            sd, re.escape(dec) + r"(\d+)\.linear1\.weight$", "decoder layers"
+        )
         class_keys = [f"{h}class_embed.{i}.weight" for i in range(decoder_layers)]
         box_keys = [
             f"{h}bbox_embed.{i}.layers.{k}.weight" for i in range(decoder_layers) for k in (0, 1, 2)
         ]
         for key in class_keys + box_keys:
-            _require(sd, key, layout)
-        share = _all_equal(sd, class_keys) and all(_all_equal(sd, box_keys[k::3]) for k in range(3))
+            require_key(sd, key, layout)
+        share = all_equal(sd, class_keys) and all(all_equal(sd, box_keys[k::3]) for k in range(3))
         return DetectorShape(
             level_widths=widths,
             num_levels=int(num_levels),
             embed_dim=int(embed_dim),
-            encoder_layers=_count(
+            encoder_layers=count_consecutive(
                 sd, re.escape(enc) + r"(\d+)\.linear1\.weight$", "encoder layers"
             ),
             decoder_layers=decoder_layers,
-            encoder_ffn=int(_require(sd, f"{enc}0.linear1.weight", layout).shape[0]),
-            decoder_ffn=int(_require(sd, f"{dec}0.linear1.weight", layout).shape[0]),
+            encoder_ffn=int(require_key(sd, f"{enc}0.linear1.weight", layout).shape[0]),
+            decoder_ffn=int(require_key(sd, f"{dec}0.linear1.weight", layout).shape[0]),
             encoder_offsets=int(
-                _require(sd, f"{enc}0.self_attn.sampling_offsets.weight", layout).shape[0]
+                require_key(sd, f"{enc}0.self_attn.sampling_offsets.weight", layout).shape[0]
             ),
             decoder_offsets=int(
-                _require(sd, f"{dec}0.cross_attn.sampling_offsets.weight", layout).shape[0]
+                require_key(sd, f"{dec}0.cross_attn.sampling_offsets.weight", layout).shape[0]
             ),
-            num_queries=int(_require(sd, f"{h}transformer.tgt_embed.weight", layout).shape[0]),
+            num_queries=int(require_key(sd, f"{h}transformer.tgt_embed.weight", layout).shape[0]),
             class_rows=int(sd[class_keys[0]].shape[0]),
-            label_rows=int(_require(sd, f"{h}label_enc.weight", layout).shape[0]),
+            label_rows=int(require_key(sd, f"{h}label_enc.weight", layout).shape[0]),
             share_heads=share,
         )
 
@@ -380,7 +246,7 @@ class AuthorsLayout(DetectorLayout):
                 "transformer.decoder.ref_point_head.layers.{k}.{p}",
                 f"{h}transformer.decoder.ref_point_head.layers.{{k}}.{{p}}",
             ),
-            _rows_rule(
+            rows_rule(
                 "transformer.decoder.class_embed.{i}.{p}",
                 f"{h}class_embed.{{i}}.{{p}}",
                 rows,
@@ -399,7 +265,7 @@ class AuthorsLayout(DetectorLayout):
                 "transformer.query_selection.enc_output_norm.{p}",
                 f"{h}transformer.enc_output_norm.{{p}}",
             ),
-            _rows_rule(
+            rows_rule(
                 "transformer.query_selection.class_embed.{p}",
                 f"{h}transformer.enc_out_class_embed.{{p}}",
                 rows,
@@ -408,7 +274,7 @@ class AuthorsLayout(DetectorLayout):
                 "transformer.query_selection.bbox_embed.layers.{k}.{p}",
                 f"{h}transformer.enc_out_bbox_embed.layers.{{k}}.{{p}}",
             ),
-            _rows_rule("denoising.label_enc.weight", f"{h}label_enc.weight", rows),
+            rows_rule("denoising.label_enc.weight", f"{h}label_enc.weight", rows),
         ]
         for j in range(shape.num_levels - backbone_levels):
             rules.append(
@@ -439,10 +305,10 @@ class DetrexLayout(DetectorLayout):
 
     def _shape(self, sd):
         layout = self.name
-        level_embed = _require(sd, "transformer.level_embeds", layout)
+        level_embed = require_key(sd, "transformer.level_embeds", layout)
         num_levels, embed_dim = level_embed.shape
-        convs = _count(sd, r"neck\.convs\.(\d+)\.conv\.weight$", "neck.convs")
-        extra = len(_indices(sd, r"neck\.extra_convs\.(\d+)\.conv\.weight$"))
+        convs = count_consecutive(sd, r"neck\.convs\.(\d+)\.conv\.weight$", "neck.convs")
+        extra = len(layout_indices(sd, r"neck\.extra_convs\.(\d+)\.conv\.weight$"))
         if convs + extra != num_levels:
             raise ConversionError(
                 f"{convs} neck.convs and {extra} neck.extra_convs but {num_levels} levels in "
@@ -450,8 +316,8 @@ class DetrexLayout(DetectorLayout):
             )
         enc, dec = "transformer.encoder.layers.", "transformer.decoder.layers."
         ffn = r"(\d+)\.ffns\.0\.layers\.0\.0\.weight$"
-        decoder_layers = _count(sd, re.escape(dec) + ffn, "decoder layers")
-        heads = _count(sd, r"class_embed\.(\d+)\.weight$", "class_embed heads")
+        decoder_layers = count_consecutive(sd, re.escape(dec) + ffn, "decoder layers")
+        heads = count_consecutive(sd, r"class_embed\.(\d+)\.weight$", "class_embed heads")
         if heads != decoder_layers + 1:
             raise ConversionError(
                 f"{heads} class_embed heads for {decoder_layers} decoder layers; detrex keeps one "
@@ -461,19 +327,19 @@ class DetrexLayout(DetectorLayout):
             level_widths=[int(sd[f"neck.convs.{i}.conv.weight"].shape[1]) for i in range(convs)],
             num_levels=int(num_levels),
             embed_dim=int(embed_dim),
-            encoder_layers=_count(sd, re.escape(enc) + ffn, "encoder layers"),
+            encoder_layers=count_consecutive(sd, re.escape(enc) + ffn, "encoder layers"),
             decoder_layers=decoder_layers,
-            encoder_ffn=int(_require(sd, f"{enc}0.ffns.0.layers.0.0.weight", layout).shape[0]),
-            decoder_ffn=int(_require(sd, f"{dec}0.ffns.0.layers.0.0.weight", layout).shape[0]),
+            encoder_ffn=int(require_key(sd, f"{enc}0.ffns.0.layers.0.0.weight", layout).shape[0]),
+            decoder_ffn=int(require_key(sd, f"{dec}0.ffns.0.layers.0.0.weight", layout).shape[0]),
             encoder_offsets=int(
-                _require(sd, f"{enc}0.attentions.0.sampling_offsets.weight", layout).shape[0]
+                require_key(sd, f"{enc}0.attentions.0.sampling_offsets.weight", layout).shape[0]
             ),
             decoder_offsets=int(
-                _require(sd, f"{dec}0.attentions.1.sampling_offsets.weight", layout).shape[0]
+                require_key(sd, f"{dec}0.attentions.1.sampling_offsets.weight", layout).shape[0]
             ),
-            num_queries=int(_require(sd, "transformer.tgt_embed.weight", layout).shape[0]),
+            num_queries=int(require_key(sd, "transformer.tgt_embed.weight", layout).shape[0]),
             class_rows=int(sd["class_embed.0.weight"].shape[0]),
-            label_rows=int(_require(sd, "label_enc.weight", layout).shape[0]),
+            label_rows=int(require_key(sd, "label_enc.weight", layout).shape[0]),
             share_heads=False,
         )
 
@@ -516,7 +382,7 @@ class DetrexLayout(DetectorLayout):
             Rule(
                 "transformer.query_selection.enc_output_norm.{p}", "transformer.enc_output_norm.{p}"
             ),
-            _rows_rule(
+            rows_rule(
                 "transformer.query_selection.class_embed.{p}",
                 f"class_embed.{last}.{{p}}",
                 rows,
@@ -527,7 +393,7 @@ class DetrexLayout(DetectorLayout):
                 f"bbox_embed.{last}.layers.{{k}}.{{p}}",
                 aliases=(f"transformer.decoder.bbox_embed.{last}.layers.{{k}}.{{p}}",),
             ),
-            _rows_rule(
+            rows_rule(
                 "transformer.decoder.class_embed.{i}.{p}",
                 "class_embed.{i}.{p}",
                 rows,
@@ -538,7 +404,7 @@ class DetrexLayout(DetectorLayout):
                 "bbox_embed.{i}.layers.{k}.{p}",
                 aliases=("transformer.decoder.bbox_embed.{i}.layers.{k}.{p}",),
             ),
-            _rows_rule("denoising.label_enc.weight", "label_enc.weight", rows),
+            rows_rule("denoising.label_enc.weight", "label_enc.weight", rows),
         ]
         for part in (enc, dec):
             for k, name in linear.items():

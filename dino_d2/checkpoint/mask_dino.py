@@ -48,7 +48,7 @@ from typing import List
 import torch
 
 from .architecture import DetectorShape, match_feature_names
-from .dino import DetectorLayout, _count, _require, _rows_rule
+from .layout import DetectorLayout, count_consecutive, require_key, rows_rule
 from .mapping import ConversionError, Rule
 from .resnet import RESNET_STAGE_CHANNELS
 
@@ -102,7 +102,7 @@ class MaskDINOLayout(DetectorLayout):
                 f"{arch.detector.num_queries} queries as released; the unused tgt_embed is zeros"
             )
         arch.notes.append("anchors: the config's mask-enhanced initialisation (not stored)")
-        adapter = _require(state_dict, PIXEL_DECODER + "adapter_1.weight", self.name)
+        adapter = require_key(state_dict, PIXEL_DECODER + "adapter_1.weight", self.name)
         if arch.backbone == "resnet":
             channels = list(RESNET_STAGE_CHANNELS)
         else:
@@ -111,7 +111,7 @@ class MaskDINOLayout(DetectorLayout):
         (fused,) = match_feature_names([int(adapter.shape[1])], channels, "the mask adapter")
         levels = arch.backbone_values["out_features"]
         arch.backbone_values["out_features"] = sorted({fused, *levels})
-        mask_features = _require(state_dict, PIXEL_DECODER + "mask_features.weight", self.name)
+        mask_features = require_key(state_dict, PIXEL_DECODER + "mask_features.weight", self.name)
         arch.values.update(
             {
                 "backbone.in_features": levels,
@@ -126,9 +126,11 @@ class MaskDINOLayout(DetectorLayout):
 
     def _shape(self, sd):
         layout, p, q = self.name, PIXEL_DECODER, PREDICTOR
-        level_embed = _require(sd, p + "transformer.level_embed", layout)
+        level_embed = require_key(sd, p + "transformer.level_embed", layout)
         num_levels, embed_dim = level_embed.shape
-        projections = _count(sd, re.escape(p) + r"input_proj\.(\d+)\.0\.weight$", "input_proj")
+        projections = count_consecutive(
+            sd, re.escape(p) + r"input_proj\.(\d+)\.0\.weight$", "input_proj"
+        )
         if projections != num_levels:
             raise ConversionError(
                 f"{projections} input_proj entries but {num_levels} levels in level_embed"
@@ -146,23 +148,23 @@ class MaskDINOLayout(DetectorLayout):
             level_widths=widths,
             num_levels=int(num_levels),
             embed_dim=int(embed_dim),
-            encoder_layers=_count(
+            encoder_layers=count_consecutive(
                 sd, re.escape(enc) + r"(\d+)\.linear1\.weight$", "encoder layers"
             ),
-            decoder_layers=_count(
+            decoder_layers=count_consecutive(
                 sd, re.escape(dec) + r"(\d+)\.linear1\.weight$", "decoder layers"
             ),
-            encoder_ffn=int(_require(sd, f"{enc}0.linear1.weight", layout).shape[0]),
-            decoder_ffn=int(_require(sd, f"{dec}0.linear1.weight", layout).shape[0]),
+            encoder_ffn=int(require_key(sd, f"{enc}0.linear1.weight", layout).shape[0]),
+            decoder_ffn=int(require_key(sd, f"{dec}0.linear1.weight", layout).shape[0]),
             encoder_offsets=int(
-                _require(sd, f"{enc}0.self_attn.sampling_offsets.weight", layout).shape[0]
+                require_key(sd, f"{enc}0.self_attn.sampling_offsets.weight", layout).shape[0]
             ),
             decoder_offsets=int(
-                _require(sd, f"{dec}0.cross_attn.sampling_offsets.weight", layout).shape[0]
+                require_key(sd, f"{dec}0.cross_attn.sampling_offsets.weight", layout).shape[0]
             ),
             num_queries=int(sd.get(q + "query_feat.weight", _RELEASED_QUERIES).shape[0]),
-            class_rows=int(_require(sd, q + "class_embed.weight", layout).shape[0]),
-            label_rows=int(_require(sd, q + "label_enc.weight", layout).shape[0]),
+            class_rows=int(require_key(sd, q + "class_embed.weight", layout).shape[0]),
+            label_rows=int(require_key(sd, q + "label_enc.weight", layout).shape[0]),
             share_heads=True,
         )
 
@@ -236,8 +238,8 @@ class MaskDINOLayout(DetectorLayout):
                 "transformer.decoder.ref_point_head.layers.{k}.{p}",
                 q + "decoder.ref_point_head.layers.{k}.{p}",
             ),
-            _rows_rule("transformer.decoder.class_embed.{i}.{p}", q + "class_embed.{p}", rows),
-            _rows_rule("transformer.query_selection.class_embed.{p}", q + "class_embed.{p}", rows),
+            rows_rule("transformer.decoder.class_embed.{i}.{p}", q + "class_embed.{p}", rows),
+            rows_rule("transformer.query_selection.class_embed.{p}", q + "class_embed.{p}", rows),
             Rule(
                 "transformer.decoder.bbox_embed.{i}.layers.{k}.{p}",
                 box,
@@ -250,7 +252,7 @@ class MaskDINOLayout(DetectorLayout):
             self._content_rule(arch),
             Rule("transformer.query_selection.enc_output.{p}", q + "enc_output.{p}"),
             Rule("transformer.query_selection.enc_output_norm.{p}", q + "enc_output_norm.{p}"),
-            _rows_rule("denoising.label_enc.weight", q + "label_enc.weight", rows),
+            rows_rule("denoising.label_enc.weight", q + "label_enc.weight", rows),
             Rule("heads.masks.pixel_decoder.lateral.{m}", p + "adapter_1.{m}"),
             Rule("heads.masks.pixel_decoder.lateral.norm.{p}", p + "adapter_1.norm.{p}"),
             Rule("heads.masks.pixel_decoder.output.{m}", p + "layer_1.{m}"),
