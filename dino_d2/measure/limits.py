@@ -240,7 +240,9 @@ def inference_limit(
         "limit_s": own.limit_s,
         "latency_to_limit": latency_s / own.limit_s,
         "limits": {
-            name: {key: value for key, value in asdict(limit).items() if key not in ("dtype", "gmacs")}
+            name: {
+                key: value for key, value in asdict(limit).items() if key not in ("dtype", "gmacs")
+            }
             for name, limit in limits.items()
         },
     }
