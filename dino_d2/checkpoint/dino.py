@@ -39,8 +39,10 @@ from .layout import (
     all_equal,
     count_consecutive,
     layout_indices,
+    level_projections,
     require_key,
     rows_rule,
+    transformer_sizes,
 )
 from .mapping import ConversionError, Rule
 
@@ -109,22 +111,11 @@ class AuthorsLayout(DetectorLayout):
 
     def _shape(self, sd):
         h, layout = self.head, self.name
-        level_embed = require_key(sd, f"{h}transformer.level_embed", layout)
-        num_levels, embed_dim = level_embed.shape
-        projections = count_consecutive(
-            sd, re.escape(h) + r"input_proj\.(\d+)\.0\.weight$", "input_proj"
+        widths, num_levels, embed_dim = level_projections(sd, h, layout)
+        sizes = transformer_sizes(
+            sd, f"{h}transformer.encoder.layers.", f"{h}transformer.decoder.layers.", layout
         )
-        if projections != num_levels:
-            raise ConversionError(
-                f"{projections} input_proj entries but {num_levels} levels in level_embed"
-            )
-        convs = [sd[f"{h}input_proj.{i}.0.weight"] for i in range(projections)]
-        widths = [int(w.shape[1]) for w in convs if w.shape[-1] == 1]
-        enc = f"{h}transformer.encoder.layers."
-        dec = f"{h}transformer.decoder.layers."
-        decoder_layers = count_consecutive(
-            sd, re.escape(dec) + r"(\d+)\.linear1\.weight$", "decoder layers"
-        )
+        decoder_layers = sizes["decoder_layers"]
         class_keys = [f"{h}class_embed.{i}.weight" for i in range(decoder_layers)]
         box_keys = [
             f"{h}bbox_embed.{i}.layers.{k}.weight" for i in range(decoder_layers) for k in (0, 1, 2)
@@ -134,24 +125,13 @@ class AuthorsLayout(DetectorLayout):
         share = all_equal(sd, class_keys) and all(all_equal(sd, box_keys[k::3]) for k in range(3))
         return DetectorShape(
             level_widths=widths,
-            num_levels=int(num_levels),
-            embed_dim=int(embed_dim),
-            encoder_layers=count_consecutive(
-                sd, re.escape(enc) + r"(\d+)\.linear1\.weight$", "encoder layers"
-            ),
-            decoder_layers=decoder_layers,
-            encoder_ffn=int(require_key(sd, f"{enc}0.linear1.weight", layout).shape[0]),
-            decoder_ffn=int(require_key(sd, f"{dec}0.linear1.weight", layout).shape[0]),
-            encoder_offsets=int(
-                require_key(sd, f"{enc}0.self_attn.sampling_offsets.weight", layout).shape[0]
-            ),
-            decoder_offsets=int(
-                require_key(sd, f"{dec}0.cross_attn.sampling_offsets.weight", layout).shape[0]
-            ),
+            num_levels=num_levels,
+            embed_dim=embed_dim,
             num_queries=int(require_key(sd, f"{h}transformer.tgt_embed.weight", layout).shape[0]),
             class_rows=int(sd[class_keys[0]].shape[0]),
             label_rows=int(require_key(sd, f"{h}label_enc.weight", layout).shape[0]),
             share_heads=share,
+            **sizes,
         )
 
     def _class_rows(self, shape, num_classes, notes):

@@ -5,7 +5,7 @@ that maps every dino_d2 key onto the layout's names.
 """
 
 import re
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,8 +25,10 @@ __all__ = [
     "all_equal",
     "count_consecutive",
     "layout_indices",
+    "level_projections",
     "require_key",
     "rows_rule",
+    "transformer_sizes",
 ]
 
 # Where the dino_d2 detector keeps its backbone's weights.
@@ -167,3 +169,44 @@ def all_equal(state_dict: Mapping[str, torch.Tensor], keys: Sequence[str]) -> bo
 
 def rows_rule(target: str, source: str, rows: Sequence[int], aliases=()) -> Rule:
     return Rule(target, source, select_rows(rows), tuple(aliases), note="class rows selected")
+
+
+def level_projections(
+    sd: Mapping[str, torch.Tensor], prefix: str, layout: str
+) -> Tuple[List[int], int, int]:
+    """``(widths, num_levels, embed_dim)`` of a Deformable-DETR-style state dict whose
+    ``{prefix}transformer.level_embed`` and ``{prefix}input_proj.{i}.0`` (1x1 convolutions from
+    the backbone's levels, then 3x3 stride-2 ones for the extra levels) hold them; ``widths`` are
+    the backbone channels the 1x1 projections take."""
+    level_embed = require_key(sd, f"{prefix}transformer.level_embed", layout)
+    num_levels, embed_dim = level_embed.shape
+    pattern = re.escape(prefix) + r"input_proj\.(\d+)\.0\.weight$"
+    projections = count_consecutive(sd, pattern, "input_proj")
+    if projections != num_levels:
+        raise ConversionError(
+            f"{projections} input_proj entries but {num_levels} levels in level_embed"
+        )
+    convs = [sd[f"{prefix}input_proj.{i}.0.weight"] for i in range(projections)]
+    widths = [int(w.shape[1]) for w in convs if w.shape[-1] == 1]
+    return widths, int(num_levels), int(embed_dim)
+
+
+def transformer_sizes(
+    sd: Mapping[str, torch.Tensor], encoder: str, decoder: str, layout: str
+) -> Dict[str, int]:
+    """The sizes of the encoder layers under ``encoder`` and the decoder layers under ``decoder``
+    (prefixes ending in ``layers.``), in the authors' names (``linear1``, ``self_attn`` /
+    ``cross_attn.sampling_offsets``), as :class:`DetectorShape` fields."""
+
+    def rows(key: str) -> int:
+        return int(require_key(sd, key, layout).shape[0])
+
+    layers = r"(\d+)\.linear1\.weight$"
+    return {
+        "encoder_layers": count_consecutive(sd, re.escape(encoder) + layers, "encoder layers"),
+        "decoder_layers": count_consecutive(sd, re.escape(decoder) + layers, "decoder layers"),
+        "encoder_ffn": rows(f"{encoder}0.linear1.weight"),
+        "decoder_ffn": rows(f"{decoder}0.linear1.weight"),
+        "encoder_offsets": rows(f"{encoder}0.self_attn.sampling_offsets.weight"),
+        "decoder_offsets": rows(f"{decoder}0.cross_attn.sampling_offsets.weight"),
+    }

@@ -42,13 +42,18 @@ Refused, with the reason: a ``FEATURE_ORDER: high2low`` checkpoint (coarse level
 level order dino_d2's neck does not have.
 """
 
-import re
 from typing import List
 
 import torch
 
 from .architecture import DetectorShape, match_feature_names
-from .layout import DetectorLayout, count_consecutive, require_key, rows_rule
+from .layout import (
+    DetectorLayout,
+    level_projections,
+    require_key,
+    rows_rule,
+    transformer_sizes,
+)
 from .mapping import ConversionError, Rule
 from .resnet import RESNET_STAGE_CHANNELS
 
@@ -126,46 +131,24 @@ class MaskDINOLayout(DetectorLayout):
 
     def _shape(self, sd):
         layout, p, q = self.name, PIXEL_DECODER, PREDICTOR
-        level_embed = require_key(sd, p + "transformer.level_embed", layout)
-        num_levels, embed_dim = level_embed.shape
-        projections = count_consecutive(
-            sd, re.escape(p) + r"input_proj\.(\d+)\.0\.weight$", "input_proj"
-        )
-        if projections != num_levels:
-            raise ConversionError(
-                f"{projections} input_proj entries but {num_levels} levels in level_embed"
-            )
-        convs = [sd[f"{p}input_proj.{i}.0.weight"] for i in range(projections)]
-        widths = [int(w.shape[1]) for w in convs if w.shape[-1] == 1]
+        widths, num_levels, embed_dim = level_projections(sd, p, layout)
         if widths != sorted(widths):
             raise ConversionError(
                 f"the pixel decoder's level projections take {widths} channels, coarse level "
                 "first (FEATURE_ORDER: high2low); dino_d2's levels go from fine to coarse "
                 "(the released low2high checkpoints), so this one cannot be expressed"
             )
-        enc, dec = p + "transformer.encoder.layers.", q + "decoder.layers."
         return DetectorShape(
             level_widths=widths,
-            num_levels=int(num_levels),
-            embed_dim=int(embed_dim),
-            encoder_layers=count_consecutive(
-                sd, re.escape(enc) + r"(\d+)\.linear1\.weight$", "encoder layers"
-            ),
-            decoder_layers=count_consecutive(
-                sd, re.escape(dec) + r"(\d+)\.linear1\.weight$", "decoder layers"
-            ),
-            encoder_ffn=int(require_key(sd, f"{enc}0.linear1.weight", layout).shape[0]),
-            decoder_ffn=int(require_key(sd, f"{dec}0.linear1.weight", layout).shape[0]),
-            encoder_offsets=int(
-                require_key(sd, f"{enc}0.self_attn.sampling_offsets.weight", layout).shape[0]
-            ),
-            decoder_offsets=int(
-                require_key(sd, f"{dec}0.cross_attn.sampling_offsets.weight", layout).shape[0]
-            ),
+            num_levels=num_levels,
+            embed_dim=embed_dim,
             num_queries=int(sd.get(q + "query_feat.weight", _RELEASED_QUERIES).shape[0]),
             class_rows=int(require_key(sd, q + "class_embed.weight", layout).shape[0]),
             label_rows=int(require_key(sd, q + "label_enc.weight", layout).shape[0]),
             share_heads=True,
+            **transformer_sizes(
+                sd, p + "transformer.encoder.layers.", q + "decoder.layers.", layout
+            ),
         )
 
     def _read_args(self, args, arch):

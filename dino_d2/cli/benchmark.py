@@ -51,8 +51,8 @@ export: without the export's checkpoint the eager model has other weights and th
 fails. ``--weights`` is read without running code it may carry, and ``--pt2`` / ``--aoti`` (a
 program whose loading can run code) are only loaded with ``--unsafe-load``, for files you trust;
 ``model.json`` is read as data, each value checked. ``--baseline-s SECONDS`` prints the speed-up against an earlier figure; with
-``--baseline-sgemm GMACS`` (the sgemm rate of the machine that figure came from) also scaled
-to this machine's rate.
+``--baseline-sgemm GMACS`` (the float32 GEMM rate of the machine that figure came from) also
+scaled to this machine's (the fastest library's, as in the limit).
 
 Reported: median, mean and minimum time per image (inference) or per step (training), the
 process's peak resident memory (``ru_maxrss``: building the model counts too), the number of
@@ -83,11 +83,11 @@ from dino_d2.measure import (
     ExportInfoError,
     dataset_batches,
     fast_path_parity,
-    matrix_math_limit,
+    fastest_gemm,
+    inference_limit,
     peak_rss_mb,
     perturb_frozen_batchnorm,
     random_batches,
-    sgemm_gmacs,
     time_inference,
     time_training,
     time_export,
@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
         "--baseline-sgemm",
         type=float,
         metavar="GMACS",
-        help="the sgemm rate (GMAC/s) of the machine --baseline-s was measured on",
+        help="the float32 GEMM rate (GMAC/s) of the machine --baseline-s was measured on",
     )
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
@@ -273,9 +273,9 @@ def _inference(args, cfg, device) -> dict:
     results["peak_rss_mb"] = peak_rss_mb()
     batches = [[{"image": item["image"].to(device)} for item in batch] for batch in batches]
     if not args.no_limit:
-        logger.info("Counting the model's multiply-accumulates and timing sgemm")
+        logger.info("Counting the model's multiply-accumulates and timing the GEMM libraries")
         latency = results["latency_ms_median"] / 1000
-        results.update(matrix_math_limit(model, batches[0][0]["image"], latency))
+        results.update(inference_limit(model, batches[0][0]["image"], latency, amp_dtype))
     if not args.no_parity:
         if not args.weights:
             # Freshly built, frozen batch norms are the identity and folding them changes
@@ -318,7 +318,8 @@ def _training(args, cfg, device) -> dict:
 
 
 def _baseline(args, results: dict) -> dict:
-    """Speed-up against ``--baseline-s``, raw and scaled by the two machines' sgemm rates."""
+    """Speed-up against ``--baseline-s``, raw and scaled by the two machines' float32 GEMM
+    rates (this machine's: the fastest library's, as in the limit)."""
     if args.baseline_s is None:
         return {}
     measured = (
@@ -328,11 +329,16 @@ def _baseline(args, results: dict) -> dict:
     )
     out = {"baseline_s": args.baseline_s, "speedup": args.baseline_s / measured}
     if args.baseline_sgemm is not None:
-        rate = results.get("sgemm_gmacs_per_s") or sgemm_gmacs(results["device"])
+        limits = results.get("limits", {})
+        rate = (
+            limits["float32"]["gmacs_per_s"]
+            if "float32" in limits
+            else fastest_gemm(torch.float32, results["device"])["gmacs_per_s"]
+        )
         out.update(
             baseline_sgemm_gmacs_per_s=args.baseline_sgemm,
-            sgemm_gmacs_per_s=rate,
-            # The baseline as it would take on this machine, if it ran at the same share of sgemm.
+            gemm_gmacs_per_s_float32=rate,
+            # The baseline as it would take on this machine, at the same share of the GEMM rate.
             speedup_scaled=args.baseline_s * args.baseline_sgemm / rate / measured,
         )
     return out
@@ -365,10 +371,13 @@ def _print(results: dict) -> None:
         )
         if "limit_s" in results:
             print(
-                f"  matrix-math limit: {results['gmacs']:.1f} GMAC at "
-                f"{results['sgemm_gmacs_per_s']:.1f} GMAC/s (sgemm) = {results['limit_s']:.3f} s; "
-                f"latency / limit = {results['latency_to_limit']:.2f}"
+                f"  matrix-math limit in {results['precision']}: {results['gmacs']:.1f} GMAC at "
+                f"{results['gemm_gmacs_per_s']:.1f} GMAC/s ({results['gemm_library']}) = "
+                f"{results['limit_s']:.3f} s; latency / limit = {results['latency_to_limit']:.2f}"
             )
+            for name, limit in results["limits"].items():
+                rates = ", ".join(f"{lib} {rate:.1f}" for lib, rate in limit["rates"].items())
+                print(f"    {name}: GEMM GMAC/s {rates} -> limit {limit['limit_s']:.3f} s")
         if "fast_path_parity" in results:
             print(f"  fast path against the plain model: {results['fast_path_parity']}")
         for name, exported in results.get("exported", {}).items():
@@ -381,9 +390,9 @@ def _print(results: dict) -> None:
         line = f"  against {results['baseline_s']:.3f} s: {results['speedup']:.2f}x faster"
         if "speedup_scaled" in results:
             line += (
-                f"; {results['speedup_scaled']:.2f}x with the baseline scaled by sgemm rates "
-                f"({results['baseline_sgemm_gmacs_per_s']:.1f} there, "
-                f"{results['sgemm_gmacs_per_s']:.1f} GMAC/s here)"
+                f"; {results['speedup_scaled']:.2f}x with the baseline scaled by float32 GEMM "
+                f"rates ({results['baseline_sgemm_gmacs_per_s']:.1f} there, "
+                f"{results['gemm_gmacs_per_s_float32']:.1f} GMAC/s here)"
             )
         print(line)
     print(f"  peak RSS: {results['peak_rss_mb']:.0f} MiB")

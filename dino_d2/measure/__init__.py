@@ -9,10 +9,9 @@ The functions behind ``tools/benchmark.py``, ``tools/analyze_model.py`` and
   :mod:`~dino_d2.measure.exports`: an export timed and compared beside its eager model;
 * :mod:`~dino_d2.measure.training`: the training script's step, timed idle and on a busy machine
   (:mod:`~dino_d2.measure.busy`);
-* :mod:`~dino_d2.measure.flops` and :mod:`~dino_d2.measure.sgemm`: multiply-accumulates and the
-  least time this machine's matrix math allows;
-* :mod:`~dino_d2.measure.limits`: the GEMM rate of the fastest library (BLAS, oneDNN) in float32
-  and bfloat16, and a model's limit in each;
+* :mod:`~dino_d2.measure.flops`: multiply-accumulates, and :mod:`~dino_d2.measure.limits`: the
+  GEMM rate of the fastest library (BLAS, oneDNN) in float32 and bfloat16, and the least time
+  this machine's matrix math allows a model in each;
 * :mod:`~dino_d2.measure.parity`: the CPU fast path against the plain model, and
   :mod:`~dino_d2.measure.precision_parity`: bfloat16 against float32;
 * :mod:`~dino_d2.measure.memory`: peak resident and CUDA memory.
@@ -24,7 +23,7 @@ from .flops import count_macs
 from .inputs import dataset_batches, padded_batch, random_batches
 from .memory import cuda_peak_mb, peak_rss_mb
 from .parity import fast_path_parity, perturb_frozen_batchnorm
-from .sgemm import matrix_math_limit, sgemm_gmacs
+from .limits import fastest_gemm, inference_limit, model_limits
 from .timing import time_exported, time_inference
 from .training import time_training, time_training_idle_and_busy
 
@@ -41,8 +40,9 @@ __all__ = [
     "time_training_idle_and_busy",
     "busy_cpu",
     "count_macs",
-    "sgemm_gmacs",
-    "matrix_math_limit",
+    "fastest_gemm",
+    "inference_limit",
+    "model_limits",
     "fast_path_parity",
     "perturb_frozen_batchnorm",
     "peak_rss_mb",

@@ -43,6 +43,7 @@ __all__ = [
     "fastest_gemm",
     "gemm_libraries",
     "gemm_rate",
+    "inference_limit",
     "model_limits",
 ]
 
@@ -198,6 +199,53 @@ def model_limits(
             gmacs / best["gmacs_per_s"],
         )
     return limits
+
+
+def inference_limit(
+    model, image: Tensor, latency_s: float, dtype: Optional[torch.dtype] = None
+) -> Dict:
+    """How far one inference is from this machine's matrix-math limit in its precision.
+
+    The model's multiply-accumulates on ``image`` (fvcore's count,
+    :func:`dino_d2.measure.flops.count_macs`) at the fastest GEMM rate of each precision
+    (:func:`model_limits`, float32 and bfloat16); the latency is held against the limit of the
+    precision it ran in.
+
+    Args:
+        model: the model in eval mode.
+        image: (3, H, W) on the model's device.
+        latency_s: the measured seconds per image.
+        dtype: the autocast dtype the latency was measured under (None: float32).
+
+    Returns:
+        ``gmacs``, ``precision``, ``gemm_library`` and ``gemm_gmacs_per_s`` (the fastest GEMM in
+        that precision), ``limit_s``, ``latency_to_limit`` (the ratio), and ``limits``: per
+        precision, ``{"library", "gmacs_per_s", "rates", "limit_s"}``.
+    """
+    from .flops import count_macs
+
+    with torch.no_grad():
+        macs, _ = count_macs(model, image)
+    gmacs = macs / 1e9
+    limits = model_limits(gmacs, image.device)
+    precision = str(dtype or torch.float32).removeprefix("torch.")
+    if precision not in limits:
+        limits.update(model_limits(gmacs, image.device, (dtype,)))
+    own = limits[precision]
+    return {
+        "gmacs": gmacs,
+        "precision": precision,
+        "gemm_library": own.library,
+        "gemm_gmacs_per_s": own.gmacs_per_s,
+        "limit_s": own.limit_s,
+        "latency_to_limit": latency_s / own.limit_s,
+        "limits": {
+            name: {
+                key: value for key, value in asdict(limit).items() if key not in ("dtype", "gmacs")
+            }
+            for name, limit in limits.items()
+        },
+    }
 
 
 def _model_gmacs(config: str, height: int, width: int) -> float:

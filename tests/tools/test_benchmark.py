@@ -26,7 +26,8 @@ KEYS = {
     "latency_ms_median", "latency_ms_mean", "latency_ms_min", "images_per_s",
     "cuda_max_memory_allocated_mb", "peak_rss_mb", "rss_mb",
 }  # fmt: skip
-LIMIT_KEYS = {"gmacs", "sgemm_gmacs_per_s", "limit_s", "latency_to_limit"}
+LIMIT_KEYS = {"gmacs", "precision", "gemm_library", "gemm_gmacs_per_s", "limit_s"}
+LIMIT_KEYS |= {"latency_to_limit", "limits"}
 PARITY_KEYS = {"fast_path_parity", "fast_path_parity_passed", "fast_path_max_score_diff"}
 
 
@@ -52,9 +53,13 @@ def test_json_line_on_random_inputs(tiny_config):
     assert len(lines) == 1, result.stdout  # progress goes to stderr
     results = json.loads(lines[0])
     assert set(results) == KEYS | LIMIT_KEYS | PARITY_KEYS
-    # The limit: fvcore's count of the model at this size, at a measured sgemm rate.
-    assert 0 < results["gmacs"] < 5 and results["sgemm_gmacs_per_s"] > 0.1
-    assert results["limit_s"] == pytest.approx(results["gmacs"] / results["sgemm_gmacs_per_s"])
+    # The limit: fvcore's count of the model at this size, at the fastest float32 GEMM measured;
+    # the bfloat16 limit beside it.
+    assert 0 < results["gmacs"] < 5 and results["gemm_gmacs_per_s"] > 0.1
+    assert results["limit_s"] == pytest.approx(results["gmacs"] / results["gemm_gmacs_per_s"])
+    assert results["precision"] == "float32" and set(results["limits"]) == {"float32", "bfloat16"}
+    float32 = results["limits"]["float32"]
+    assert float32["gmacs_per_s"] == max(float32["rates"].values()) == results["gemm_gmacs_per_s"]
     assert results["latency_to_limit"] == pytest.approx(
         results["latency_ms_median"] / 1000 / results["limit_s"]
     )
@@ -122,7 +127,7 @@ def test_exported_model_timed_and_compared_with_eager(tiny_dino_config, tmp_path
     assert pt2["parity_passed"] and pt2["max_score_diff"] <= 1e-4, pt2["parity"]
     assert 0 < pt2["latency_ms_min"] <= pt2["latency_ms_median"]
     assert results["speedup"] == pytest.approx(10 / (results["latency_ms_median"] / 1000))
-    scaled = results["speedup"] / results["sgemm_gmacs_per_s"]
+    scaled = results["speedup"] / results["gemm_gmacs_per_s_float32"]
     assert results["speedup_scaled"] == pytest.approx(scaled)
 
     # The config's own (other) random weights: the detections differ, and the run fails.

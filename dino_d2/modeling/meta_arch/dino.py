@@ -11,7 +11,7 @@ from torchvision.ops import box_convert
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, detector_postprocess
-from detectron2.structures import ImageList
+from detectron2.structures import ImageList, Instances
 
 from dino_d2._compat import image_list_from_tensors
 from dino_d2.config import dino_kwargs_from_yacs
@@ -180,7 +180,7 @@ class DINO(nn.Module):
 
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True) -> List:
         """Detections of Detectron2 inputs: :meth:`detect` on the padded batch, then
-        ``detector_postprocess`` to each input's ``height`` x ``width`` (its image's size when
+        :meth:`postprocess` to each input's ``height`` x ``width`` (its image's size when
         absent).
 
         Returns:
@@ -190,13 +190,30 @@ class DINO(nn.Module):
         images = self.batch_images(batched_inputs)
         results = self.detect(images.tensor, images.image_sizes).to_instances(images.image_sizes)
         if not do_postprocess:
+            return self.postprocess(results, None)
+        sizes = [
+            (inputs.get("height", size[0]), inputs.get("width", size[1]))
+            for inputs, size in zip(batched_inputs, images.image_sizes)
+        ]
+        return self.postprocess(results, sizes)
+
+    def postprocess(
+        self, results: List[Instances], output_sizes: Optional[Sequence[Tuple[int, int]]]
+    ) -> List:
+        """The detections of :meth:`detect` (as :meth:`DINODetections.to_instances` gives them,
+        extra outputs as fields) made into what :meth:`inference` returns: with
+        ``output_sizes``, ``[{"instances": ...}]`` rescaled by Detectron2's
+        ``detector_postprocess``; with None, the ``Instances`` at each image's own size. An
+        exported model's outputs go through the same method (:class:`dino_d2.export.evaluate.
+        ExportedDetector`), so a subclass that turns its extra outputs into fields (Mask DINO's
+        masks) does it once for both.
+        """
+        if output_sizes is None:
             return results
-        processed = []
-        for result, inputs, image_size in zip(results, batched_inputs, images.image_sizes):
-            height = inputs.get("height", image_size[0])
-            width = inputs.get("width", image_size[1])
-            processed.append({"instances": detector_postprocess(result, height, width)})
-        return processed
+        return [
+            {"instances": detector_postprocess(result, height, width)}
+            for result, (height, width) in zip(results, output_sizes)
+        ]
 
     def detect(
         self,

@@ -1,7 +1,7 @@
 """The Mask DINO meta-architecture: DINO whose instances carry their pasted masks."""
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -144,23 +144,21 @@ class MaskDINO(DINO):
             outputs.pred_logits = torch.cat([outputs.pred_logits[:first], torch.stack(logits)])
         super().run_heads(outputs)
 
-    def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True) -> List:
-        """As :meth:`DINO.inference`, with ``pred_masks`` and mask-rescored ``scores`` (see the
-        class docstring); ``do_postprocess=False`` gives them at each image's own size."""
-        results = super().inference(batched_inputs, do_postprocess=False)
+    def postprocess(
+        self, results: List[Instances], output_sizes: Optional[Sequence[Tuple[int, int]]]
+    ) -> List:
+        """As :meth:`DINO.postprocess`, with ``pred_masks`` and mask-rescored ``scores`` (see the
+        class docstring); without ``output_sizes`` the masks are at each image's own size."""
         processed = []
-        for result, inputs in zip(results, batched_inputs):
-            image_size = result.image_size
-            size = (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
-            if not do_postprocess:
-                size = image_size
+        for index, result in enumerate(results):
+            size = result.image_size if output_sizes is None else tuple(output_sizes[index])
             result = self._with_masks(result, size)
-            if do_postprocess:
+            if output_sizes is not None:
                 result = detector_postprocess(result, *size)
             masks = result.get(MASKS)
             result.remove(MASKS)
             result.pred_masks = masks > 0
-            processed.append({"instances": result} if do_postprocess else result)
+            processed.append(result if output_sizes is None else {"instances": result})
         return processed
 
     def _with_masks(self, result: Instances, size: tuple) -> Instances:
