@@ -24,6 +24,7 @@ set with ``COCOEvaluator`` through the export and through the PyTorch model.
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from typing import Dict, List, Optional, Tuple
