@@ -111,6 +111,13 @@ class DINOCriterion(nn.Module):
                 name: getattr(outputs, name).float()
                 for name in ("pred_logits", "pred_boxes", "enc_logits", "enc_boxes")
             }
+            # Extra heads' outputs too (a mask head's logits): every loss term and matching
+            # cost sees float32.
+            for name in ("extras", "enc_extras"):
+                widened[name] = {
+                    key: value.float() if value.is_floating_point() else value
+                    for key, value in getattr(outputs, name).items()
+                }
             with torch.autocast(outputs.pred_logits.device.type, enabled=False):
                 return self._losses(dataclasses.replace(outputs, **widened), targets, dn)
         return self._losses(outputs, targets, dn)
