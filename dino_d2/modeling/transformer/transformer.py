@@ -98,7 +98,9 @@ class DINOTransformer(nn.Module):
 
     Args:
         encoder: a :class:`DeformableEncoder`.
-        decoder: a :class:`DeformableDecoder` (owns the per-layer class and box heads).
+        decoder: a :class:`DeformableDecoder` (owns the per-layer class and box heads); any
+            other decoder must have the same call and the attributes ``num_classes`` and
+            ``box_logit_eps`` (the clamp of ``inverse_sigmoid`` for boxes taken to logits).
         query_selection: a :class:`MixedQuerySelection` (owns the encoder heads and the learned
             content queries).
         position_embedding: a :class:`PositionEmbeddingSine` whose output has ``embed_dim``
@@ -126,7 +128,13 @@ class DINOTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
         self.num_levels = num_levels
         self.embed_dim = embed_dim
-        problems = []
+        problems = [
+            f"decoder ({type(decoder).__name__}) has no attribute {name!r}"
+            for name in ("num_classes", "box_logit_eps")
+            if not hasattr(decoder, name)
+        ]
+        if problems:
+            raise ValueError("DINOTransformer: " + "; ".join(problems))
         if decoder.num_classes != query_selection.num_classes:
             problems.append(
                 f"decoder.num_classes ({decoder.num_classes}) differs from "
@@ -203,8 +211,8 @@ class DINOTransformer(nn.Module):
         if dn_content is not None:
             num_dn = dn_content.shape[1]
             content = torch.cat([dn_content, content], 1)
-            eps = getattr(self.decoder, "box_logit_eps", 1e-3)
-            anchors = torch.cat([inverse_sigmoid(dn_boxes, eps), anchors], 1)
+            dn_anchors = inverse_sigmoid(dn_boxes, self.decoder.box_logit_eps)
+            anchors = torch.cat([dn_anchors, anchors], 1)
         decoded = self.decoder(content, anchors.sigmoid(), memory, levels, attn_mask)
         return DINOTransformerOutput(
             hidden_states=decoded.hidden_states,

@@ -226,3 +226,21 @@ def test_output_carries_what_heads_and_losses_need():
     torch.testing.assert_close(
         out.pred_logits[-1], model.decoder.class_embed[-1](out.hidden_states[-1])
     )
+
+
+def test_a_decoder_without_the_box_clamp_is_named():
+    """A custom decoder must declare ``box_logit_eps`` (the denoising boxes' logit clamp)."""
+    model = _build()
+
+    class BareDecoder(torch.nn.Module):
+        num_classes = K
+
+    with pytest.raises(ValueError, match="BareDecoder.*'box_logit_eps'"):
+        DINOTransformer(
+            encoder=model.encoder,
+            decoder=BareDecoder(),
+            query_selection=model.query_selection,
+            position_embedding=model.position_embedding,
+            num_levels=2,
+            embed_dim=64,
+        )
