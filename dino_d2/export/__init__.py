@@ -9,6 +9,7 @@ from .onnx import (
     MSDA_ONNX_BACKENDS,
     check_onnx_graph,
     export_onnx,
+    onnxruntime_session,
     run_onnxruntime,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "MSDA_ONNX_BACKENDS",
     "check_onnx_graph",
     "export_onnx",
+    "onnxruntime_session",
     "run_onnxruntime",
 ]

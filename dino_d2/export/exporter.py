@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from dino_d2.layers.ms_deform_attn import load_extension
 
 from .graph import InferenceGraph
-from .onnx import MSDA_ONNX_BACKENDS, export_onnx
+from .onnx import MSDA_ONNX_BACKENDS, export_onnx, onnxruntime_session
 from .verify import (
     DetectionComparison,
     compare_detections,
@@ -145,9 +145,7 @@ def _export(graph: InferenceGraph, sample, fmt: str, path: str, msda_backend: st
 def load_exported(path: str, fmt: str) -> Callable[[Tensor, Tensor], Sequence]:
     """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running the export."""
     if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(path)
 
         def run_onnx(images: Tensor, image_sizes: Tensor):
             feed = {"images": images.numpy(), "image_sizes": image_sizes.numpy()}
@@ -182,9 +180,14 @@ def load_openvino(path: str, precision: str = "f32") -> Callable[[Tensor, Tensor
     except ImportError as e:
         raise ImportError("running an ONNX export in OpenVINO needs `pip install openvino`") from e
     core = openvino.Core()
-    compiled = core.compile_model(
-        core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": precision}
-    )
+    config = {
+        "INFERENCE_PRECISION_HINT": precision,
+        # One inference at a time, as fast as it can go, on the threads torch computes with.
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": "1",
+        "INFERENCE_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    compiled = core.compile_model(core.read_model(path), "CPU", config)
 
     def run_openvino(images: Tensor, image_sizes: Tensor):
         outputs = compiled({"images": images.numpy(), "image_sizes": image_sizes.numpy()})

@@ -11,8 +11,13 @@ its pure-PyTorch backends:
   runtimes that mishandle ``GridSample`` (TensorRT has compiled grid_sample-based deformable
   attention into silently wrong detections).
 
-Both give the kernel's results up to float rounding. The written graph is then checked: every
-node must be a standard ONNX operator, and with ``"gather"`` none may be ``GridSample``.
+Both give the kernel's results up to float rounding. The traced graph is then optimized by
+onnxscript (the exporter's ``optimize=True``): constants folded (shape arithmetic, the position
+embeddings' frequency tables), redundant casts and reshapes removed, and every batch norm that
+follows a convolution folded into its weights and bias, so runtimes get about a third of the
+nodes the translation writes (3,900 against 1,400 for the digits model) and no
+``BatchNormalization``. The written graph is then checked: every node must be a standard ONNX
+operator, and with ``"gather"`` none may be ``GridSample``.
 
 The dynamo-based exporter (torch.export, then onnxscript's translation) is used rather than the
 TorchScript one: it keeps dynamic sizes symbolic (``dynamic_shapes``), which the level sizes of
@@ -33,6 +38,7 @@ __all__ = [
     "MSDA_ONNX_BACKENDS",
     "check_onnx_graph",
     "export_onnx",
+    "onnxruntime_session",
     "run_onnxruntime",
 ]
 
@@ -134,7 +140,7 @@ def export_onnx(
             input_names=input_names,
             output_names=output_names,
             verbose=False,
-            optimize=False,
+            optimize=True,
         )
     check_onnx_graph(program.model_proto, msda_backend)
     if f is not None:
@@ -142,10 +148,36 @@ def export_onnx(
     return program
 
 
+def onnxruntime_session(model: Any) -> Any:
+    """An onnxruntime session on the CPU set up for latency.
+
+    All graph optimizations (``ORT_ENABLE_ALL``: constant folding, node fusions, the blocked
+    NCHWc layout for convolutions), one inference at a time (sequential execution) on as many
+    threads as torch computes with (``torch.get_num_threads()``, so that an export and the
+    eager model it is compared with get the same cores), and memory patterns reused between
+    runs of the same input sizes.
+
+    Args:
+        model: a path to an ``.onnx`` file or an ``onnx.ModelProto``.
+
+    Returns:
+        The ``onnxruntime.InferenceSession``.
+    """
+    ort = _require("onnxruntime")
+    if not isinstance(model, str):
+        model = model.SerializeToString()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.enable_mem_pattern = True
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 def run_onnxruntime(
     model: Any, inputs: Sequence[Union[torch.Tensor, np.ndarray]]
 ) -> List[np.ndarray]:
-    """Runs an ONNX model on the CPU with onnxruntime.
+    """Runs an ONNX model on the CPU with onnxruntime (a session of :func:`onnxruntime_session`).
 
     Args:
         model: a path to an ``.onnx`` file or an ``onnx.ModelProto``.
@@ -154,10 +186,7 @@ def run_onnxruntime(
     Returns:
         The graph's outputs, in order, as numpy arrays.
     """
-    ort = _require("onnxruntime")
-    if not isinstance(model, str):
-        model = model.SerializeToString()
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(model)
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(inputs):
         raise ValueError(f"the ONNX model takes {len(names)} inputs {names}, got {len(inputs)}")

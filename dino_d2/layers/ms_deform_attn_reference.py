@@ -70,24 +70,27 @@ def multi_scale_deformable_attn_pytorch(
     _, q, _, num_levels, p, _ = sampling_locations.shape
     shapes = _host_level_shapes(spatial_shapes, level_shapes)
     values = value.split([h * w for h, w in shapes], dim=1)
-    # grid_sample works on (N * M, D, H, W) maps with a (N * M, Q, P, 2) grid in [-1, 1].
-    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)
+    # grid_sample works on (N * M, D, H, W) maps with a (N * M, P, Q, 2) grid in [-1, 1]: the
+    # points go before the queries, so that each level's samples come out as (N * M, D, P, Q)
+    # and the weighted sum reduces a middle axis, Q values at a time (not a trailing axis of P
+    # values), with one concatenation and one product over all levels.
+    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).flatten(0, 1)
     per_level = []
     for level, (h, w) in enumerate(shapes):
         value_l = values[level].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
         per_level.append(
             F.grid_sample(
                 value_l,
-                grids[:, :, level],
+                grids[:, level],
                 mode="bilinear",
                 padding_mode="zeros",
                 align_corners=False,
             )
         )
-    # (N * M, D, Q, L, P) times (N * M, 1, Q, L, P), summed over levels and points.
-    sampled = torch.stack(per_level, dim=3)
-    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, q, num_levels, p)
-    output = (sampled * weights).sum(dim=(3, 4))
+    # (N * M, D, L * P, Q) times (N * M, 1, L * P, Q), summed over levels and points.
+    sampled = torch.cat(per_level, dim=2)
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(n * m, 1, num_levels * p, q)
+    output = (sampled * weights).sum(dim=2)
     return output.view(n, m * d, q).transpose(1, 2).contiguous()
 
 
