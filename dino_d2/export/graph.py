@@ -59,8 +59,10 @@ class InferenceGraph(nn.Module):
                 f"to {square}, which the exported graph does not do; use a backbone without "
                 "square_size"
             )
-        self.model = model.eval()
+        self.model = model
         self.input_dtype = input_dtype
+        # An inference graph: the wrapper and the model in eval mode (the exporters check it).
+        self.eval()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -65,7 +65,9 @@ def _assert_same(reference, candidate, score_tolerance=1e-5, box_tolerance=1e-3)
 
 
 def test_the_graph_gives_dino_s_detections(tiny_model):
-    graph = InferenceGraph(tiny_model)
+    graph = InferenceGraph(tiny_model.train())
+    # The wrapper and the model it wraps are in eval mode (the exporters warn otherwise).
+    assert not any(module.training for module in graph.modules())
     # One image: DINO as configured. A batch of different sizes: DINO with
     # exact_batched_inference=False (both send the padded batch through the backbone).
     for sizes in ([(70, 90)], [(96, 80), (70, 130), (65, 65)]):
