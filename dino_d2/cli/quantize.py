@@ -37,7 +37,14 @@ from detectron2.utils.logger import setup_logger
 from dino_d2.checkpoint import AtomicCheckpointer, UntrustedFileError, add_unsafe_load_argument
 from dino_d2.export.evaluate import ExportedDetector, coco_ap
 from dino_d2.export.exporter import load_openvino
-from dino_d2.export.quantize import FLOAT_PARTS, accept_int8, calibration_inputs, quantize_int8
+from dino_d2.export.quantize import (
+    FLOAT_PARTS,
+    accept_int8,
+    calibration_inputs,
+    openvino_bf16_supported,
+    quantize_int8,
+    save_openvino,
+)
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
 
 __all__ = ["main", "paired_latency", "parse_args"]
@@ -116,40 +123,25 @@ def _latency(cfg, model, info: Dict, onnx_path: str, int8_path: str, num_images:
         "OpenVINO f32": load_openvino(onnx_path, "f32"),
         "OpenVINO int8": load_openvino(int8_path, "f32"),
     }
-    if "bf16" in _openvino_capabilities():
+    if openvino_bf16_supported():
         runtimes["OpenVINO bf16"] = load_openvino(onnx_path, "bf16")
     feeds = [(torch.from_numpy(f["images"]), torch.from_numpy(f["image_sizes"])) for f in inputs]
-    state = {"i": 0}
-
-    def turn(run: Callable) -> Callable[[], object]:
-        def call():
-            images, sizes = feeds[state["i"] % len(feeds)]
-            return run(images, sizes)
-
-        return call
 
     def eager(images, sizes):
         with torch.no_grad():
             return model.detect(images, sizes)
 
-    runs = {"PyTorch eager f32": turn(eager), **{k: turn(v) for k, v in runtimes.items()}}
-    medians = {name: [] for name in runs}
-    for i in range(len(feeds)):
-        state["i"] = i
-        for name, seconds in paired_latency(runs, 3).items():
-            medians[name].append(seconds)
-    reference = sorted(medians["PyTorch eager f32"])[len(feeds) // 2]
-    print(f"Latency, one image at a time, median over {len(feeds)} test images, paired:")
-    for name, values in medians.items():
-        median = sorted(values)[len(values) // 2]
-        print(f"  {name:18s} {median * 1000:8.1f} ms ({median / reference:.2f}x eager)")
+    def over_feeds(run: Callable) -> Callable[[], list]:
+        return lambda: [run(images, sizes) for images, sizes in feeds]
 
-
-def _openvino_capabilities() -> List[str]:
-    import openvino
-
-    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return [str(c).lower() for c in capabilities]
+    runs = {"PyTorch eager f32": eager, **runtimes}
+    medians = paired_latency({name: over_feeds(run) for name, run in runs.items()}, repeats=3)
+    reference = medians["PyTorch eager f32"]
+    print(f"Latency per image, one at a time over {len(feeds)} test images (median of 3, paired):")
+    for name, seconds in medians.items():
+        print(
+            f"  {name:18s} {seconds / len(feeds) * 1000:8.1f} ms ({seconds / reference:.2f}x eager)"
+        )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -193,10 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return coco_ap(cfg, detector)["bbox"]
 
         with tempfile.TemporaryDirectory() as folder:
-            import openvino
-
             staged = os.path.join(folder, "model_int8.xml")
-            openvino.save_model(quantized, staged)
+            save_openvino(quantized, staged)
             decision = accept_int8(box_ap(args.model), box_ap(staged), args.max_ap_drop)
             print(f"OpenVINO on the test set: {decision.message}")
             if args.latency:

@@ -34,7 +34,9 @@ __all__ = [
     "calibration_inputs",
     "float_node_names",
     "module_scope",
+    "openvino_bf16_supported",
     "quantize_int8",
+    "save_openvino",
 ]
 
 # Parts that can stay in float: a regular expression on the innermost module path of a node,
@@ -161,7 +163,7 @@ def quantize_int8(
         import onnx
         import openvino
     except ImportError as e:
-        raise ImportError(f"int8 quantization needs `pip install -e .[int8]` ({e})") from e
+        raise ImportError(f"int8 quantization needs `pip install -e .[openvino]` ({e})") from e
     model = openvino.Core().read_model(onnx_path)
     present = {op.get_friendly_name() for op in model.get_ops()}
     names = float_node_names(onnx.load(onnx_path, load_external_data=False), float_parts)
@@ -174,6 +176,21 @@ def quantize_int8(
         subset_size=len(calibration),
         ignored_scope=ignored,
     )
+
+
+def save_openvino(model: Any, path: str) -> None:
+    """Writes an ``openvino.Model`` to ``path`` (``.xml``, with the weights in ``.bin`` beside)."""
+    import openvino
+
+    openvino.save_model(model, path)
+
+
+def openvino_bf16_supported() -> bool:
+    """Whether OpenVINO computes in bfloat16 on this CPU (AVX512-BF16 or AMX)."""
+    import openvino
+
+    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in [str(c).upper() for c in capabilities]
 
 
 @dataclass

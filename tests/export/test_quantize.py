@@ -20,6 +20,7 @@ from dino_d2.export.quantize import (
     accept_int8,
     float_node_names,
     module_scope,
+    openvino_bf16_supported,
     quantize_int8,
 )
 
@@ -77,14 +78,9 @@ def _check_outputs(outputs, batch):
     return boxes, scores, classes
 
 
-def _bf16_capable():
-    capabilities = openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    return "BF16" in [str(c).upper() for c in capabilities]
-
-
 @pytest.mark.parametrize("precision", ["f32", "bf16"])
 def test_openvino_runs_the_export_as_onnxruntime_does(exported, precision):
-    if precision == "bf16" and not _bf16_capable():
+    if precision == "bf16" and not openvino_bf16_supported():
         pytest.skip("this CPU has no bfloat16 instructions (OpenVINO's OPTIMIZATION_CAPABILITIES)")
     images, sizes = _images([(96, 128), (70, 90), (65, 65)], seed=5)
     reference = _check_outputs(load_exported(exported["path"], "onnx")(images, sizes), 3)
@@ -193,3 +189,22 @@ def test_the_tool_names_a_missing_export(tmp_path, capsys):
     argv = ["--config-file", "c.py", "--model", str(tmp_path / "m.onnx"), "--output", "o"]
     assert quantize_cli.main(argv) == 2
     assert "m.onnx: no such file" in capsys.readouterr().err
+
+
+def test_export_eval_runs_openvino_only_for_onnx(exported):
+    from dino_d2.cli import export_model as export_cli
+    from dino_d2.export.exporter import ExportError
+
+    base = ["--config-file", "c.py", "--output", "o", "--eval"]
+    args = export_cli.parse_args(base + ["--runtime", "openvino", "--precision", "f32"])
+    images, sizes = _images([(70, 90)], seed=3)
+    reference = load_exported(exported["path"], "onnx")(images, sizes)
+    np.testing.assert_allclose(
+        export_cli._runner(args, exported["path"])(images, sizes)[1], reference[1], atol=1e-4
+    )
+    with pytest.raises(ExportError, match="--runtime openvino runs ONNX exports, not --format pt2"):
+        export_cli._runner(
+            export_cli.parse_args(base + ["--format", "pt2", "--runtime", "openvino"]), "m"
+        )
+    with pytest.raises(ExportError, match="--precision bf16 needs --runtime openvino"):
+        export_cli._runner(export_cli.parse_args(base + ["--precision", "bf16"]), "m")
