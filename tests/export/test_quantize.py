@@ -2,6 +2,7 @@
 OpenVINO runs agree with onnxruntime, the float parts stay free of quantizers, and the tool
 writes the int8 model only when its AP holds."""
 
+import copy
 import json
 import math
 
@@ -161,7 +162,9 @@ def test_the_tool_writes_int8_only_when_the_ap_holds(
 ):
     # The APs are stubbed (the tiny model detects nothing); quantization and saving are real.
     aps = iter([{"bbox": 50.0}, {"bbox": int8_ap}])
-    monkeypatch.setattr(quantize_cli, "load_config_file", lambda path: exported["cfg"])
+    cfg = copy.deepcopy(exported["cfg"])
+    cfg.train.init_checkpoint = ""
+    monkeypatch.setattr(quantize_cli, "load_config_file", lambda path: cfg)
     monkeypatch.setattr(quantize_cli, "calibration_inputs", lambda cfg, n, *a, **k: _feeds(n))
     monkeypatch.setattr(quantize_cli, "coco_ap", lambda cfg, detector: next(aps))
     out = tmp_path / "int8"
