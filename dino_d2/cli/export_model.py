@@ -57,7 +57,7 @@ from dino_d2.export.onnx import MSDA_ONNX_BACKENDS
 from dino_d2.layers.fast_path import optimize_for_cpu_inference
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
 
-__all__ = ["main", "parse_args", "test_resize", "sample_batch"]
+__all__ = ["load_model", "main", "parse_args", "test_resize", "sample_batch"]
 
 logger = logging.getLogger("dino_d2.export")
 
@@ -161,6 +161,25 @@ def _runner(args: argparse.Namespace, path: str):
     return load_exported(path, args.format)
 
 
+def load_model(cfg, unsafe_load: bool = False) -> torch.nn.Module:
+    """The config's model on the CPU in eval mode, with ``train.init_checkpoint``'s weights (a
+    warning and the random initial weights without one).
+
+    Raises:
+        ExportError: the weights cannot be loaded (the message names the file and why).
+    """
+    model = instantiate(cfg.model).to("cpu").eval()
+    weights = OmegaConf.select(cfg, "train.init_checkpoint", default="") or ""
+    if not weights:
+        logger.warning("No train.init_checkpoint: the model keeps its random weights")
+        return model
+    try:
+        AtomicCheckpointer(model, unsafe_load=unsafe_load).load(weights)
+    except (OSError, ValueError, UntrustedFileError) as e:  # URLError is an OSError
+        raise ExportError(f"cannot load train.init_checkpoint={weights}: {e}") from e
+    return model
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """The command line's arguments; the old ``--msda-impl`` is read as ``--msda-backend`` with a
     DeprecationWarning."""
@@ -229,15 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logger(name="fvcore", abbrev_name="fvcore")
     try:
         cfg = LazyConfig.apply_overrides(load_config_file(args.config_file), args.opts)
-        model = instantiate(cfg.model).to("cpu").eval()
-        weights = OmegaConf.select(cfg, "train.init_checkpoint", default="") or ""
-        if weights:
-            try:
-                AtomicCheckpointer(model, unsafe_load=args.unsafe_load).load(weights)
-            except (OSError, ValueError, UntrustedFileError) as e:  # URLError is an OSError
-                raise ExportError(f"cannot load train.init_checkpoint={weights}: {e}") from e
-        else:
-            logger.warning("No train.init_checkpoint: exporting the model's random weights")
+        model = load_model(cfg, args.unsafe_load)
         optimize_for_cpu_inference(model)
         graph = InferenceGraph(model, input_dtype=args.input_dtype)
         short, long = test_resize(cfg)

@@ -31,12 +31,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 from omegaconf import OmegaConf
 
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import LazyConfig
 from detectron2.utils.logger import setup_logger
 
-from dino_d2.checkpoint import AtomicCheckpointer, UntrustedFileError, add_unsafe_load_argument
+from dino_d2.checkpoint import add_unsafe_load_argument
+from dino_d2.cli.export_model import load_model
 from dino_d2.export.evaluate import ExportedDetector, coco_ap
-from dino_d2.export.exporter import load_openvino
+from dino_d2.export.exporter import ExportError, load_openvino
 from dino_d2.export.quantize import (
     FLOAT_PARTS,
     accept_int8,
@@ -156,13 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if existing and not args.overwrite:
             raise QuantizeError(f"{', '.join(existing)} exist(s); use --overwrite to replace")
         cfg = LazyConfig.apply_overrides(load_config_file(args.config_file), args.opts)
-        model = instantiate(cfg.model).to("cpu").eval()
-        weights = OmegaConf.select(cfg, "train.init_checkpoint", default="") or ""
-        if weights:
-            try:
-                AtomicCheckpointer(model, unsafe_load=args.unsafe_load).load(weights)
-            except (OSError, ValueError, UntrustedFileError) as e:
-                raise QuantizeError(f"cannot load train.init_checkpoint={weights}: {e}") from e
+        model = load_model(cfg, args.unsafe_load)
         dtype = getattr(torch, info["input_dtype"])
         calibration = calibration_inputs(
             cfg, args.calibration_images, dtype, info["min_input_size"]
@@ -216,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(outputs[2], "w") as f:
             json.dump(described, f, indent=2)
         print(f"Wrote {int8_path} and {outputs[2]}")
-    except (QuantizeError, UnsafeConfigError, ValueError) as e:
+    except (ExportError, QuantizeError, UnsafeConfigError, ValueError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 2
     return 0
