@@ -172,11 +172,12 @@ setup(
     ],
     # `pip install -e .[export]`: ONNX export (onnxscript drives torch.onnx.export(dynamo=True))
     # and onnxruntime to run and verify the exported graphs (dino_d2.export).
-    # `pip install -e .[openvino]`: OpenVINO as a second ONNX runtime for tools/benchmark.py
-    # --openvino (dino_d2.export.exporter.load_openvino); checked by hand, not in CI.
+    # `pip install -e .[openvino]`: OpenVINO as a second ONNX runtime (tools/benchmark.py
+    # --openvino, export_model.py --eval --runtime openvino) and NNCF's int8 quantization
+    # (tools/deploy/quantize.py, dino_d2.export.quantize); in the Makefile's DEPS and in CI.
     extras_require={
         "export": ["onnx>=1.23", "onnxruntime>=1.32", "onnxscript>=0.7"],
-        "openvino": ["openvino>=2024.0"],
+        "openvino": ["openvino>=2024.0", "nncf>=3.0"],
         "slurm": ["submitit>=1.5"],
     },
     ext_modules=ext_modules,
