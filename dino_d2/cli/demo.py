@@ -56,6 +56,7 @@ from dino_d2.checkpoint import UntrustedFileError, add_unsafe_load_argument
 from dino_d2.data import register_builtin_datasets
 from dino_d2.engine.predictor import Predictor
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
+from dino_d2.utils.allocator import unmap_large_blocks
 
 __all__ = [
     "DemoError",
@@ -326,6 +327,7 @@ def main(argv=None) -> int:
         if args.checkpoint and "://" not in args.checkpoint and not os.path.isfile(args.checkpoint):
             raise DemoError(f"the checkpoint {args.checkpoint} does not exist")
         plan_outputs(images, args.output, args.overwrite)  # fail before building the model
+        unmap_large_blocks()  # a lower peak memory: freed tensors go back to the system
         cfg = LazyConfig.apply_overrides(load_config_file(args.config_file), args.opts)
         checkpoint = "" if args.random_weights else args.checkpoint
         predictor = Predictor(cfg, checkpoint=checkpoint, unsafe_load=args.unsafe_load)
