@@ -44,6 +44,7 @@ __all__ = [
     "perturb_frozen_batchnorm",
     "peak_rss_mb",
     "cuda_peak_mb",
+    "InferenceProcessError",
     "inference_process_memory",
 ]
 
@@ -69,6 +70,7 @@ __getattr__ = lazy_exports(
         "time_inference": ".timing",
         "time_training": ".training",
         "time_training_idle_and_busy": ".training",
+        "InferenceProcessError": ".inference_memory",
         "inference_process_memory": ".inference_memory",
     },
 )
