@@ -68,10 +68,13 @@ def test_json_line_on_random_inputs(tiny_config):
     assert results["num_iter"] == 2 and results["batch_size"] == 1
     assert results["cuda_max_memory_allocated_mb"] is None
     assert 0 < results["latency_ms_min"] <= results["latency_ms_median"]
-    assert results["peak_rss_mb"] >= results["rss_mb"] * 0.99 > 0
+    assert results["rss_mb"] > 0
     # The fresh inference process: its imports, then its build, then its run, each counted.
     process = results["inference_process"]
     assert 0 < process["imports_rss_mb"] <= process["built_rss_mb"] <= process["peak_rss_mb"]
+    # This process imported at least as much and built the model twice (plain and fast path)
+    # before its timing peak; what it imports later (the parity's scipy) is not in that figure.
+    assert results["peak_rss_mb"] >= process["built_rss_mb"] * 0.99
     assert (process["height"], process["width"], process["amp"]) == (64, 96, None)
     assert "iteration 2/2" in result.stderr and "warm-up 1/1" in result.stderr
 
