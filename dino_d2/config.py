@@ -56,7 +56,7 @@ def _plain_values(node) -> Dict[str, Any]:
 
 def add_dino_config(cfg: CN) -> None:
     """Adds ``MODEL.DINO`` (and ``MODEL.SWIN``) with the LazyConfig's R50 4-scale defaults."""
-    from dino_d2.modeling.backbone.swin import add_swin_config
+    from dino_d2.modeling.backbone.swin_config import add_swin_config
 
     add_swin_config(cfg)
     model = _lazy_model()

@@ -11,18 +11,10 @@ that say how much space a failed write needed. Every checkpoint is read by
 carries unless ``--unsafe-load`` is given.
 """
 
+from ..utils.lazy import lazy_exports
 from .checkpointer import AtomicCheckpointer
-from .convert import (
-    SOURCES,
-    ConversionResult,
-    convert_checkpoint,
-    detect_source,
-    load_config,
-    save_checkpoint,
-)
 from .loading import UntrustedFileError, add_unsafe_load_argument, load_checkpoint_file
 from .mapping import ConversionError
-from .swin import convert_swin_checkpoint
 
 __all__ = [
     "AtomicCheckpointer",
@@ -38,3 +30,18 @@ __all__ = [
     "load_config",
     "save_checkpoint",
 ]
+
+# The converters are imported on first use: the Swin one needs timm, which loading a
+# checkpoint into a built model never does.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "SOURCES": ".convert",
+        "ConversionResult": ".convert",
+        "convert_checkpoint": ".convert",
+        "detect_source": ".convert",
+        "load_config": ".convert",
+        "save_checkpoint": ".convert",
+        "convert_swin_checkpoint": ".swin",
+    },
+)

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from dino_d2.modeling.backbone.swin import SWIN_PRESETS
+from dino_d2.modeling.backbone.swin_presets import SWIN_PRESETS
 
 from .mapping import ConversionError
 

@@ -55,7 +55,11 @@ program whose loading can run code) are only loaded with ``--unsafe-load``, for 
 scaled to this machine's (the fastest library's, as in the limit).
 
 Reported: median, mean and minimum time per image (inference) or per step (training), the
-process's peak resident memory (``ru_maxrss``: building the model counts too), the number of
+process's peak resident memory (``ru_maxrss``: building the model counts too; this process also
+holds the plain model and the inputs), for inference that of a fresh process which imports,
+builds, loads and runs one image of ``--height`` x ``--width`` (with ``--amp``) and nothing else,
+beside its imports alone (:mod:`dino_d2.measure.inference_memory`; ``--no-process-memory`` skips
+it), the number of
 compute threads and, on CUDA, ``torch.cuda.max_memory_allocated`` during the timed iterations.
 ``--json`` prints them as one JSON line on stdout (the progress goes to stderr). The exit code
 is 1 when the fast path's or an export's detections differ from the eager model's.
@@ -81,10 +85,12 @@ from dino_d2.export.exporter import load_exported, load_openvino
 from dino_d2.layers.fast_path import optimized_copy
 from dino_d2.measure import (
     ExportInfoError,
+    InferenceProcessError,
     dataset_batches,
     fast_path_parity,
     fastest_gemm,
     inference_limit,
+    inference_process_memory,
     peak_rss_mb,
     perturb_frozen_batchnorm,
     random_batches,
@@ -146,6 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-parity", action="store_true", help="inference: skip the fast path's parity check"
+    )
+    parser.add_argument(
+        "--no-process-memory",
+        action="store_true",
+        help="inference: skip the peak memory of a fresh inference process",
     )
     parser.add_argument(
         "--weights",
@@ -271,6 +282,17 @@ def _inference(args, cfg, device) -> dict:
     results = {"input": source, **time_inference(model, batches, args.warmup, amp_dtype=amp_dtype)}
     # Peak memory of the timed inference; what follows builds more.
     results["peak_rss_mb"] = peak_rss_mb()
+    if not args.no_process_memory:
+        logger.info("Measuring the peak memory of one inference in a fresh process")
+        results["inference_process"] = inference_process_memory(
+            args.config_file,
+            args.opts,
+            height=args.height,
+            width=args.width,
+            amp=args.amp,
+            weights=args.weights,
+            unsafe_load=args.unsafe_load,
+        )
     batches = [[{"image": item["image"].to(device)} for item in batch] for batch in batches]
     if not args.no_limit:
         logger.info("Counting the model's multiply-accumulates and timing the GEMM libraries")
@@ -395,7 +417,14 @@ def _print(results: dict) -> None:
                 f"{results['gemm_gmacs_per_s_float32']:.1f} GMAC/s here)"
             )
         print(line)
-    print(f"  peak RSS: {results['peak_rss_mb']:.0f} MiB")
+    print(f"  peak RSS of this benchmark process: {results['peak_rss_mb']:.0f} MiB")
+    if "inference_process" in results:
+        process = results["inference_process"]
+        print(
+            f"  peak RSS of a fresh inference process (imports, build, load, one "
+            f"{process['height']}x{process['width']} image): {process['peak_rss_mb']:.0f} MiB; "
+            f"imports alone {process['imports_rss_mb']:.0f} MiB"
+        )
     if results.get("cuda_max_memory_allocated_mb") is not None:
         print(f"  CUDA max allocated: {results['cuda_max_memory_allocated_mb']:.0f} MiB")
 
@@ -415,7 +444,7 @@ def main(argv=None) -> int:
         device = resolve_device(OmegaConf.select(cfg, "train.device", default=None))
         measure = _training if args.train else _inference
         timings = measure(args, cfg, device)
-    except (UntrustedFileError, UnsafeConfigError, ExportInfoError) as error:
+    except (UntrustedFileError, UnsafeConfigError, ExportInfoError, InferenceProcessError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     results = {

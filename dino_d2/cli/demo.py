@@ -3,6 +3,9 @@
     python tools/demo.py --config-file configs/dino_r18_digits.py \\
         --checkpoint output/digits/model_final.pth --input photo.jpg more/ "shots/*.png" \\
         --output demo_out --score-threshold 0.5
+    # a model without weights (its random initial ones), e.g. to measure time or memory
+    python tools/demo.py --config-file configs/dino_r50_4scale_12ep.py --random-weights \\
+        --input photo.jpg --output demo_out
     # key=value config overrides come last, after an option other than --input (or after --)
     python tools/demo.py --config-file ... --input a.jpg b.jpg --output out train.device=cpu
 
@@ -48,12 +51,12 @@ from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import Visualizer
 
 from dino_d2.checkpoint import UntrustedFileError, add_unsafe_load_argument
 from dino_d2.data import register_builtin_datasets
 from dino_d2.engine.predictor import Predictor
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
+from dino_d2.utils.allocator import unmap_large_blocks
 
 __all__ = [
     "DemoError",
@@ -61,7 +64,6 @@ __all__ = [
     "plan_outputs",
     "load_metadata",
     "run_demo",
-    "main",
     "main",
 ]
 
@@ -187,6 +189,16 @@ def _to_rgb(image: np.ndarray, image_format: str) -> np.ndarray:
     return image[:, :, ::-1] if image_format == "BGR" else image
 
 
+def _draw(image: np.ndarray, instances, metadata: Metadata):
+    """Detectron2's ``Visualizer`` drawing of ``instances`` on ``image`` ((H, W, 3) RGB uint8).
+
+    Imported here, not with the module: it loads matplotlib, which detecting does not need.
+    """
+    from detectron2.utils.visualizer import Visualizer
+
+    return Visualizer(image, metadata).draw_instance_predictions(instances)
+
+
 def _mask_rle(mask) -> Dict:
     """COCO RLE of one (H, W) bool mask, with ``str`` counts (JSON)."""
     rle = mask_util.encode(np.asfortranarray(mask.cpu().numpy().astype(np.uint8)))
@@ -258,9 +270,9 @@ def run_demo(
         seconds = time.perf_counter() - start
         instances = instances[instances.scores >= score_threshold]
 
-        visualizer = Visualizer(_to_rgb(image, predictor.input_format), metadata)
-        drawn = visualizer.draw_instance_predictions(instances)
-        drawn.save(os.path.join(output_dir, name))
+        _draw(_to_rgb(image, predictor.input_format), instances, metadata).save(
+            os.path.join(output_dir, name)
+        )
         results["images"].append(
             {
                 "file": path,
@@ -288,8 +300,14 @@ def main(argv=None) -> int:
         "--input", nargs="+", required=True, help="image files, folders or glob patterns"
     )
     parser.add_argument("--output", required=True, help="folder for the PNGs and detections.json")
-    parser.add_argument(
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument(
         "--checkpoint", default=None, help="weights to load (default: train.init_checkpoint)"
+    )
+    weights.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="load no weights: the model keeps its random initial ones (for timing and memory)",
     )
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -309,8 +327,10 @@ def main(argv=None) -> int:
         if args.checkpoint and "://" not in args.checkpoint and not os.path.isfile(args.checkpoint):
             raise DemoError(f"the checkpoint {args.checkpoint} does not exist")
         plan_outputs(images, args.output, args.overwrite)  # fail before building the model
+        unmap_large_blocks()  # a lower peak memory: freed tensors go back to the system
         cfg = LazyConfig.apply_overrides(load_config_file(args.config_file), args.opts)
-        predictor = Predictor(cfg, checkpoint=args.checkpoint, unsafe_load=args.unsafe_load)
+        checkpoint = "" if args.random_weights else args.checkpoint
+        predictor = Predictor(cfg, checkpoint=checkpoint, unsafe_load=args.unsafe_load)
         logger.info(f"Device: {predictor.device}; {len(images)} image(s) -> {args.output}")
         metadata = load_metadata(cfg, OmegaConf.select(cfg, "model.num_classes", default=None))
         run_demo(

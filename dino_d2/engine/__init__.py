@@ -1,26 +1,14 @@
 """Training: optimizer parameter groups, a trainer with gradient clipping and mixed precision on
 any device, a model EMA, the training step built once from a config (``train`` read into typed
 options), the job setup the training script uses, and a CPU-capable launcher in which one
-failing process stops the whole job."""
+failing process stops the whole job.
 
+Only :mod:`~dino_d2.engine.defaults` is imported with the package (an inference process needs
+``resolve_device``); the training parts are imported on first access of their names, so that
+``dino_d2.engine.predictor`` does not pull in Detectron2's trainer, hooks and evaluation."""
+
+from ..utils.lazy import lazy_exports
 from .defaults import default_setup, resolve_device
-from .ema import EMAHook, ModelEMA
-from .hooks import EvalHook
-from .launch import DEFAULT_TIMEOUT, JobFailedError, launch
-from .lr_decay import ViTLayerDecay
-from .optimizer import get_optimizer_params
-from .output_dir import OutputDirConflictError, prepare_output_dir
-from .train_keys import check_train_keys, declare_train_keys, known_train_keys
-from .train_options import TrainOptions
-from .training import Training, build_training
-from .trainer import (
-    Trainer,
-    amp_settings,
-    bfloat16_is_native,
-    check_losses_finite,
-    describe_precision,
-)
-from .writers import JSONWriter, default_writers
 
 __all__ = [
     "get_optimizer_params",
@@ -49,3 +37,32 @@ __all__ = [
     "JSONWriter",
     "default_writers",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "EMAHook": ".ema",
+        "ModelEMA": ".ema",
+        "EvalHook": ".hooks",
+        "DEFAULT_TIMEOUT": ".launch",
+        "JobFailedError": ".launch",
+        "launch": ".launch",
+        "ViTLayerDecay": ".lr_decay",
+        "get_optimizer_params": ".optimizer",
+        "OutputDirConflictError": ".output_dir",
+        "prepare_output_dir": ".output_dir",
+        "check_train_keys": ".train_keys",
+        "declare_train_keys": ".train_keys",
+        "known_train_keys": ".train_keys",
+        "TrainOptions": ".train_options",
+        "Training": ".training",
+        "build_training": ".training",
+        "Trainer": ".trainer",
+        "amp_settings": ".trainer",
+        "bfloat16_is_native": ".trainer",
+        "check_losses_finite": ".trainer",
+        "describe_precision": ".trainer",
+        "JSONWriter": ".writers",
+        "default_writers": ".writers",
+    },
+)

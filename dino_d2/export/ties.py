@@ -25,7 +25,6 @@ import dataclasses
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 __all__ = [
@@ -65,6 +64,9 @@ def pair_detections(
         ``(score_diffs, box_diffs, unpaired, their_unpaired)``: the absolute differences of the
         pairs, and the unpaired detections of each side as ``(score, class)`` lists.
     """
+    # Imported here: loading and running an export does not need scipy; comparing it does.
+    from scipy.optimize import linear_sum_assignment
+
     boxes, scores, classes = (t.detach().double().cpu() for t in ours[:3])
     their_boxes, their_scores, their_classes = (t.detach().double().cpu() for t in theirs[:3])
     paired = torch.zeros(len(scores), dtype=torch.bool)

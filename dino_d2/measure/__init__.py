@@ -14,18 +14,15 @@ The functions behind ``tools/benchmark.py``, ``tools/analyze_model.py`` and
   this machine's matrix math allows a model in each;
 * :mod:`~dino_d2.measure.parity`: the CPU fast path against the plain model, and
   :mod:`~dino_d2.measure.precision_parity`: bfloat16 against float32;
-* :mod:`~dino_d2.measure.memory`: peak resident and CUDA memory.
+* :mod:`~dino_d2.measure.memory`: peak resident and CUDA memory, and
+  :mod:`~dino_d2.measure.inference_memory`: the peak resident memory of a fresh inference
+  process (imports, build, load, one image), beside that of its imports alone.
+
+The names are imported on first access (PEP 562), so that running one of these modules as a
+fresh process (``python -m dino_d2.measure.inference_memory``) imports only what it needs.
 """
 
-from .busy import busy_cpu
-from .exports import ExportInfoError, export_inputs, time_export
-from .flops import count_macs
-from .inputs import dataset_batches, padded_batch, random_batches
-from .memory import cuda_peak_mb, peak_rss_mb
-from .parity import fast_path_parity, perturb_frozen_batchnorm
-from .limits import fastest_gemm, inference_limit, model_limits
-from .timing import time_exported, time_inference
-from .training import time_training, time_training_idle_and_busy
+from ..utils.lazy import lazy_exports
 
 __all__ = [
     "random_batches",
@@ -47,4 +44,33 @@ __all__ = [
     "perturb_frozen_batchnorm",
     "peak_rss_mb",
     "cuda_peak_mb",
+    "InferenceProcessError",
+    "inference_process_memory",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "busy_cpu": ".busy",
+        "ExportInfoError": ".exports",
+        "export_inputs": ".exports",
+        "time_export": ".exports",
+        "count_macs": ".flops",
+        "dataset_batches": ".inputs",
+        "padded_batch": ".inputs",
+        "random_batches": ".inputs",
+        "cuda_peak_mb": ".memory",
+        "peak_rss_mb": ".memory",
+        "fast_path_parity": ".parity",
+        "perturb_frozen_batchnorm": ".parity",
+        "fastest_gemm": ".limits",
+        "inference_limit": ".limits",
+        "model_limits": ".limits",
+        "time_exported": ".timing",
+        "time_inference": ".timing",
+        "time_training": ".training",
+        "time_training_idle_and_busy": ".training",
+        "InferenceProcessError": ".inference_memory",
+        "inference_process_memory": ".inference_memory",
+    },
+)

@@ -1,10 +1,12 @@
 """The DINO detector: meta-architecture, backbones, neck, transformer, denoising and losses.
 
 Importing this package registers ``DINO`` in Detectron2's ``META_ARCH_REGISTRY`` and the Swin
-backbone in ``BACKBONE_REGISTRY``.
+backbone in ``BACKBONE_REGISTRY``. The timm-based backbones (``SwinBackbone``, ``TimmBackbone``,
+``SWIN_PRESETS``) are imported on first access: a ResNet model never imports timm.
 """
 
-from .backbone import SWIN_PRESETS, SwinBackbone, TimmBackbone
+from ..utils.lazy import lazy_exports
+from . import backbone  # noqa: F401  (registers the Swin builder)
 from .criterion import DINOCriterion
 from .denoising import ContrastiveDenoising, DenoisingQueries
 from .losses import MatchedQueries, QuerySet
@@ -45,3 +47,8 @@ __all__ = [
     "SwinBackbone",
     "TimmBackbone",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {"SWIN_PRESETS": ".backbone", "SwinBackbone": ".backbone", "TimmBackbone": ".backbone"},
+)

@@ -27,7 +27,6 @@ import inspect
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from torchvision.ops import box_convert, generalized_box_iou
 
@@ -200,6 +199,9 @@ class HungarianMatcher(nn.Module):
             pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), labels, gt_boxes, inputs
         )
         cost = cost.view(n, q, -1).cpu()
+        # Imported here: scipy is a training-time need, and inference builds the matcher too.
+        from scipy.optimize import linear_sum_assignment
+
         indices = []
         for image, block in enumerate(cost.split(sizes, -1)):
             if sizes[image] == 0:

@@ -52,7 +52,7 @@ def test_json_line_on_random_inputs(tiny_config):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout  # progress goes to stderr
     results = json.loads(lines[0])
-    assert set(results) == KEYS | LIMIT_KEYS | PARITY_KEYS
+    assert set(results) == KEYS | LIMIT_KEYS | PARITY_KEYS | {"inference_process"}
     # The limit: fvcore's count of the model at this size, at the fastest float32 GEMM measured;
     # the bfloat16 limit beside it.
     assert 0 < results["gmacs"] < 5 and results["gemm_gmacs_per_s"] > 0.1
@@ -68,7 +68,14 @@ def test_json_line_on_random_inputs(tiny_config):
     assert results["num_iter"] == 2 and results["batch_size"] == 1
     assert results["cuda_max_memory_allocated_mb"] is None
     assert 0 < results["latency_ms_min"] <= results["latency_ms_median"]
-    assert results["peak_rss_mb"] >= results["rss_mb"] * 0.99 > 0
+    assert results["rss_mb"] > 0
+    # The fresh inference process: its imports, then its build, then its run, each counted.
+    process = results["inference_process"]
+    assert 0 < process["imports_rss_mb"] <= process["built_rss_mb"] <= process["peak_rss_mb"]
+    # This process imported at least as much and built the model twice (plain and fast path)
+    # before its timing peak; what it imports later (the parity's scipy) is not in that figure.
+    assert results["peak_rss_mb"] >= process["built_rss_mb"] * 0.99
+    assert (process["height"], process["width"], process["amp"]) == (64, 96, None)
     assert "iteration 2/2" in result.stderr and "warm-up 1/1" in result.stderr
 
 
@@ -116,7 +123,8 @@ def test_exported_model_timed_and_compared_with_eager(tiny_dino_config, tmp_path
     )
     common = [
         "--config-file", config, "--height", "96", "--width", "128", "--num-iter", "2",
-        "--warmup", "1", "--no-limit", "--no-parity", "--pt2", export.path, "--json",
+        "--warmup", "1", "--no-limit", "--no-parity", "--no-process-memory", "--pt2", export.path,
+        "--json",
         "--baseline-s", "10", "--baseline-sgemm", "1", "--unsafe-load",
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1"}

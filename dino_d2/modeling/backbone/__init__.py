@@ -2,11 +2,14 @@
 feature pyramid over a single-scale backbone such as a plain ViT.
 
 Importing this package registers ``build_swin_backbone`` in Detectron2's ``BACKBONE_REGISTRY``.
+The backbones themselves are imported on first use (``from dino_d2.modeling.backbone import
+SwinBackbone`` works as before): they need timm, which a ResNet model never imports.
 """
 
-from .simple_pyramid import SimplePyramid
-from .swin import SWIN_PRESETS, SwinBackbone, add_swin_config, build_swin_backbone
-from .timm import TimmBackbone
+from ...utils.lazy import lazy_exports
+
+from .swin_config import add_swin_config, build_swin_backbone
+from .swin_presets import SWIN_PRESETS
 
 __all__ = [
     "SWIN_PRESETS",
@@ -16,3 +19,12 @@ __all__ = [
     "add_swin_config",
     "build_swin_backbone",
 ]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "SwinBackbone": ".swin",
+        "SimplePyramid": ".simple_pyramid",
+        "TimmBackbone": ".timm",
+    },
+)

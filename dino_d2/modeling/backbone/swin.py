@@ -15,13 +15,11 @@ released Swin checkpoints give the same features:
 * each output stage has its own LayerNorm (the authors' ``norm{i}``, here ``out_norms.res{i+2}``).
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.config import CfgNode
-from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import Backbone
 from timm.models.swin_transformer import (
     SwinTransformer,
     SwinTransformerBlock,
@@ -30,54 +28,9 @@ from timm.models.swin_transformer import (
 )
 from torch import nn
 
-__all__ = ["SWIN_PRESETS", "SwinBackbone", "add_swin_config", "build_swin_backbone"]
+from .swin_presets import SWIN_PRESETS
 
-# Architecture of the released Swin models (keyword arguments of SwinBackbone). The suffix is the
-# pre-training resolution; names without one are the 224 models (window 7).
-SWIN_PRESETS: Dict[str, Dict[str, object]] = {
-    "tiny": dict(
-        embed_dim=96,
-        depths=(2, 2, 6, 2),
-        num_heads=(3, 6, 12, 24),
-        window_size=7,
-        pretrain_img_size=224,
-    ),
-    "small": dict(
-        embed_dim=96,
-        depths=(2, 2, 18, 2),
-        num_heads=(3, 6, 12, 24),
-        window_size=7,
-        pretrain_img_size=224,
-    ),
-    "base": dict(
-        embed_dim=128,
-        depths=(2, 2, 18, 2),
-        num_heads=(4, 8, 16, 32),
-        window_size=7,
-        pretrain_img_size=224,
-    ),
-    "base_384": dict(
-        embed_dim=128,
-        depths=(2, 2, 18, 2),
-        num_heads=(4, 8, 16, 32),
-        window_size=12,
-        pretrain_img_size=384,
-    ),
-    "large": dict(
-        embed_dim=192,
-        depths=(2, 2, 18, 2),
-        num_heads=(6, 12, 24, 48),
-        window_size=7,
-        pretrain_img_size=224,
-    ),
-    "large_384": dict(
-        embed_dim=192,
-        depths=(2, 2, 18, 2),
-        num_heads=(6, 12, 24, 48),
-        window_size=12,
-        pretrain_img_size=384,
-    ),
-}
+__all__ = ["SWIN_PRESETS", "SwinBackbone"]
 
 
 class _PadThenShiftBlock(SwinTransformerBlock):
@@ -283,50 +236,3 @@ class SwinBackbone(Backbone):
             if name in self.out_norms:
                 outputs[name] = self.out_norms[name](x).permute(0, 3, 1, 2).contiguous()
         return outputs
-
-
-def add_swin_config(cfg: CfgNode) -> None:
-    """Add the ``cfg.MODEL.SWIN`` keys (Swin-T defaults) used by :func:`build_swin_backbone`."""
-    cfg.MODEL.SWIN = CfgNode()
-    cfg.MODEL.SWIN.EMBED_DIM = 96
-    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
-    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
-    cfg.MODEL.SWIN.WINDOW_SIZE = 7
-    cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224
-    cfg.MODEL.SWIN.PATCH_SIZE = 4
-    cfg.MODEL.SWIN.MLP_RATIO = 4.0
-    cfg.MODEL.SWIN.QKV_BIAS = True
-    cfg.MODEL.SWIN.DROP_RATE = 0.0
-    cfg.MODEL.SWIN.ATTN_DROP_RATE = 0.0
-    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.2
-    cfg.MODEL.SWIN.OUT_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.SWIN.FROZEN_STAGES = -1
-    cfg.MODEL.SWIN.USE_CHECKPOINT = False
-
-
-@BACKBONE_REGISTRY.register()
-def build_swin_backbone(cfg: CfgNode, input_shape: Optional[ShapeSpec] = None) -> SwinBackbone:
-    """Build a :class:`SwinBackbone` from ``cfg.MODEL.SWIN`` (see :func:`add_swin_config`).
-
-    Args:
-        cfg: a Detectron2 config with the ``MODEL.SWIN`` keys.
-        input_shape: shape of the input images; its channels set ``in_chans`` (default 3).
-    """
-    swin = cfg.MODEL.SWIN
-    return SwinBackbone(
-        embed_dim=swin.EMBED_DIM,
-        depths=swin.DEPTHS,
-        num_heads=swin.NUM_HEADS,
-        window_size=swin.WINDOW_SIZE,
-        pretrain_img_size=swin.PRETRAIN_IMG_SIZE,
-        patch_size=swin.PATCH_SIZE,
-        in_chans=input_shape.channels if input_shape and input_shape.channels else 3,
-        mlp_ratio=swin.MLP_RATIO,
-        qkv_bias=swin.QKV_BIAS,
-        drop_rate=swin.DROP_RATE,
-        attn_drop_rate=swin.ATTN_DROP_RATE,
-        drop_path_rate=swin.DROP_PATH_RATE,
-        out_features=swin.OUT_FEATURES,
-        frozen_stages=swin.FROZEN_STAGES,
-        use_checkpoint=swin.USE_CHECKPOINT,
-    )
