@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
+from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
-from detectron2.config import get_cfg
 
 from dino_d2.layers.fast_path import onednn_bfloat16_available, optimize_for_cpu_inference
 from dino_d2.layers.fused_blocks import (
