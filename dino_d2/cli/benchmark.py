@@ -94,6 +94,7 @@ from dino_d2.measure import (
     time_training_idle_and_busy,
 )
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
+from dino_d2.utils.heap import keep_freed_memory
 
 __all__ = ["main"]
 
@@ -407,6 +408,8 @@ def main(argv=None) -> int:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s"
     )
+    # As the training script does: large activations reuse freed heap memory (no page faults).
+    kept_freed_memory = keep_freed_memory()
     try:
         cfg = LazyConfig.apply_overrides(load_config_file(args.config_file), args.opts)
         if args.train and args.amp:
@@ -426,6 +429,7 @@ def main(argv=None) -> int:
         "num_iter": args.num_iter,
         "warmup": args.warmup,
         "amp": args.amp,
+        "kept_freed_memory": kept_freed_memory,
         "torch_threads": torch.get_num_threads(),
         "peak_rss_mb": peak_rss_mb(),
         **timings,
