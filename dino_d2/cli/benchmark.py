@@ -408,8 +408,9 @@ def main(argv=None) -> int:
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s"
     )
-    # As the training script does: large activations reuse freed heap memory (no page faults).
-    kept_freed_memory = keep_freed_memory()
+    # Training, as the training script runs it: large activations reuse freed heap memory (no
+    # page faults). Inference leaves malloc alone, so that its resident memory follows its use.
+    kept_freed_memory = keep_freed_memory() if args.train else False
     try:
         cfg = LazyConfig.apply_overrides(load_config_file(args.config_file), args.opts)
         if args.train and args.amp:
