@@ -54,6 +54,9 @@ program whose loading can run code) are only loaded with ``--unsafe-load``, for 
 ``--baseline-sgemm GMACS`` (the float32 GEMM rate of the machine that figure came from) also
 scaled to this machine's (the fastest library's, as in the limit).
 
+``--train`` keeps freed memory in the heap as the training script does
+(:func:`dino_d2.utils.heap.keep_freed_memory`, reported as ``kept_freed_memory``).
+
 Reported: median, mean and minimum time per image (inference) or per step (training), the
 process's peak resident memory (``ru_maxrss``: building the model counts too), the number of
 compute threads and, on CUDA, ``torch.cuda.max_memory_allocated`` during the timed iterations.

@@ -1,6 +1,7 @@
 """Process-level helpers that every part of a job shares: writing into the output folder so
 that a failed write never damages a file (:mod:`dino_d2.utils.atomic`), and the CPUs this
-process gets and how busy other processes keep them (:mod:`dino_d2.utils.cpus`)."""
+process gets and how busy other processes keep them (:mod:`dino_d2.utils.cpus`), and malloc
+keeping freed memory for a training's large activations (:mod:`dino_d2.utils.heap`)."""
 
 from .atomic import OutputWriteError, append_or_roll_back, atomic_write, write_error, write_json
 
