@@ -88,6 +88,7 @@ from dino_d2.engine.job_env import resume_after_restart
 from dino_d2.layers.fast_path import optimized_copy
 from dino_d2.model_zoo import load_config_file
 from dino_d2.utils import write_json
+from dino_d2.utils.allocator import keep_freed_memory
 
 logger = logging.getLogger("detectron2")
 
@@ -288,6 +289,8 @@ def main(args):
     restart = not args.resume and not args.eval_only and resume_after_restart(options.output_dir)
     args.resume = args.resume or restart
     default_setup(cfg, args)
+    # Large activations reuse freed heap memory instead of being page-faulted in on every step.
+    keep_freed_memory()
     if restart:
         logger.info("A restarted job: resuming from the last checkpoint of train.output_dir")
     register_config_datasets(cfg)

@@ -4,6 +4,8 @@
 
 * folds every frozen batch norm into the convolution before it
   (:func:`dino_d2.layers.frozen_bn.fold_frozen_batchnorm`);
+* runs the ReLUs and residual adds of Detectron2's ResNet blocks inside their folded
+  convolutions (:func:`dino_d2.layers.fused_blocks.fuse_resnet_blocks`);
 * keeps the backbone's weights in the channels-last memory format, in which oneDNN's
   convolutions need no layout conversions (a convolution with channels-last weights also runs
   its input channels-last);
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .frozen_bn import fold_frozen_batchnorm
+from .fused_blocks import fuse_resnet_blocks
 from .inference_weights import autocast_dtype, derived_weight, use_derived_weights
 
 __all__ = [
@@ -165,17 +168,25 @@ def optimize_for_cpu_inference(model: nn.Module) -> Dict[str, int]:
             whole). Load its weights before or after: the state dict is unchanged.
 
     Returns:
-        what changed: ``{"folded_batchnorms": ..., "fused_relus": ..., "onednn_linears": ...}``
-        (the last counts the fused ones too).
+        what changed: ``{"folded_batchnorms": ..., "fused_blocks": ..., "fused_relus": ...,
+        "onednn_linears": ...}`` (``fused_blocks``: ResNet stems and blocks whose ReLUs and
+        residual adds run inside their convolutions; ``fused_relus``: Linear + ReLU pairs;
+        ``onednn_linears`` counts the fused ones too).
     """
     folded = optimize_for_training(model)
+    blocks = fuse_resnet_blocks(model)
     fused = _fuse_relus(model)
     swapped = 0
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = OneDNNLinear
             swapped += 1
-    return {"folded_batchnorms": folded, "fused_relus": fused, "onednn_linears": swapped + fused}
+    return {
+        "folded_batchnorms": folded,
+        "fused_blocks": blocks,
+        "fused_relus": fused,
+        "onednn_linears": swapped + fused,
+    }
 
 
 def optimize_for_training(model: nn.Module) -> int:

@@ -44,18 +44,22 @@ class FrozenBNConv2d(Conv2d):
             weight, bias = weight.to(dtype), bias.to(dtype)
         return weight, bias
 
+    def folded_for(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """The folded ``(weight, bias)`` to convolve ``x`` with now: at inference folded once, in
+        the precision autocast computes in (if it is on); under autograd from the current
+        parameters."""
+        if not use_derived_weights():
+            return self.folded()
+        dtype = autocast_dtype(x)
+        norm = self.norm
+        sources = (self.weight, self.bias, norm.weight, norm.bias)
+        sources += (norm.running_mean, norm.running_var)
+        return derived_weight(
+            self, f"folded/{dtype}", sources, functools.partial(self.folded, dtype)
+        )
+
     def forward(self, x: Tensor) -> Tensor:
-        if use_derived_weights():
-            # Inference: folded once, in the precision autocast computes in (if it is on).
-            dtype = autocast_dtype(x)
-            norm = self.norm
-            sources = (self.weight, self.bias, norm.weight, norm.bias)
-            sources += (norm.running_mean, norm.running_var)
-            weight, bias = derived_weight(
-                self, f"folded/{dtype}", sources, functools.partial(self.folded, dtype)
-            )
-        else:
-            weight, bias = self.folded()
+        weight, bias = self.folded_for(x)
         x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if self.activation is not None:
             x = self.activation(x)

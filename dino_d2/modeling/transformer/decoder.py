@@ -29,7 +29,7 @@ from dino_d2.layers.ffn import FFN
 from dino_d2.layers.mlp import MLP
 from dino_d2.layers.multi_scale_levels import MultiScaleLevels
 from dino_d2.layers.position_encoding import get_sine_pos_embed
-from dino_d2.layers.precision import in_float32
+from dino_d2.layers.precision import in_float32, inference_activations
 
 from .layer_stack import clone_layers, prototype_layer, run_layer, xavier_init_except
 
@@ -277,7 +277,8 @@ class DeformableDecoder(nn.Module):
         # look-forward-twice: the layer predicts sigmoid(bbox_embed(hs) + box_logit), with
         # box_logit = inverse_sigmoid(box), and hands the next layer its refinement of box.
         box = reference_boxes
-        output = query
+        # At inference under autocast the queries and their residual adds stay in its precision.
+        (output,) = inference_activations(query)
         hidden, boxes_attended, all_logits, all_boxes = [], [], [], []
         for i, layer in enumerate(self.layers):
             box_on_maps = box.detach()[:, :, None] * ratios

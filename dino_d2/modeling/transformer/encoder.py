@@ -14,6 +14,7 @@ from torch import nn
 from dino_d2.layers.deformable_attention import MultiScaleDeformableAttention
 from dino_d2.layers.ffn import FFN
 from dino_d2.layers.multi_scale_levels import MultiScaleLevels
+from dino_d2.layers.precision import inference_activations
 
 from .layer_stack import clone_layers, prototype_layer, run_layer, xavier_init_except
 
@@ -169,7 +170,8 @@ class DeformableEncoder(nn.Module):
             positions do not depend on them.
         """
         reference_points = get_encoder_reference_points(levels)
-        output = src
+        # At inference under autocast the tokens and their residual adds stay in its precision.
+        output, pos = inference_activations(src, pos)
         for layer in self.layers:
             output = run_layer(
                 layer, output, pos, reference_points, levels, use_checkpoint=self.use_checkpoint
