@@ -56,6 +56,7 @@ import os
 import sys
 from contextlib import contextmanager, nullcontext
 
+import torch
 from omegaconf import ListConfig
 
 from detectron2.config import LazyConfig, instantiate
@@ -81,6 +82,8 @@ from dino_d2.engine import (
     default_setup,
     default_writers,
     describe_precision,
+    inference_autocast,
+    inference_dtype,
     launch,
     resolve_device,
 )
@@ -130,14 +133,19 @@ def use_slow_coco_eval_if_needed(cfg) -> None:
 def do_test(cfg, model, ema=None):
     """Evaluates ``model`` (with the averaged weights of ``ema`` if given) on the test loader,
     through a copy with the inference fast path applied (the model itself, which training goes
-    on with, is not transformed)."""
+    on with, is not transformed), in ``train.amp.eval_precision``."""
     if "evaluator" not in cfg.dataloader:
         return {}
     with ema.applied_to(model) if ema is not None else nullcontext():
         evaluated = optimized_copy(model)
-    results = inference_on_dataset(
-        evaluated, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    precision = TrainOptions.from_config(cfg.train).amp.eval_precision
+    device = next(model.parameters()).device
+    dtype = inference_dtype(device, precision)
+    logger.info(f"Evaluation in {dtype or torch.float32} (train.amp.eval_precision={precision!r})")
+    with inference_autocast(device, precision):
+        results = inference_on_dataset(
+            evaluated, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
     if comm.is_main_process():
         print_csv_format(results)
     return results

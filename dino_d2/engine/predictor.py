@@ -14,6 +14,7 @@ from detectron2.data import transforms as T
 from ..checkpoint import AtomicCheckpointer
 from ..layers.fast_path import optimize_for_cpu_inference
 from .defaults import resolve_device
+from .precision import inference_autocast, inference_dtype
 
 __all__ = ["Predictor"]
 
@@ -36,6 +37,9 @@ class Predictor:
         device: e.g. "cpu"; None reads ``cfg.train.device`` (None there: CUDA if available).
         unsafe_load: load ``checkpoint`` with full unpickling (``--unsafe-load``; only a file
             you trust).
+        precision: "float32", "auto", "bfloat16" or "float16"
+            (:func:`dino_d2.engine.precision.inference_dtype`); None reads
+            ``cfg.train.amp.eval_precision`` (float32 when absent).
 
     Raises:
         UntrustedFileError: the checkpoint holds Python objects and ``unsafe_load`` is False.
@@ -48,10 +52,15 @@ class Predictor:
         device: Optional[str] = None,
         *,
         unsafe_load: bool = False,
+        precision: Optional[str] = None,
     ):
         if device is None:
             device = resolve_device(OmegaConf.select(cfg, "train.device", default=None))
         self.device = torch.device(device)
+        if precision is None:
+            precision = OmegaConf.select(cfg, "train.amp.eval_precision", default="float32")
+        self.precision = precision
+        self.dtype = inference_dtype(self.device, precision)
         self.model = instantiate(cfg.model).to(self.device).eval()
         if checkpoint is None:
             checkpoint = OmegaConf.select(cfg, "train.init_checkpoint", default="") or ""
@@ -86,6 +95,6 @@ class Predictor:
         # copy would stay alive, 4x the size, through the whole forward pass.
         resized = np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))
         inputs = {"image": torch.as_tensor(resized), "height": height, "width": width}
-        with torch.no_grad():
+        with torch.no_grad(), inference_autocast(self.device, self.precision):
             (output,) = self.model([inputs])
         return output["instances"].to("cpu")

@@ -62,11 +62,15 @@ class AmpOptions:
         enabled: train under autocast (False: float32 everywhere).
         precision: "auto" (bfloat16 where the device computes it natively, float32 elsewhere),
             "float16" (CUDA, with a GradScaler) or "bfloat16"; None: float16 on CUDA, bfloat16
-            elsewhere (:func:`dino_d2.engine.trainer.amp_settings`).
+            elsewhere (:func:`dino_d2.engine.precision.amp_settings`).
+        eval_precision: the precision of evaluation and of the demo's inference, whether or not
+            training is mixed: "float32", or "auto" / "bfloat16" / "float16" as ``precision``
+            reads them (:func:`dino_d2.engine.precision.inference_autocast`).
     """
 
     enabled: bool = True
     precision: Optional[str] = "auto"
+    eval_precision: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,87 +35,13 @@ from detectron2.utils.events import get_event_storage
 
 from .._compat import run_after_backward_hooks
 from .defaults import resolve_device
+from .precision import amp_settings, bfloat16_is_native
 
 __all__ = [
     "Trainer",
-    "amp_settings",
-    "bfloat16_is_native",
     "check_losses_finite",
     "describe_precision",
 ]
-
-_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def bfloat16_is_native(device=None) -> bool:
-    """Whether ``device`` (default: CUDA when available, else the CPU, as ``train.device=None``
-    resolves) computes bfloat16 matrix products in hardware, so that bfloat16 autocast is faster
-    than float32 there.
-
-    On the CPU that takes the AVX512-BF16 or AMX instructions (PyTorch's cpuinfo checks,
-    ``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``): without them oneDNN
-    emulates bfloat16, more slowly than float32. On CUDA it is ``torch.cuda.is_bf16_supported()``
-    (Ampere and later).
-    """
-    device = torch.device(resolve_device(device))
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def amp_settings(
-    device: torch.device, precision: Optional[str] = None
-) -> Tuple[Optional[torch.dtype], Optional[torch.amp.GradScaler]]:
-    """The autocast dtype (None: float32) and the GradScaler (or None) for ``train.amp`` on
-    ``device``, when ``train.amp.enabled`` is true.
-
-    Args:
-        device: the model's device.
-        precision: ``train.amp.precision``: "auto" (the default of configs/common/train.py),
-            "bfloat16", "float16", or None.
-
-            * "auto": bfloat16 where ``device`` computes it natively
-              (:func:`bfloat16_is_native`: AVX512-BF16 or AMX on the CPU, Ampere or later on
-              CUDA), float32 (a None dtype) elsewhere, where bfloat16 autocast is slower than
-              float32;
-            * "bfloat16" / "float16": that precision, wherever it runs. float16 needs a
-              GradScaler (it is only offered on CUDA); bfloat16 has float32's range and is used
-              without one;
-            * None: float16 on CUDA, bfloat16 elsewhere.
-
-    Raises:
-        ValueError: an unknown precision, float16 off CUDA, bfloat16 on a GPU without it, or
-            a device without autocast.
-    """
-    device = torch.device(device)
-    if precision == "auto":
-        if not bfloat16_is_native(device):
-            return None, None
-        precision = "bfloat16"
-    if precision is None:
-        precision = "float16" if device.type == "cuda" else "bfloat16"
-    if precision not in _PRECISIONS:
-        raise ValueError(
-            f"train.amp.precision must be 'auto' or one of {sorted(_PRECISIONS)}, "
-            f"got {precision!r}"
-        )
-    if not torch.amp.is_autocast_available(device.type):
-        raise ValueError(f"mixed precision: PyTorch has no autocast for {device.type} devices")
-    dtype = _PRECISIONS[precision]
-    if dtype == torch.float16:
-        if device.type != "cuda":
-            raise ValueError(
-                f"mixed precision with float16 needs CUDA (it is on {device}); "
-                "use train.amp.precision=bfloat16 or train.amp.enabled=False"
-            )
-        return dtype, torch.amp.GradScaler("cuda")
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bfloat16; use train.amp.precision=float16")
-    return dtype, None
-
 
 def describe_precision(device, amp_dtype: Optional[torch.dtype], grad_scaler=None) -> str:
     """One log line naming the precision training runs in on ``device`` and why."""

@@ -33,7 +33,8 @@ from ..layers.fast_path import optimize_for_training
 from .ema import EMAHook, ModelEMA
 from .threads import AdaptiveThreadsHook
 from .train_options import TrainOptions
-from .trainer import Trainer, amp_settings
+from .precision import amp_settings
+from .trainer import Trainer
 
 __all__ = ["Training", "build_training"]
 

@@ -247,10 +247,18 @@ class DINO(nn.Module):
         outputs = self.transformer(features, masks, refine_queries=refine)
         outputs.features = inputs
         self.run_heads(outputs)
+        # Detections in float32 whatever precision the layers ran in (bfloat16 autocast gives
+        # bfloat16 logits): the scores' ranking and the extras' values are not rounded again.
         boxes, scores, classes, queries = select_top_detections(
-            outputs.pred_logits[-1], outputs.pred_boxes[-1], sizes, num_select or self.num_select
+            outputs.pred_logits[-1].float(),
+            outputs.pred_boxes[-1].float(),
+            sizes,
+            num_select or self.num_select,
         )
-        extras = {name: gather_queries(v[-1], queries) for name, v in outputs.extras.items()}
+        extras = {
+            name: gather_queries(v[-1].float() if v.is_floating_point() else v[-1], queries)
+            for name, v in outputs.extras.items()
+        }
         return DINODetections(boxes, scores, classes, queries, sizes, extras)
 
     def refine_queries(
