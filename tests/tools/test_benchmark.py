@@ -24,7 +24,7 @@ TOOL = os.path.join(REPO, "tools", "benchmark.py")
 KEYS = {
     "config", "mode", "device", "input", "batch_size", "num_iter", "warmup", "amp", "torch_threads",
     "latency_ms_median", "latency_ms_mean", "latency_ms_min", "images_per_s",
-    "cuda_max_memory_allocated_mb", "peak_rss_mb", "rss_mb",
+    "cuda_max_memory_allocated_mb", "peak_rss_mb", "rss_mb", "kept_freed_memory",
 }  # fmt: skip
 LIMIT_KEYS = {"gmacs", "precision", "gemm_library", "gemm_gmacs_per_s", "limit_s"}
 LIMIT_KEYS |= {"latency_to_limit", "limits"}
