@@ -6,9 +6,10 @@ train = dict(
     # Mixed precision: precision="auto" trains under bfloat16 autocast where the device computes
     # bfloat16 natively (AVX512-BF16 / AMX CPUs, Ampere+ GPUs) and in float32 elsewhere;
     # "bfloat16" / "float16" force one; enabled=False trains in float32 everywhere.
-    # eval_precision: evaluation's and the demo's ("float32", or "auto" / "bfloat16" / "float16"
-    # read as precision is).
-    amp=dict(enabled=True, precision="auto", eval_precision="float32"),
+    # eval_precision: evaluation's and the demo's, read as precision is ("auto": bfloat16 where
+    # native, float32 elsewhere; "float32" forces float32). The digits demo's checkpoint gives
+    # box AP 60.39 evaluated in bfloat16 against 60.31 in float32.
+    amp=dict(enabled=True, precision="auto", eval_precision="auto"),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     # Full-model gradient clipping; with AMP the gradients are unscaled first.
     clip_grad=dict(enabled=True, max_norm=0.1, norm_type=2.0),

@@ -39,7 +39,7 @@ class Predictor:
             you trust).
         precision: "float32", "auto", "bfloat16" or "float16"
             (:func:`dino_d2.engine.precision.inference_dtype`); None reads
-            ``cfg.train.amp.eval_precision`` (float32 when absent).
+            ``cfg.train.amp.eval_precision`` ("auto" when absent: bfloat16 where native).
 
     Raises:
         UntrustedFileError: the checkpoint holds Python objects and ``unsafe_load`` is False.
@@ -58,7 +58,7 @@ class Predictor:
             device = resolve_device(OmegaConf.select(cfg, "train.device", default=None))
         self.device = torch.device(device)
         if precision is None:
-            precision = OmegaConf.select(cfg, "train.amp.eval_precision", default="float32")
+            precision = OmegaConf.select(cfg, "train.amp.eval_precision", default="auto")
         self.precision = precision
         self.dtype = inference_dtype(self.device, precision)
         self.model = instantiate(cfg.model).to(self.device).eval()

@@ -64,13 +64,13 @@ class AmpOptions:
             "float16" (CUDA, with a GradScaler) or "bfloat16"; None: float16 on CUDA, bfloat16
             elsewhere (:func:`dino_d2.engine.precision.amp_settings`).
         eval_precision: the precision of evaluation and of the demo's inference, whether or not
-            training is mixed: "float32", or "auto" / "bfloat16" / "float16" as ``precision``
-            reads them (:func:`dino_d2.engine.precision.inference_autocast`).
+            training is mixed: "auto" (the default: bfloat16 where native, float32 elsewhere),
+            "bfloat16" / "float16" as ``precision`` reads them, or "float32" (:func:`dino_d2.engine.precision.inference_autocast`).
     """
 
     enabled: bool = True
     precision: Optional[str] = "auto"
-    eval_precision: str = "float32"
+    eval_precision: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,8 @@ The process does what ``tools/demo.py`` does for one image: it imports the predi
 config loader, builds the config's model, loads its weights (``--weights``; none: the random
 initial ones), sets the allocator as the demo does (:func:`dino_d2.utils.allocator.
 unmap_large_blocks`) and detects objects in one random ``--height`` x ``--width`` uint8 image
-(resized as the config's test loader resizes: 800x1333 stays 800x1333), under ``torch.autocast``
-with ``--amp``. It prints one JSON line::
+(resized as the config's test loader resizes: 800x1333 stays 800x1333), in the precision
+``--amp`` names (float32 without it). It prints one JSON line::
 
     {"imports_rss_mb": ..., "built_rss_mb": ..., "peak_rss_mb": ..., "height": 800, ...}
 
@@ -108,7 +108,6 @@ def main(argv=None) -> int:
     opts = args.opts[1:] if args.opts[:1] == ["--"] else args.opts
     # What an inference process imports (tools/demo.py without its drawing), and nothing else.
     import numpy as np
-    import torch
     from detectron2.config import LazyConfig
 
     from ..engine.predictor import Predictor
@@ -118,13 +117,17 @@ def main(argv=None) -> int:
     imports = peak_rss_mb()
     unmap_large_blocks()
     cfg = LazyConfig.apply_overrides(load_config_file(args.config_file), opts)
-    predictor = Predictor(cfg, checkpoint=args.weights or "", unsafe_load=args.unsafe_load)
+    # The precision asked for, not the config's eval_precision: --amp or float32.
+    predictor = Predictor(
+        cfg,
+        checkpoint=args.weights or "",
+        unsafe_load=args.unsafe_load,
+        precision=args.amp or "float32",
+    )
     built = peak_rss_mb()
     generator = np.random.default_rng(0)
     image = generator.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
-    amp_dtype = getattr(torch, args.amp) if args.amp else None
-    with torch.autocast(predictor.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        instances = predictor(image)
+    instances = predictor(image)
     result = {
         "imports_rss_mb": imports,
         "built_rss_mb": built,

@@ -34,7 +34,7 @@ def test_inference_autocast_turns_autocast_on_only_for_mixed_precision():
 
 
 def test_eval_precision_is_a_train_amp_option():
-    assert TrainOptions.from_config({}).amp.eval_precision == "float32"
+    assert TrainOptions.from_config({}).amp.eval_precision == "auto"
     options = TrainOptions.from_config({"amp": {"eval_precision": "bfloat16"}})
     assert options.amp.eval_precision == "bfloat16"
 

@@ -237,6 +237,8 @@ def test_onnx_runtime_without_torch_gives_the_demo_detections(digits_setup):
             str(demo_out),
             "--score-threshold",
             "0",
+            # The export runs in float32: so does the demo here (its default is "auto").
+            "train.amp.eval_precision=float32",
         ],
         capture_output=True,
         text=True,
