@@ -29,10 +29,11 @@ def test_sizes_and_schedule(cfg):
     assert cfg.dataloader.test.dataset.names == "digits_val"
     assert cfg.dataloader.test.mapper.augmentations.min_size == 192
     assert cfg.dataloader.train.mapper.augmentations.horizontal_flip is False
+    assert cfg.dataloader.train.mapper.augmentations.crop_prob == 0.0
     assert cfg.dataloader.train.total_batch_size == 8
     assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.params.backbone_lr_factor == 1.0
-    assert cfg.train.max_iter == 1700 and cfg.train.init_checkpoint == ""
-    assert cfg.train.eval_period == cfg.train.checkpointer.period == 425
+    assert cfg.train.max_iter == 1900 and cfg.train.init_checkpoint == ""
+    assert cfg.train.eval_period == cfg.train.checkpointer.period == 475
     # bfloat16 autocast where the hardware computes it, float32 elsewhere (common/train.py).
     assert cfg.train.amp.enabled and cfg.train.amp.precision == "auto"
     scheduler = instantiate(cfg.lr_multiplier)
