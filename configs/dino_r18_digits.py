@@ -43,18 +43,16 @@ model.num_select = 50
 
 # Images at 192 px (0.6 of the 320-px canvas): digits become 10-38 px, still at least one
 # stride-8 cell, and a step costs 1.6 s instead of 4.2. Digits change class under mirroring: no
-# flip. Multi-scale around 192; the crop branch resizes to 96..144 and crops 96..144 before the
-# final resize (the 320-px recipe's 160..240 scaled by 0.6).
+# flip. Multi-scale around 192.
 dataloader.train.dataset.names = "digits_train"
 dataloader.train.mapper.augmentations.horizontal_flip = False
 dataloader.train.mapper.augmentations.min_sizes = [176, 192, 208]
 dataloader.train.mapper.augmentations.max_size = 320
-dataloader.train.mapper.augmentations.crop_resize_sizes = [96, 120, 144]
-dataloader.train.mapper.augmentations.crop_size = [96, 144]
 # No crop branch: the validation images are whole canvases, and a crop (resized back to 192 px on
 # its short side) comes out up to 192x320, so a batch with one crop is padded to that size. In
 # 700-iteration runs of the whole schedule (one thread each, two runs side by side), box AP 42.9
-# without crops against 39.2 with them (crop probability 0.5), and steps 7% shorter on idle cores.
+# without crops against 39.2 with them (crop probability 0.5; crops of 96..144 px after resizing
+# the short side to 96..144), and steps 7% shorter on idle cores.
 dataloader.train.mapper.augmentations.crop_prob = 0.0
 dataloader.train.total_batch_size = 8
 # One worker: the images are small and the second core is better left to other work.
@@ -77,7 +75,7 @@ optimizer.params.backbone_lr_factor = 1.0
 # 2,100) gave 11.7 / 23.6 / 33.4 / 44.5 / 54.9 at the same points: alike per image, so batch 8
 # stays. In 700-iteration runs of the whole schedule (as above), lr 1e-3 gave box AP 39.2,
 # 7e-4 37.7, 2e-3 24.4, and a cosine decay from 1e-3 32.2. The length fills `make demo`'s 21
-# minutes: 1,900 bfloat16 steps of about 0.59 s on idle cores (the first release's float32 steps
+# minutes: 1,900 bfloat16 steps of 0.546 s on idle cores (the first release's float32 steps
 # took 1.25 s, and 1,000 of them 22 min).
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[1650, 1900]),
