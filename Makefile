@@ -5,7 +5,8 @@ PYTHON_VERSION ?= 3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-CSRC := $(wildcard dino_d2/layers/csrc/*.cpp dino_d2/layers/csrc/*.h dino_d2/layers/csrc/cuda/*.cu)
+CSRC := $(wildcard dino_d2/layers/csrc/*.cpp dino_d2/layers/csrc/*.h dino_d2/layers/csrc/cuda/*.cu \
+	dino_d2/layers/csrc/openvino/*.cpp)
 
 TORCH := torch==2.14.1 torchvision==0.29.1
 # setup.py's `export` extra (ONNX export and its tests), installed here because the package
@@ -42,8 +43,9 @@ $(VENV)/.stamp-detectron2: $(VENV)/.stamp-deps tools/install_detectron2.py
 	$(PY) tools/install_detectron2.py
 	touch $@
 
-# Compiles dino_d2._C (C++ always, CUDA when a matching toolkit is found) and installs the
-# package in editable mode; only re-run when the sources or setup.py change.
+# Compiles dino_d2._C (C++ always, CUDA when a matching toolkit is found) and the OpenVINO
+# operation (against the openvino wheel of DEPS), and installs the package in editable mode; only
+# re-run when the sources or setup.py change.
 $(VENV)/.stamp-dino_d2: $(VENV)/.stamp-detectron2 setup.py $(CSRC)
 	$(PIP) install --no-build-isolation --no-deps -e .
 	touch $@

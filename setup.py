@@ -1,10 +1,16 @@
-"""Build and install dino_d2 and its one extension, ``dino_d2._C``.
+"""Build and install dino_d2 and its extensions, ``dino_d2._C`` and, where OpenVINO is installed,
+``dino_d2._openvino_msda``.
 
 The C++ CPU kernels are always compiled. The CUDA kernels are compiled as well whenever a CUDA
 toolkit whose version matches torch's CUDA build is found, whether or not a GPU is present
 (``FORCE_CUDA=1`` compiles them regardless of the version check, ``FORCE_CUDA=0`` never).
 ``TORCH_CUDA_ARCH_LIST`` is respected; by default every architecture from Volta to Hopper that
 the toolkit supports is compiled, plus PTX for the newest one.
+
+``dino_d2._openvino_msda`` is the deformable-attention operation for OpenVINO (not a Python module:
+a library that ``openvino.Core().add_extension`` loads, see ``dino_d2.export.openvino_extension``).
+It is compiled against the headers and libraries of the installed ``openvino`` wheel when there is
+one (``pip install -e .[openvino]`` first, then this build); ``DINO_D2_OPENVINO=0`` skips it.
 """
 
 import glob
@@ -110,15 +116,55 @@ def _extensions():
         sources += sorted(glob.glob(os.path.join(_CSRC, "cuda", "*.cu")))
         define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = ["-O3", "-std=c++20"]
-    module = extension(
-        "dino_d2._C",
-        sources,
-        include_dirs=[os.path.join(_HERE, _CSRC)],
-        define_macros=define_macros,
-        extra_compile_args=extra_compile_args,
-        extra_link_args=["-fopenmp"],
+    modules = [
+        extension(
+            "dino_d2._C",
+            sources,
+            include_dirs=[os.path.join(_HERE, _CSRC)],
+            define_macros=define_macros,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    openvino_module = _openvino_extension()
+    if openvino_module is not None:
+        modules.append(openvino_module)
+    return modules, {"build_ext": BuildExtension}
+
+
+def _openvino_extension():
+    """The OpenVINO operation's library, or None when OpenVINO (with its headers) is missing."""
+    if os.environ.get("DINO_D2_OPENVINO") == "0":
+        return None
+    try:
+        import openvino
+    except ImportError:
+        print("dino_d2: openvino is not installed; not building the OpenVINO extension")
+        return None
+    from setuptools import Extension
+
+    root = os.path.dirname(openvino.__file__)
+    include = os.path.join(root, "include")
+    libs = os.path.join(root, "libs")
+    # The wheel ships its libraries under their versioned names only (libopenvino.so.2641).
+    needed = ["libopenvino.so", "libopenvino_onnx_frontend.so", "libtbb.so"]
+    found = [sorted(glob.glob(os.path.join(libs, name + ".*"))) for name in needed]
+    if not os.path.isfile(os.path.join(include, "openvino", "op", "op.hpp")) or not all(found):
+        print(
+            f"dino_d2: the openvino wheel at {root} lacks headers or libraries {needed}; "
+            "not building the OpenVINO extension"
+        )
+        return None
+    return Extension(
+        "dino_d2._openvino_msda",
+        [os.path.join(_CSRC, "openvino", "msda_openvino.cpp")],
+        include_dirs=[include, os.path.join(_HERE, _CSRC)],
+        # The threading that the wheel's libraries were built with (OpenVINOTargets.cmake).
+        define_macros=[("OV_THREAD", "OV_THREAD_TBB_ADAPTIVE")],
+        extra_compile_args=["-O3", "-std=c++17"],
+        extra_objects=[paths[0] for paths in found],
+        extra_link_args=[f"-Wl,-rpath,{os.path.realpath(libs)}"],
     )
-    return [module], {"build_ext": BuildExtension}
 
 
 def _config_packages():

@@ -43,7 +43,9 @@ Inference also reports, unless ``--no-limit`` / ``--no-parity``:
   batch (with random frozen batch-norm statistics when the weights are random, so that folding
   changes something).
 
-``--onnx FILE`` (and ``--openvino``), ``--pt2 FILE`` and ``--aoti FILE`` time exported models
+``--onnx FILE`` (and ``--openvino``), ``--openvino-onnx FILE`` (an export whose deformable
+attention is dino_d2's own node, ``--msda-backend openvino``, run in OpenVINO with dino_d2's
+extension), ``--pt2 FILE`` and ``--aoti FILE`` time exported models
 (``tools/deploy/export_model.py``) on the same images, padded into one uint8 (or, per the
 export's ``model.json``, float) batch, in the same run as the eager model, and compare their
 detections with the eager model's. The config, overrides and ``--weights`` must be those of the
@@ -175,6 +177,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also run the --onnx file in OpenVINO (pip install openvino; float32 precision)",
     )
     parser.add_argument(
+        "--openvino-onnx",
+        metavar="FILE",
+        help="also time this ONNX export made with --msda-backend openvino, in OpenVINO with "
+        "dino_d2's extension (float32 precision)",
+    )
+    parser.add_argument(
         "--pt2", metavar="FILE", help="also time this torch.export program (needs --unsafe-load)"
     )
     parser.add_argument(
@@ -218,9 +226,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--num-boxes must be at least 1")
     if args.busy and not args.train:
         parser.error("--busy times training steps: add --train")
-    exported = [args.onnx, args.pt2, args.aoti]
+    exported = [args.onnx, args.openvino_onnx, args.pt2, args.aoti]
     if args.train and any(exported):
-        parser.error("--onnx, --pt2 and --aoti time inference: drop --train")
+        parser.error("--onnx, --openvino-onnx, --pt2 and --aoti time inference: drop --train")
     if args.openvino and not args.onnx:
         parser.error("--openvino runs the --onnx file: give --onnx FILE")
     for flag, path in (("--pt2", args.pt2), ("--aoti", args.aoti)):
@@ -230,7 +238,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                 "unpickling; an AOTInductor package is compiled code). Give --unsafe-load if you "
                 "trust the file (one you exported yourself)"
             )
-    for flag, path in zip(("--onnx", "--pt2", "--aoti"), exported):
+    for flag, path in zip(("--onnx", "--openvino-onnx", "--pt2", "--aoti"), exported):
         if path and not os.path.isfile(path):
             parser.error(
                 f"{flag} {path}: no such file (write it with tools/deploy/export_model.py)"
@@ -252,6 +260,8 @@ def _exported_runtimes(args):
         runtimes.append(("onnxruntime", args.onnx, lambda p: load_exported(p, "onnx")))
     if args.openvino:
         runtimes.append(("openvino", args.onnx, load_openvino))
+    if args.openvino_onnx:
+        runtimes.append(("openvino_msda_op", args.openvino_onnx, load_openvino))
     if args.pt2:
         runtimes.append(("pt2", args.pt2, lambda p: load_exported(p, "pt2")))
     if args.aoti:

@@ -194,7 +194,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--msda-backend",
         choices=MSDA_ONNX_BACKENDS,
         default="grid_sample",
-        help="ONNX form of deformable attention: GridSample, or gathers only",
+        help="ONNX form of deformable attention: GridSample, gathers only, or dino_d2's own node "
+        "for OpenVINO (run with dino_d2's extension; onnxruntime cannot load it)",
     )
     # The flag's old name, accepted for one release.
     parser.add_argument(
@@ -218,8 +219,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--runtime",
         choices=("onnxruntime", "openvino"),
-        default="onnxruntime",
-        help="what runs the ONNX export for --eval (openvino: pip install -e .[openvino])",
+        help="what runs the ONNX export for --eval (openvino: pip install -e .[openvino]); "
+        "default onnxruntime, openvino with --msda-backend openvino",
     )
     parser.add_argument(
         "--precision",
@@ -239,6 +240,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             stacklevel=2,
         )
         args.msda_backend = args.deprecated_msda_impl
+    if args.runtime is None:
+        openvino_node = args.format == "onnx" and args.msda_backend == "openvino"
+        args.runtime = "openvino" if openvino_node else "onnxruntime"
+    if args.runtime == "onnxruntime" and args.format == "onnx" and args.msda_backend == "openvino":
+        parser.error(
+            "--msda-backend openvino writes a graph that only OpenVINO runs: --runtime openvino"
+        )
     return args
 
 

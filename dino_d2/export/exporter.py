@@ -6,7 +6,8 @@ the one traced, a size that is not a multiple of 32, an extreme aspect ratio, on
 batch of three of different real sizes) and reports the differences (:mod:`.verify`).
 
 * ``onnx``: ``torch.onnx.export(dynamo=True)``; deformable attention decomposed into
-  ``GridSample`` (``msda_backend="grid_sample"``) or gathers (``"gather"``); run with onnxruntime.
+  ``GridSample`` (``msda_backend="grid_sample"``) or gathers (``"gather"``), run with onnxruntime;
+  or kept as dino_d2's own node (``"openvino"``), run with OpenVINO and dino_d2's extension.
 * ``pt2``: ``torch.export`` with dino_d2's compiled deformable attention kept as one op; saved
   with ``torch.export.save``, run with ``torch.export.load(...).module()`` (after
   ``dino_d2.layers.ms_deform_attn.load_extension()``).
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 
 from dino_d2.layers.ms_deform_attn import load_extension
 
+from . import openvino_extension
 from .graph import InferenceGraph
 from .onnx import MSDA_ONNX_BACKENDS, export_onnx, onnxruntime_session
 from .verify import (
@@ -143,7 +145,10 @@ def _export(graph: InferenceGraph, sample, fmt: str, path: str, msda_backend: st
 
 
 def load_exported(path: str, fmt: str) -> Callable[[Tensor, Tensor], Sequence]:
-    """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running the export."""
+    """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running the export: an
+    ONNX file in onnxruntime, or in OpenVINO (float32) when it holds dino_d2's own node."""
+    if fmt == "onnx" and openvino_extension.needs_extension(path):
+        return load_openvino(path)
     if fmt == "onnx":
         session = onnxruntime_session(path)
 
@@ -168,6 +173,7 @@ def load_exported(path: str, fmt: str) -> Callable[[Tensor, Tensor], Sequence]:
 def load_openvino(path: str, precision: str = "f32") -> Callable[[Tensor, Tensor], Sequence]:
     """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running an ONNX export
     in OpenVINO on the CPU (OpenVINO is not a dependency of dino_d2: ``pip install openvino``).
+    A graph exported with ``msda_backend="openvino"`` gets dino_d2's extension added first.
 
     Args:
         path: the ``model.onnx`` file.
@@ -180,6 +186,8 @@ def load_openvino(path: str, precision: str = "f32") -> Callable[[Tensor, Tensor
     except ImportError as e:
         raise ImportError("running an ONNX export in OpenVINO needs `pip install openvino`") from e
     core = openvino.Core()
+    if openvino_extension.needs_extension(path):
+        openvino_extension.add_extension(core)
     config = {
         "INFERENCE_PRECISION_HINT": precision,
         # One inference at a time, as fast as it can go, on the threads torch computes with.

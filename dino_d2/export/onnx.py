@@ -9,15 +9,19 @@ its pure-PyTorch backends:
   for 17 or newer);
 * ``"gather"``: ``Floor`` / ``Where`` / ``Gather`` arithmetic and no ``GridSample`` at all, for
   runtimes that mishandle ``GridSample`` (TensorRT has compiled grid_sample-based deformable
-  attention into silently wrong detections).
+  attention into silently wrong detections);
+* ``"openvino"``: one ``dino_d2::MultiScaleDeformableAttention`` node per attention (the compiled
+  op, translated as it is), which OpenVINO runs with dino_d2's extension and its CPU kernel
+  (:mod:`dino_d2.export.openvino_extension`). On the DINO-R50 encoder's shapes the kernel takes
+  about a fifth of the ``GridSample`` graph's time; no other runtime knows the node.
 
-Both give the kernel's results up to float rounding. The traced graph is then optimized by
-onnxscript (the exporter's ``optimize=True``): constants folded (shape arithmetic, the position
-embeddings' frequency tables), redundant casts and reshapes removed, and every batch norm that
-follows a convolution folded into its weights and bias, so runtimes get about a third of the
-nodes the translation writes (3,900 against 1,400 for the digits model) and no
-``BatchNormalization``. The written graph is then checked: every node must be a standard ONNX
-operator, and with ``"gather"`` none may be ``GridSample``.
+The first two give the kernel's results up to float rounding; the third is the kernel. The traced
+graph is then optimized by onnxscript (the exporter's ``optimize=True``): constants folded (shape
+arithmetic, the position embeddings' frequency tables), redundant casts and reshapes removed, and
+every batch norm that follows a convolution folded into its weights and bias, so runtimes get
+about a third of the nodes the translation writes (3,900 against 1,400 for the digits model) and
+no ``BatchNormalization``. The written graph is then checked: every node must be a standard ONNX
+operator (or, with ``"openvino"``, dino_d2's), and with ``"gather"`` none may be ``GridSample``.
 
 The dynamo-based exporter (torch.export, then onnxscript's translation) is used rather than the
 TorchScript one: it keeps dynamic sizes symbolic (``dynamic_shapes``), which the level sizes of
@@ -33,6 +37,8 @@ import torch
 
 from dino_d2.layers import ms_deform_attn
 
+from . import openvino_extension
+
 __all__ = [
     "MIN_OPSET",
     "MSDA_ONNX_BACKENDS",
@@ -43,7 +49,7 @@ __all__ = [
 ]
 
 # Backends of deformable attention that ONNX can hold (see the module docstring).
-MSDA_ONNX_BACKENDS = ("grid_sample", "gather")
+MSDA_ONNX_BACKENDS = ("grid_sample", "gather", "openvino")
 # Oldest opset accepted: GridSample exists from 16; 17 is the oldest dino_d2 tests.
 MIN_OPSET = 17
 # Domains of the standard ONNX operators.
@@ -66,7 +72,7 @@ def check_onnx_graph(model_proto: Any, msda_backend: str) -> None:
     Args:
         model_proto: an ``onnx.ModelProto``.
         msda_backend: the backend it was exported with; with ``"gather"`` a ``GridSample``
-            node is an error too.
+            node is an error too, and only ``"openvino"`` allows dino_d2's own node.
 
     Raises:
         ValueError: naming the offending operators (and their node names).
@@ -75,9 +81,10 @@ def check_onnx_graph(model_proto: Any, msda_backend: str) -> None:
     for function in model_proto.functions:
         nodes.extend(function.node)
     problems = []
-    custom = sorted(
-        {f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in _STANDARD_DOMAINS}
-    )
+    allowed = set(_STANDARD_DOMAINS)
+    if msda_backend == "openvino":
+        allowed.add(openvino_extension.DOMAIN)
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in allowed})
     if custom:
         problems.append(f"non-standard operators {custom}")
     if msda_backend == "gather":
@@ -109,7 +116,8 @@ def export_onnx(
         args: example positional inputs.
         f: path of the ``.onnx`` file to write (weights inside it, or beside it as external data
             above 2 GB), or None to only return the program.
-        msda_backend: ``"grid_sample"`` or ``"gather"`` (see the module docstring).
+        msda_backend: ``"grid_sample"``, ``"gather"`` or ``"openvino"`` (see the module
+            docstring).
         opset_version: ONNX opset, at least :data:`MIN_OPSET`; None takes torch's default.
         dynamic_shapes: as for ``torch.export.export``, e.g. ``{"image": {0: Dim("N"), 2: ...}}``.
         input_names, output_names: names of the graph's inputs and outputs.
@@ -130,7 +138,12 @@ def export_onnx(
         raise ValueError(f"opset_version must be at least {MIN_OPSET}, got {opset_version}")
     _require("onnx")
     _require("onnxscript")
-    with ms_deform_attn.msda_backend(msda_backend):
+    translations = None
+    if msda_backend == "openvino":
+        translation = _openvino_translation()  # loads dino_d2._C, which defines the op
+        translations = {torch.ops.dino_d2.ms_deform_attn_forward.default: translation}
+    traced_backend = "compiled" if msda_backend == "openvino" else msda_backend
+    with ms_deform_attn.msda_backend(traced_backend):
         program = torch.onnx.export(
             model,
             args,
@@ -141,11 +154,55 @@ def export_onnx(
             output_names=output_names,
             verbose=False,
             optimize=True,
+            custom_translation_table=translations,
         )
     check_onnx_graph(program.model_proto, msda_backend)
     if f is not None:
         program.save(f)
     return program
+
+
+def _openvino_translation() -> Any:
+    """The ONNX form of ``torch.ops.dino_d2.ms_deform_attn_forward``: dino_d2's own node, with the
+    op's five inputs, for OpenVINO with dino_d2's extension."""
+    import onnxscript
+
+    if not ms_deform_attn.load_extension():
+        raise RuntimeError(
+            "msda_backend='openvino' traces the compiled deformable attention, and dino_d2._C "
+            "could not be loaded"
+        )
+    onnx = _require("onnx")
+    domain, op_type = openvino_extension.DOMAIN, openvino_extension.OP_TYPE
+    # onnxscript writes a node from its operator's schema: the op's inputs, registered once.
+    if not onnx.defs.has(op_type, domain):
+        parameter = onnx.defs.OpSchema.FormalParameter
+        onnx.defs.register_schema(
+            onnx.defs.OpSchema(
+                op_type,
+                domain,
+                1,
+                doc="dino_d2's multi-scale deformable attention (dino_d2.layers.ms_deform_attn)",
+                inputs=[
+                    parameter("value", "T"),
+                    parameter("spatial_shapes", "tensor(int64)"),
+                    parameter("level_start_index", "tensor(int64)"),
+                    parameter("sampling_locations", "T"),
+                    parameter("attention_weights", "T"),
+                ],
+                outputs=[parameter("output", "T")],
+                type_constraints=[("T", ["tensor(float)"], "float32 tensors")],
+            )
+        )
+    opset = onnxscript.values.Opset(domain, 1)
+    node = getattr(opset, op_type)
+
+    def ms_deform_attn_forward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    ):
+        return node(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    return ms_deform_attn_forward
 
 
 def onnxruntime_session(model: Any) -> Any:

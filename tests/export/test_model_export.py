@@ -87,7 +87,9 @@ def test_the_graph_gives_dino_s_detections(tiny_model):
         torch.testing.assert_close(float_graph(images.float(), image_sizes)[1], scores)
 
 
-def test_onnx_gather_export_is_proven_at_other_sizes(tiny_model, tmp_path):
+def _proven_onnx_export(tiny_model, tmp_path, msda_backend):
+    """The tiny model exported to ONNX and verified at other sizes (6 images, 10 detections
+    each); returns the graph, the sample batch and the written model."""
     graph = InferenceGraph(tiny_model)
     sample = _images([(96, 128), (80, 100)])
     result = export_model(
@@ -97,10 +99,15 @@ def test_onnx_gather_export_is_proven_at_other_sizes(tiny_model, tmp_path):
         str(tmp_path),
         preprocessing={"input_format": "RGB"},
         verification=random_verification(graph, 96, 160),
-        msda_backend="gather",
+        msda_backend=msda_backend,
     )
     assert result.verification.passed, result.verification.summary()
     assert result.verification.num_detections == 6 * 10
+    return graph, sample, result
+
+
+def test_onnx_gather_export_is_proven_at_other_sizes(tiny_model, tmp_path):
+    graph, sample, result = _proven_onnx_export(tiny_model, tmp_path, "gather")
     model = onnx.load(result.path)
     ops = {node.op_type for node in model.graph.node}
     assert "GridSample" not in ops and "Gather" in ops
@@ -112,6 +119,37 @@ def test_onnx_gather_export_is_proven_at_other_sizes(tiny_model, tmp_path):
     # Nothing is overwritten without overwrite=True.
     with pytest.raises(ExportError, match="exist.*--overwrite"):
         export_model(graph, sample, "onnx", str(tmp_path), preprocessing={}, verification=[])
+
+
+def test_onnx_openvino_export_runs_dino_d2_s_node_in_openvino(tiny_model, tmp_path):
+    openvino = pytest.importorskip("openvino", reason="the openvino extra is part of make test")
+    from dino_d2.export.exporter import load_openvino
+    from dino_d2.export.onnx import onnxruntime_session
+    from dino_d2.export.openvino_extension import add_extension, extension_path, needs_extension
+
+    assert extension_path() is not None, "setup.py builds the extension when openvino is installed"
+    # Verified in OpenVINO (onnxruntime cannot load the node): the kernel gives the model's
+    # detections at every verification size and batch.
+    _, _, result = _proven_onnx_export(tiny_model, tmp_path, "openvino")
+    model = onnx.load(result.path)
+    assert needs_extension(model)
+    ops = [f"{node.domain}::{node.op_type}" for node in model.graph.node]
+    # One node per deformable attention: the encoder layer and the decoder layer.
+    assert ops.count("dino_d2::MultiScaleDeformableAttention") == 2
+    assert "::GridSample" not in ops
+    with pytest.raises(Exception, match="MultiScaleDeformableAttention"):
+        onnxruntime_session(result.path)
+    # Saved as OpenVINO IR the model still holds the node, and load_openvino adds the extension.
+    core = openvino.Core()
+    add_extension(core)
+    xml = str(tmp_path / "ir" / "model.xml")
+    openvino.save_model(core.read_model(result.path), xml, compress_to_fp16=False)
+    assert needs_extension(xml)
+    images, image_sizes = _images([(96, 128)], seed=5)
+    from_ir = load_openvino(xml)(images, image_sizes)
+    from_onnx = load_openvino(result.path)(images, image_sizes)
+    for a, b in zip(from_ir, from_onnx):
+        torch.testing.assert_close(a, b)
 
 
 class _BranchingBackbone(Backbone):
@@ -347,3 +385,13 @@ def test_msda_backend_flag_and_its_deprecated_name():
     assert args.msda_backend == "gather"
     with pytest.raises(SystemExit):
         export_cli.parse_args(base + ["--msda-backend", "kernel"])
+
+
+def test_the_openvino_node_is_evaluated_in_openvino(capsys):
+    base = ["--config-file", "c.py", "--output", "out"]
+    assert export_cli.parse_args(base).runtime == "onnxruntime"
+    args = export_cli.parse_args(base + ["--msda-backend", "openvino"])
+    assert args.runtime == "openvino"
+    with pytest.raises(SystemExit):
+        export_cli.parse_args(base + ["--msda-backend", "openvino", "--runtime", "onnxruntime"])
+    assert "only OpenVINO runs" in capsys.readouterr().err

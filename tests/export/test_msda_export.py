@@ -233,21 +233,24 @@ class _Op(nn.Module):
         )
 
 
+def _op_inputs(gen, n, q):
+    """Inputs of :class:`_Op`: n images, q queries, locations up to 0.2 off the maps."""
+    return (
+        torch.randn(n, 39, 2, 4, generator=gen),
+        torch.rand(n, q, 2, 2, 3, 2, generator=gen) * 1.4 - 0.2,
+        torch.rand(n, q, 2, 2, 3, generator=gen),
+    )
+
+
+def _op_dynamic_shapes():
+    batch, queries = torch.export.Dim("batch", max=64), torch.export.Dim("queries", max=10000)
+    return ({0: batch}, {0: batch, 1: queries}, {0: batch, 1: queries})
+
+
 def test_aoti_package_runs_the_kernel(tmp_path):
     gen = torch.Generator().manual_seed(0)
-
-    def inputs(n, q):
-        return (
-            torch.randn(n, 39, 2, 4, generator=gen),
-            torch.rand(n, q, 2, 2, 3, 2, generator=gen) * 1.4 - 0.2,
-            torch.rand(n, q, 2, 2, 3, generator=gen),
-        )
-
-    batch, queries = torch.export.Dim("batch", max=64), torch.export.Dim("queries", max=10000)
     exported = torch.export.export(
-        _Op().eval(),
-        inputs(2, 7),
-        dynamic_shapes=({0: batch}, {0: batch, 1: queries}, {0: batch, 1: queries}),
+        _Op().eval(), _op_inputs(gen, 2, 7), dynamic_shapes=_op_dynamic_shapes()
     )
     start = time.perf_counter()
     # -O0 for the host-side wrapper only (the generated kernels keep their optimization): the
@@ -260,7 +263,7 @@ def test_aoti_package_runs_the_kernel(tmp_path):
     print(f"AOTInductor compile: {time.perf_counter() - start:.1f} s")
     runner = torch._inductor.aoti_load_package(path)
     for n, q in ((1, 3), (3, 11)):
-        args = inputs(n, q)
+        args = _op_inputs(gen, n, q)
         assert _ran_kernel(lambda: runner(*args))
         _assert_close(runner(*args), _Op()(*args), 1e-6, f"AOTInductor at batch {n}, {q} queries")
 
@@ -269,22 +272,107 @@ def test_aoti_package_runs_the_kernel(tmp_path):
 def test_onnx_op_alone_matches_the_kernel(impl):
     """Without convolutions around it, onnxruntime's result is the kernel's to float rounding."""
     gen = torch.Generator().manual_seed(2)
-    args = (
-        torch.randn(2, 39, 2, 4, generator=gen),
-        torch.rand(2, 7, 2, 2, 3, 2, generator=gen) * 1.4 - 0.2,
-        torch.rand(2, 7, 2, 2, 3, generator=gen),
-    )
-    batch, queries = torch.export.Dim("batch", max=64), torch.export.Dim("queries", max=10000)
     program = export_onnx(
         _Op().eval(),
-        args,
+        _op_inputs(gen, 2, 7),
         msda_backend=impl,
-        dynamic_shapes=({0: batch}, {0: batch, 1: queries}, {0: batch, 1: queries}),
+        dynamic_shapes=_op_dynamic_shapes(),
     )
     for n, q in ((1, 5), (3, 40)):
-        value = torch.randn(n, 39, 2, 4, generator=gen)
-        locations = torch.rand(n, q, 2, 2, 3, 2, generator=gen) * 1.4 - 0.2
-        weights = torch.rand(n, q, 2, 2, 3, generator=gen)
-        (output,) = run_onnxruntime(program.model_proto, [value, locations, weights])
-        expected = _Op()(value, locations, weights)
+        args = _op_inputs(gen, n, q)
+        (output,) = run_onnxruntime(program.model_proto, list(args))
+        expected = _Op()(*args)
         _assert_close(output, expected, 1e-6, f"onnxruntime ({impl}) op at batch {n}, {q} queries")
+
+
+def _run_openvino(model, inputs, tmp_path):
+    """Runs an ONNX ModelProto in OpenVINO (float32) with dino_d2's extension."""
+    openvino = pytest.importorskip("openvino", reason="the openvino extra is part of make test")
+    import onnx
+
+    from dino_d2.export.openvino_extension import add_extension
+
+    path = str(tmp_path / "model.onnx")
+    onnx.save(model, path)
+    core = openvino.Core()
+    add_extension(core)
+    compiled = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    outputs = compiled([x.numpy() for x in inputs])
+    return [np.asarray(outputs[o]) for o in compiled.outputs]
+
+
+def test_openvino_node_runs_the_kernel_at_other_sizes(model, eager, tmp_path):
+    example = torch.randn(*EXPORT_SIZE, generator=torch.Generator().manual_seed(0))
+    program = export_onnx(
+        model, (example,), msda_backend="openvino", dynamic_shapes=_dynamic_shapes()
+    )
+    ops = [f"{n.domain}::{n.op_type}" for n in program.model_proto.graph.node]
+    assert ops.count("dino_d2::MultiScaleDeformableAttention") == 1
+    assert "::GridSample" not in ops
+    check_onnx_graph(program.model_proto, "openvino")
+    with pytest.raises(ValueError, match="non-standard operators.*MultiScaleDeformableAttention"):
+        check_onnx_graph(program.model_proto, "grid_sample")
+    for image, expected in eager:
+        # OpenVINO's convolutions round differently from PyTorch's, as onnxruntime's do.
+        (output,) = _run_openvino(program.model_proto, [image], tmp_path)
+        _assert_close(output, expected, 1e-4, f"OpenVINO node at {tuple(image.shape)}")
+
+
+def test_openvino_op_alone_equals_the_kernel(tmp_path):
+    """The same kernel on the same inputs, locations off the maps included: equal outputs."""
+    gen = torch.Generator().manual_seed(3)
+    program = export_onnx(
+        _Op().eval(),
+        _op_inputs(gen, 2, 7),
+        msda_backend="openvino",
+        dynamic_shapes=_op_dynamic_shapes(),
+    )
+    for n, q in ((1, 5), (3, 40)):
+        args = _op_inputs(gen, n, q)
+        (output,) = _run_openvino(program.model_proto, args, tmp_path)
+        _assert_close(output, _Op()(*args), 1e-7, f"OpenVINO op at batch {n}, {q} queries")
+
+
+def test_openvino_op_names_inconsistent_levels(tmp_path):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(
+        "MultiScaleDeformableAttention",
+        ["value", "spatial_shapes", "level_start_index", "locations", "weights"],
+        ["output"],
+        domain="dino_d2",
+    )
+    shapes = {
+        "value": [1, 39, 2, 4],
+        "spatial_shapes": [2, 2],
+        "level_start_index": [2],
+        "locations": [1, 5, 2, 2, 3, 2],
+        "weights": [1, 5, 2, 2, 3],
+    }
+    integers = ("spatial_shapes", "level_start_index")
+    graph = helper.make_graph(
+        [node],
+        "op",
+        [
+            helper.make_tensor_value_info(
+                name, TensorProto.INT64 if name in integers else TensorProto.FLOAT, dims
+            )
+            for name, dims in shapes.items()
+        ],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 5, 8])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("dino_d2", 1)]
+    )
+    value = torch.randn(1, 39, 2, 4)
+    locations, weights = torch.rand(1, 5, 2, 2, 3, 2), torch.rand(1, 5, 2, 2, 3)
+    good = [value, torch.tensor([[6, 5], [3, 3]]), torch.tensor([0, 30]), locations, weights]
+    (output,) = _run_openvino(model, good, tmp_path)
+    spatial_shapes, level_start_index = level_index_tensors([(6, 5), (3, 3)], "cpu")
+    expected = multi_scale_deformable_attn(
+        value, spatial_shapes, level_start_index, locations, weights
+    )
+    _assert_close(output, expected, 1e-7, "OpenVINO op with the level sizes as inputs")
+    bad = good[:2] + [torch.tensor([0, 29])] + good[3:]
+    with pytest.raises(RuntimeError, match=r"level_start_index\[1\] must be 30, got 29"):
+        _run_openvino(model, bad, tmp_path)
