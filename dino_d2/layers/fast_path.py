@@ -12,7 +12,9 @@
 * turns every plain ``nn.Linear`` into a :class:`OneDNNLinear`, and every ReLU that a module
   declares to follow one of its Linear layers (``linear_relu_pairs()``, e.g. the FFN's
   ``linear1`` + ``activation``) into the Linear layer's fused activation and an ``nn.Identity``,
-  as ``torch.ao.quantization.fuse_modules`` fuses a Linear and a ReLU.
+  as ``torch.ao.quantization.fuse_modules`` fuses a Linear and a ReLU;
+* turns every plain :class:`~dino_d2.layers.ffn.FFN` into a :class:`ChunkedFFN`, which runs a
+  long token sequence (the encoder's) a block of tokens at a time.
 
 PyTorch's ``F.linear`` on the CPU copies the bias into the output before the matrix product and
 a ReLU is another pass over the result: for the encoder's FFN at 800x1333 (22k tokens x 2048
@@ -25,9 +27,17 @@ matmul (with the bias and ReLU fused as in float32) and the folded convolutions 
 weight, each weight cast (and folded) once instead of on every call
 (:mod:`dino_d2.layers.inference_weights`), and the backbone stays channels-last.
 
+The encoder's FFN at 800x1333 widens 22k tokens to 2048 channels: 182 MB in float32, which the
+second matrix product reads back from memory after the first wrote it out. A block of 1,024 tokens
+widens to 8 MB (4 MB in bfloat16), which stays in the CPU's cache between the two products; every
+token's result is the same, bit for bit, since no product mixes tokens. On the 2-core EPYC this
+was developed on, DINO-R50 at 800x1333 ran in 0.93x the time in float32 and in bfloat16 (same
+process, same weights), and a fresh inference process peaked at 1,308 MiB instead of 1,425 MiB in
+float32.
+
 Every module keeps its parameters, buffers and state-dict keys, and is still called as a module:
 forward hooks fire, and a Linear that is not exactly ``nn.Linear`` (a LoRA adapter, a quantized
-Linear, any subclass) is left as it is, with the ReLU after it. The transformed modules give the
+Linear, any subclass) is left as it is, with the ReLU after it, as is a subclass of ``FFN``. The transformed modules give the
 same results as the plain ones to float rounding, and under autograd, tracing, ``torch.export``
 or ``torch.compile`` they run the plain ops, so a transformed model can still be exported or
 trained (training does not need the transform; the tools apply it where they build a model for
@@ -42,11 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ffn import FFN
 from .frozen_bn import fold_frozen_batchnorm
 from .fused_blocks import fuse_resnet_blocks
 from .inference_weights import autocast_dtype, derived_weight, use_derived_weights
 
 __all__ = [
+    "ChunkedFFN",
     "OneDNNLinear",
     "onednn_bfloat16_available",
     "optimize_for_cpu_inference",
@@ -132,6 +144,36 @@ class OneDNNLinear(nn.Linear):
         return f"{super().extra_repr()}, activation={self.activation}"
 
 
+class ChunkedFFN(FFN):
+    """An :class:`~dino_d2.layers.ffn.FFN` that, at inference on the CPU, runs a long sequence
+    ``chunk_tokens`` tokens at a time, so that the hidden activations of a block stay in cache
+    (see the module docstring).
+
+    Same parameters and state-dict keys as ``FFN``; :func:`optimize_for_cpu_inference` makes
+    them from plain ones. Under autograd, while tracing, compiling or exporting, on another device
+    or for at most ``2 * chunk_tokens`` tokens it is ``FFN.forward``; otherwise its outputs equal
+    ``FFN.forward``'s exactly.
+
+    Attributes:
+        chunk_tokens: tokens per block (1,024: 8 MB of float32 hidden activations at 2,048
+            channels).
+    """
+
+    chunk_tokens: int = 1024
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Maps (..., C) to (..., C)."""
+        channels = x.shape[-1]
+        tokens = x.numel() // max(channels, 1)
+        if tokens <= 2 * self.chunk_tokens or x.device.type != "cpu" or not use_derived_weights():
+            return super().forward(x)
+        blocks = x.reshape(tokens, channels).split(self.chunk_tokens)
+        return torch.cat([FFN.forward(self, block) for block in blocks]).view(*x.shape[:-1], -1)
+
+    def extra_repr(self) -> str:
+        return f"chunk_tokens={self.chunk_tokens}"
+
+
 def _cast(
     weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype
 ) -> Tuple[Tensor, Optional[Tensor]]:
@@ -169,23 +211,28 @@ def optimize_for_cpu_inference(model: nn.Module) -> Dict[str, int]:
 
     Returns:
         what changed: ``{"folded_batchnorms": ..., "fused_blocks": ..., "fused_relus": ...,
-        "onednn_linears": ...}`` (``fused_blocks``: ResNet stems and blocks whose ReLUs and
+        "onednn_linears": ..., "chunked_ffns": ...}`` (``fused_blocks``: ResNet stems and blocks whose ReLUs and
         residual adds run inside their convolutions; ``fused_relus``: Linear + ReLU pairs;
-        ``onednn_linears`` counts the fused ones too).
+        ``onednn_linears`` counts the fused ones too; ``chunked_ffns``: FFNs made
+        :class:`ChunkedFFN`).
     """
     folded = optimize_for_training(model)
     blocks = fuse_resnet_blocks(model)
     fused = _fuse_relus(model)
-    swapped = 0
+    swapped = chunked = 0
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = OneDNNLinear
             swapped += 1
+        elif type(module) is FFN:
+            module.__class__ = ChunkedFFN
+            chunked += 1
     return {
         "folded_batchnorms": folded,
         "fused_blocks": blocks,
         "fused_relus": fused,
         "onednn_linears": swapped + fused,
+        "chunked_ffns": chunked,
     }
 
 

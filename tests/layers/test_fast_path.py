@@ -9,7 +9,7 @@ from torch import nn
 
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 
-from dino_d2.layers.fast_path import OneDNNLinear, optimize_for_cpu_inference
+from dino_d2.layers.fast_path import ChunkedFFN, OneDNNLinear, optimize_for_cpu_inference
 from dino_d2.layers.ffn import FFN
 from dino_d2.layers.frozen_bn import FrozenBNConv2d
 from dino_d2.layers.mlp import MLP
@@ -63,9 +63,11 @@ def test_transform_keeps_the_state_dict_and_the_results():
         "fused_blocks": 0,
         "fused_relus": 3,
         "onednn_linears": 5,
+        "chunked_ffns": 1,
     }
     assert type(fast.backbone[0]) is FrozenBNConv2d
     assert fast.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert type(fast.ffn) is ChunkedFFN
     assert type(fast.ffn.linear1) is OneDNNLinear and fast.ffn.linear1.activation == "relu"
     assert isinstance(fast.ffn.activation, nn.Identity)
     assert all(isinstance(a, nn.Identity) for a in fast.mlp.activations)
@@ -107,3 +109,43 @@ def test_exported_transformed_module_has_no_onednn_op():
         expected = plain(x)
     assert "_linear_pointwise" not in str(program.graph)
     torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _Wider(FFN):
+    """An FFN subclass (someone's variant): never replaced."""
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_chunked_ffn_gives_the_plain_results_exactly(dtype, monkeypatch):
+    torch.manual_seed(0)
+    plain = FFN(16, 64).eval()
+    fast = copy.deepcopy(plain)
+    assert optimize_for_cpu_inference(fast)["chunked_ffns"] == 1
+    monkeypatch.setattr(fast, "chunk_tokens", 7)
+    # 2 x 37 tokens: ten blocks of 7 and one of 4; 13 tokens or fewer run in one block.
+    unchunked = copy.deepcopy(fast)
+    unchunked.__class__ = FFN  # the same fused linears, one block
+    calls = []
+    fast.linear2.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    x = torch.randn(2, 37, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        expected = unchunked(x)
+        out = fast(x)
+        assert calls == [7] * 10 + [4]
+        calls.clear()
+        fast(x[0, :14])
+        assert calls == [14]
+    assert out.shape == x.shape and out.dtype == expected.dtype
+    assert torch.equal(out, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    # Under autograd it is FFN.forward: one call for the whole (2, 37) batch.
+    calls.clear()
+    fast(x).sum().backward()
+    assert calls == [2] and fast.linear1.weight.grad is not None
+
+
+def test_ffn_subclasses_are_left_alone():
+    fast = _Wider(8, 32).eval()
+    assert optimize_for_cpu_inference(fast)["chunked_ffns"] == 0
+    assert type(fast) is _Wider
