@@ -163,9 +163,12 @@ class ChunkedFFN(FFN):
 
     def forward(self, x: Tensor) -> Tensor:
         """Maps (..., C) to (..., C)."""
+        # The sizes are read only at inference: an export must not guard on a dynamic size.
+        if x.device.type != "cpu" or not use_derived_weights():
+            return super().forward(x)
         channels = x.shape[-1]
         tokens = x.numel() // max(channels, 1)
-        if tokens <= 2 * self.chunk_tokens or x.device.type != "cpu" or not use_derived_weights():
+        if tokens <= 2 * self.chunk_tokens:
             return super().forward(x)
         blocks = x.reshape(tokens, channels).split(self.chunk_tokens)
         return torch.cat([FFN.forward(self, block) for block in blocks]).view(*x.shape[:-1], -1)

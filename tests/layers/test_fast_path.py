@@ -149,3 +149,19 @@ def test_ffn_subclasses_are_left_alone():
     fast = _Wider(8, 32).eval()
     assert optimize_for_cpu_inference(fast)["chunked_ffns"] == 0
     assert type(fast) is _Wider
+
+
+def test_chunked_ffn_exports_with_a_dynamic_token_count():
+    torch.manual_seed(0)
+    plain = FFN(8, 32).eval()
+    fast = copy.deepcopy(plain)
+    optimize_for_cpu_inference(fast)
+    fast.chunk_tokens = 4
+    x = torch.randn(1, 30, 8)
+    tokens = torch.export.Dim("tokens", min=2, max=4096)
+    with torch.no_grad():
+        program = torch.export.export(fast, (x,), dynamic_shapes=({1: tokens},))
+        for length in (3, 30, 57):
+            y = torch.randn(1, length, 8)
+            torch.testing.assert_close(program.module()(y), plain(y), rtol=1e-5, atol=1e-5)
+    assert "split" not in str(program.graph)
