@@ -37,11 +37,11 @@ float32.
 
 Every module keeps its parameters, buffers and state-dict keys, and is still called as a module:
 forward hooks fire, and a Linear that is not exactly ``nn.Linear`` (a LoRA adapter, a quantized
-Linear, any subclass) is left as it is, with the ReLU after it, as is a subclass of ``FFN``. The transformed modules give the
-same results as the plain ones to float rounding, and under autograd, tracing, ``torch.export``
-or ``torch.compile`` they run the plain ops, so a transformed model can still be exported or
-trained (training does not need the transform; the tools apply it where they build a model for
-inference).
+Linear, any subclass) is left as it is, with the ReLU after it, as is a subclass of ``FFN``. The
+transformed modules give the same results as the plain ones to float rounding, and under
+autograd, tracing, ``torch.export`` or ``torch.compile`` they run the plain ops, so a transformed
+model can still be exported or trained (training does not need the transform; the tools apply it
+where they build a model for inference).
 """
 
 import copy
@@ -214,9 +214,9 @@ def optimize_for_cpu_inference(model: nn.Module) -> Dict[str, int]:
 
     Returns:
         what changed: ``{"folded_batchnorms": ..., "fused_blocks": ..., "fused_relus": ...,
-        "onednn_linears": ..., "chunked_ffns": ...}`` (``fused_blocks``: ResNet stems and blocks whose ReLUs and
-        residual adds run inside their convolutions; ``fused_relus``: Linear + ReLU pairs;
-        ``onednn_linears`` counts the fused ones too; ``chunked_ffns``: FFNs made
+        "onednn_linears": ..., "chunked_ffns": ...}`` (``fused_blocks``: ResNet stems and blocks
+        whose ReLUs and residual adds run inside their convolutions; ``fused_relus``: Linear +
+        ReLU pairs; ``onednn_linears`` counts the fused ones too; ``chunked_ffns``: FFNs made
         :class:`ChunkedFFN`).
     """
     folded = optimize_for_training(model)
