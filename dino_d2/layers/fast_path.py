@@ -167,7 +167,7 @@ class ChunkedFFN(FFN):
         if x.device.type != "cpu" or not use_derived_weights():
             return super().forward(x)
         channels = x.shape[-1]
-        tokens = x.numel() // max(channels, 1)
+        tokens = x.numel() // channels
         if tokens <= 2 * self.chunk_tokens:
             return super().forward(x)
         blocks = x.reshape(tokens, channels).split(self.chunk_tokens)

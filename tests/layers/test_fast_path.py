@@ -116,12 +116,12 @@ class _Wider(FFN):
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_chunked_ffn_gives_the_plain_results_exactly(dtype, monkeypatch):
+def test_chunked_ffn_gives_the_plain_results_exactly(dtype):
     torch.manual_seed(0)
     plain = FFN(16, 64).eval()
     fast = copy.deepcopy(plain)
     assert optimize_for_cpu_inference(fast)["chunked_ffns"] == 1
-    monkeypatch.setattr(fast, "chunk_tokens", 7)
+    fast.chunk_tokens = 7
     # 2 x 37 tokens: ten blocks of 7 and one of 4; 13 tokens or fewer run in one block.
     unchunked = copy.deepcopy(fast)
     unchunked.__class__ = FFN  # the same fused linears, one block
