@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CSRC := $(wildcard dino_d2/layers/csrc/*.cpp dino_d2/layers/csrc/*.h dino_d2/layers/csrc/cuda/*.cu \
-	dino_d2/layers/csrc/openvino/*.cpp)
+	dino_d2/layers/csrc/openvino/*.cpp dino_d2/layers/csrc/onnxruntime/*.cpp)
 
 TORCH := torch==2.14.1 torchvision==0.29.1
 # setup.py's `export` extra (ONNX export and its tests), installed here because the package
@@ -43,10 +43,16 @@ $(VENV)/.stamp-detectron2: $(VENV)/.stamp-deps tools/install_detectron2.py
 	$(PY) tools/install_detectron2.py
 	touch $@
 
-# Compiles dino_d2._C (C++ always, CUDA when a matching toolkit is found) and the OpenVINO
-# operation (against the openvino wheel of DEPS), and installs the package in editable mode; only
-# re-run when the sources or setup.py change.
-$(VENV)/.stamp-dino_d2: $(VENV)/.stamp-detectron2 setup.py $(CSRC)
+# onnxruntime's C headers (the wheel has none), from Debian's libonnxruntime-dev, for dino_d2's
+# custom op library; where they cannot be had, the build goes on without that library.
+$(VENV)/.stamp-onnxruntime-headers: $(VENV)/.stamp-python tools/fetch_onnxruntime_headers.py
+	$(PY) tools/fetch_onnxruntime_headers.py $(VENV)/include/onnxruntime
+	touch $@
+
+# Compiles dino_d2._C (C++ always, CUDA when a matching toolkit is found), the onnxruntime custom
+# op (against those headers) and the OpenVINO operation (against the openvino wheel of DEPS), and
+# installs the package in editable mode; only re-run when the sources or setup.py change.
+$(VENV)/.stamp-dino_d2: $(VENV)/.stamp-detectron2 $(VENV)/.stamp-onnxruntime-headers setup.py $(CSRC)
 	$(PIP) install --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -75,7 +81,7 @@ benchmark: setup
 gpu-check: $(VENV)/.stamp-dino_d2-cuda
 	$(PY) tools/gpu_check.py
 
-$(VENV)/.stamp-dino_d2-cuda: $(VENV)/.stamp-detectron2 setup.py $(CSRC)
+$(VENV)/.stamp-dino_d2-cuda: $(VENV)/.stamp-detectron2 $(VENV)/.stamp-onnxruntime-headers setup.py $(CSRC)
 	arch=$$($(PY) tools/gpu_check.py --print-cuda-arch) && rm -rf build && \
 		FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$$arch" $(PIP) install --no-build-isolation --no-deps -e .
 	touch $(VENV)/.stamp-dino_d2 $@

@@ -1,5 +1,5 @@
-"""Build and install dino_d2 and its extensions, ``dino_d2._C`` and, where OpenVINO is installed,
-``dino_d2._openvino_msda``.
+"""Build and install dino_d2 and its extensions: ``dino_d2._C`` and, where their runtimes' headers
+are found, ``dino_d2._onnxruntime_msda`` and ``dino_d2._openvino_msda``.
 
 The C++ CPU kernels are always compiled. The CUDA kernels are compiled as well whenever a CUDA
 toolkit whose version matches torch's CUDA build is found, whether or not a GPU is present
@@ -11,6 +11,14 @@ the toolkit supports is compiled, plus PTX for the newest one.
 a library that ``openvino.Core().add_extension`` loads, see ``dino_d2.export.openvino_extension``).
 It is compiled against the headers and libraries of the installed ``openvino`` wheel when there is
 one (``pip install -e .[openvino]`` first, then this build); ``DINO_D2_OPENVINO=0`` skips it.
+
+``dino_d2._onnxruntime_msda`` is the same operation as an onnxruntime custom op library (loaded by
+``SessionOptions.register_custom_ops_library``, see ``dino_d2.export.msda_node``). The onnxruntime
+wheel ships no headers: it is compiled against the first folder of ``$DINO_D2_ONNXRUNTIME_INCLUDE``,
+``<prefix>/include/onnxruntime`` (where ``make`` puts them, see
+``tools/fetch_onnxruntime_headers.py``) and ``/usr/include/onnxruntime`` (Debian's
+``libonnxruntime-dev``) that holds them, at API version 21 (onnxruntime 1.21) or newer. It links
+nothing of onnxruntime. ``DINO_D2_ONNXRUNTIME=0`` skips it.
 """
 
 import glob
@@ -18,6 +26,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -126,10 +135,58 @@ def _extensions():
             extra_link_args=["-fopenmp"],
         )
     ]
-    openvino_module = _openvino_extension()
-    if openvino_module is not None:
-        modules.append(openvino_module)
+    for runtime_module in (_onnxruntime_extension(), _openvino_extension()):
+        if runtime_module is not None:
+            modules.append(runtime_module)
     return modules, {"build_ext": BuildExtension}
+
+
+# The oldest onnxruntime C API that csrc/onnxruntime is written against.
+_ONNXRUNTIME_API = 21
+
+
+def _onnxruntime_headers():
+    """The first folder of onnxruntime headers of API version 21 or newer, or None."""
+    candidates = [os.environ.get("DINO_D2_ONNXRUNTIME_INCLUDE", "")]
+    candidates += [os.path.join(sys.prefix, "include", "onnxruntime"), "/usr/include/onnxruntime"]
+    for folder in filter(None, candidates):
+        header = os.path.join(folder, "onnxruntime_c_api.h")
+        if not os.path.isfile(os.path.join(folder, "onnxruntime_lite_custom_op.h")):
+            continue
+        with open(header, encoding="utf-8") as f:
+            found = re.search(r"#define ORT_API_VERSION (\d+)", f.read())
+        if found and int(found.group(1)) >= _ONNXRUNTIME_API:
+            return folder
+        print(f"dino_d2: {header} is older than API version {_ONNXRUNTIME_API}; not used")
+    return None
+
+
+def _onnxruntime_extension():
+    """The onnxruntime custom op library, or None when onnxruntime's headers are missing."""
+    if os.environ.get("DINO_D2_ONNXRUNTIME") == "0":
+        return None
+    include = _onnxruntime_headers()
+    if include is None:
+        print(
+            "dino_d2: onnxruntime's headers were not found (tools/fetch_onnxruntime_headers.py); "
+            "not building the onnxruntime custom op"
+        )
+        return None
+    return _runtime_extension("onnxruntime", include)
+
+
+def _runtime_extension(runtime, include, **options):
+    """``dino_d2._<runtime>_msda``, from ``csrc/<runtime>/msda_<runtime>.cpp`` against the
+    runtime's headers in ``include``."""
+    from setuptools import Extension
+
+    return Extension(
+        f"dino_d2._{runtime}_msda",
+        [os.path.join(_CSRC, runtime, f"msda_{runtime}.cpp")],
+        include_dirs=[include, os.path.join(_HERE, _CSRC)],
+        extra_compile_args=["-O3", "-std=c++17"],
+        **options,
+    )
 
 
 def _openvino_extension():
@@ -141,8 +198,6 @@ def _openvino_extension():
     except ImportError:
         print("dino_d2: openvino is not installed; not building the OpenVINO extension")
         return None
-    from setuptools import Extension
-
     root = os.path.dirname(openvino.__file__)
     include = os.path.join(root, "include")
     libs = os.path.join(root, "libs")
@@ -155,13 +210,11 @@ def _openvino_extension():
             "not building the OpenVINO extension"
         )
         return None
-    return Extension(
-        "dino_d2._openvino_msda",
-        [os.path.join(_CSRC, "openvino", "msda_openvino.cpp")],
-        include_dirs=[include, os.path.join(_HERE, _CSRC)],
+    return _runtime_extension(
+        "openvino",
+        include,
         # The threading that the wheel's libraries were built with (OpenVINOTargets.cmake).
         define_macros=[("OV_THREAD", "OV_THREAD_TBB_ADAPTIVE")],
-        extra_compile_args=["-O3", "-std=c++17"],
         extra_objects=[paths[0] for paths in found],
         extra_link_args=[f"-Wl,-rpath,{os.path.realpath(libs)}"],
     )

@@ -43,9 +43,10 @@ Inference also reports, unless ``--no-limit`` / ``--no-parity``:
   batch (with random frozen batch-norm statistics when the weights are random, so that folding
   changes something).
 
-``--onnx FILE`` (and ``--openvino``), ``--openvino-onnx FILE`` (an export whose deformable
-attention is dino_d2's own node, ``--msda-backend openvino``, run in OpenVINO with dino_d2's
-extension), ``--pt2 FILE`` and ``--aoti FILE`` time exported models
+``--onnx FILE`` (and ``--openvino``), ``--node-onnx FILE`` (an export whose deformable
+attention is dino_d2's own node, ``--msda-backend node``, run in onnxruntime with dino_d2's custom
+op library and, with ``--openvino``, in OpenVINO with dino_d2's extension), ``--pt2 FILE`` and
+``--aoti FILE`` time exported models
 (``tools/deploy/export_model.py``) on the same images, padded into one uint8 (or, per the
 export's ``model.json``, float) batch, in the same run as the eager model, and compare their
 detections with the eager model's. The config, overrides and ``--weights`` must be those of the
@@ -86,7 +87,7 @@ from detectron2.config import LazyConfig, instantiate
 import dino_d2.modeling  # noqa: F401  (registers DINO and the backbones)
 from dino_d2.checkpoint import AtomicCheckpointer, UntrustedFileError, add_unsafe_load_argument
 from dino_d2.engine import build_training, resolve_device
-from dino_d2.export.exporter import load_exported, load_openvino
+from dino_d2.export.exporter import load_exported, load_onnxruntime, load_openvino
 from dino_d2.layers.fast_path import optimized_copy
 from dino_d2.measure import (
     ExportInfoError,
@@ -174,14 +175,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--openvino",
         action="store_true",
-        help="also run the --onnx file in OpenVINO (pip install openvino; float32 precision)",
+        help="also run the --onnx and --node-onnx files in OpenVINO (pip install openvino; "
+        "float32 precision)",
     )
     parser.add_argument(
-        "--openvino-onnx",
+        "--node-onnx",
         metavar="FILE",
-        help="also time this ONNX export made with --msda-backend openvino, in OpenVINO with "
-        "dino_d2's extension (float32 precision)",
+        help="also time this ONNX export made with --msda-backend node, in onnxruntime with "
+        "dino_d2's custom op library (and in OpenVINO with --openvino)",
     )
+    # The flag's name when only OpenVINO ran the node: it implies --openvino.
+    parser.add_argument("--openvino-onnx", metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument(
         "--pt2", metavar="FILE", help="also time this torch.export program (needs --unsafe-load)"
     )
@@ -226,11 +230,15 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--num-boxes must be at least 1")
     if args.busy and not args.train:
         parser.error("--busy times training steps: add --train")
-    exported = [args.onnx, args.openvino_onnx, args.pt2, args.aoti]
+    if args.openvino_onnx:
+        if args.node_onnx:
+            parser.error("--openvino-onnx is the former name of --node-onnx: give one of them")
+        args.node_onnx, args.openvino = args.openvino_onnx, True
+    exported = [args.onnx, args.node_onnx, args.pt2, args.aoti]
     if args.train and any(exported):
-        parser.error("--onnx, --openvino-onnx, --pt2 and --aoti time inference: drop --train")
-    if args.openvino and not args.onnx:
-        parser.error("--openvino runs the --onnx file: give --onnx FILE")
+        parser.error("--onnx, --node-onnx, --pt2 and --aoti time inference: drop --train")
+    if args.openvino and not (args.onnx or args.node_onnx):
+        parser.error("--openvino runs the --onnx or --node-onnx file: give one of them")
     for flag, path in (("--pt2", args.pt2), ("--aoti", args.aoti)):
         if path and not args.unsafe_load:
             parser.error(
@@ -238,7 +246,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                 "unpickling; an AOTInductor package is compiled code). Give --unsafe-load if you "
                 "trust the file (one you exported yourself)"
             )
-    for flag, path in zip(("--onnx", "--openvino-onnx", "--pt2", "--aoti"), exported):
+    for flag, path in zip(("--onnx", "--node-onnx", "--pt2", "--aoti"), exported):
         if path and not os.path.isfile(path):
             parser.error(
                 f"{flag} {path}: no such file (write it with tools/deploy/export_model.py)"
@@ -258,10 +266,12 @@ def _exported_runtimes(args):
     runtimes = []
     if args.onnx:
         runtimes.append(("onnxruntime", args.onnx, lambda p: load_exported(p, "onnx")))
-    if args.openvino:
+    if args.openvino and args.onnx:
         runtimes.append(("openvino", args.onnx, load_openvino))
-    if args.openvino_onnx:
-        runtimes.append(("openvino_msda_op", args.openvino_onnx, load_openvino))
+    if args.node_onnx:
+        runtimes.append(("onnxruntime_msda_op", args.node_onnx, load_onnxruntime))
+    if args.openvino and args.node_onnx:
+        runtimes.append(("openvino_msda_op", args.node_onnx, load_openvino))
     if args.pt2:
         runtimes.append(("pt2", args.pt2, lambda p: load_exported(p, "pt2")))
     if args.aoti:

@@ -5,6 +5,10 @@
     # gathers instead of GridSample (runtimes such as TensorRT), and COCO AP through onnxruntime
     python tools/deploy/export_model.py --config-file ... --format onnx --msda-backend gather \\
         --output export/ --eval train.init_checkpoint=...
+    # dino_d2's own deformable-attention node: onnxruntime and OpenVINO run it with dino_d2's
+    # libraries and CPU kernel, faster than the GridSample graph
+    python tools/deploy/export_model.py --config-file ... --format onnx --msda-backend node \\
+        --output export/ train.init_checkpoint=...
 
 The flags follow Detectron2's ``tools/deploy/export_model.py`` where they apply; the weights are
 ``train.init_checkpoint=...`` (a model without them keeps its random initial weights, with a
@@ -53,7 +57,7 @@ from dino_d2.export.exporter import (
     random_verification,
 )
 from dino_d2.export.graph import InferenceGraph
-from dino_d2.export.onnx import MSDA_ONNX_BACKENDS
+from dino_d2.export.onnx import MSDA_ONNX_BACKENDS, canonical_msda_backend
 from dino_d2.layers.fast_path import optimize_for_cpu_inference
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
 
@@ -190,17 +194,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--output", required=True, help="folder for the model and model.json")
     parser.add_argument("--sample-image", help="an image to trace with (default: random)")
+    # "openvino": the node's former name, from when only OpenVINO could run it.
+    backends = MSDA_ONNX_BACKENDS + ("openvino",)
     parser.add_argument(
         "--msda-backend",
-        choices=MSDA_ONNX_BACKENDS,
+        choices=backends,
         default="grid_sample",
         help="ONNX form of deformable attention: GridSample, gathers only, or dino_d2's own node "
-        "for OpenVINO (run with dino_d2's extension; onnxruntime cannot load it)",
+        "(run by onnxruntime and OpenVINO with dino_d2's libraries, with its CPU kernel; "
+        "'openvino' is its former name)",
     )
     # The flag's old name, accepted for one release.
     parser.add_argument(
         "--msda-impl",
-        choices=MSDA_ONNX_BACKENDS,
+        choices=backends,
         dest="deprecated_msda_impl",
         help=argparse.SUPPRESS,
     )
@@ -219,8 +226,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--runtime",
         choices=("onnxruntime", "openvino"),
-        help="what runs the ONNX export for --eval (openvino: pip install -e .[openvino]); "
-        "default onnxruntime, openvino with --msda-backend openvino",
+        default="onnxruntime",
+        help="what runs the ONNX export for --eval (openvino: pip install -e .[openvino])",
     )
     parser.add_argument(
         "--precision",
@@ -240,13 +247,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             stacklevel=2,
         )
         args.msda_backend = args.deprecated_msda_impl
-    if args.runtime is None:
-        openvino_node = args.format == "onnx" and args.msda_backend == "openvino"
-        args.runtime = "openvino" if openvino_node else "onnxruntime"
-    if args.runtime == "onnxruntime" and args.format == "onnx" and args.msda_backend == "openvino":
-        parser.error(
-            "--msda-backend openvino writes a graph that only OpenVINO runs: --runtime openvino"
-        )
+    args.msda_backend = canonical_msda_backend(args.msda_backend)
     return args
 
 

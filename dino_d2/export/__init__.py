@@ -7,6 +7,7 @@ has fake kernels (see :mod:`dino_d2.layers.ms_deform_attn`) and stays one node i
 from .onnx import (
     MIN_OPSET,
     MSDA_ONNX_BACKENDS,
+    canonical_msda_backend,
     check_onnx_graph,
     export_onnx,
     onnxruntime_session,
@@ -16,6 +17,7 @@ from .onnx import (
 __all__ = [
     "MIN_OPSET",
     "MSDA_ONNX_BACKENDS",
+    "canonical_msda_backend",
     "check_onnx_graph",
     "export_onnx",
     "onnxruntime_session",

@@ -7,7 +7,8 @@ batch of three of different real sizes) and reports the differences (:mod:`.veri
 
 * ``onnx``: ``torch.onnx.export(dynamo=True)``; deformable attention decomposed into
   ``GridSample`` (``msda_backend="grid_sample"``) or gathers (``"gather"``), run with onnxruntime;
-  or kept as dino_d2's own node (``"openvino"``), run with OpenVINO and dino_d2's extension.
+  or kept as dino_d2's own node (``"node"``), run with onnxruntime (or OpenVINO) and dino_d2's
+  library.
 * ``pt2``: ``torch.export`` with dino_d2's compiled deformable attention kept as one op; saved
   with ``torch.export.save``, run with ``torch.export.load(...).module()`` (after
   ``dino_d2.layers.ms_deform_attn.load_extension()``).
@@ -32,9 +33,9 @@ from torch import Tensor, nn
 
 from dino_d2.layers.ms_deform_attn import load_extension
 
-from . import openvino_extension
+from . import msda_node
 from .graph import InferenceGraph
-from .onnx import MSDA_ONNX_BACKENDS, export_onnx, onnxruntime_session
+from .onnx import canonical_msda_backend, export_onnx, onnxruntime_session
 from .verify import (
     DetectionComparison,
     compare_detections,
@@ -50,6 +51,7 @@ __all__ = [
     "dynamic_shapes",
     "export_model",
     "load_exported",
+    "load_onnxruntime",
     "load_openvino",
     "output_paths",
 ]
@@ -146,17 +148,13 @@ def _export(graph: InferenceGraph, sample, fmt: str, path: str, msda_backend: st
 
 def load_exported(path: str, fmt: str) -> Callable[[Tensor, Tensor], Sequence]:
     """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running the export: an
-    ONNX file in onnxruntime, or in OpenVINO (float32) when it holds dino_d2's own node."""
-    if fmt == "onnx" and openvino_extension.needs_extension(path):
-        return load_openvino(path)
+    ONNX file in onnxruntime, with dino_d2's custom op library when it holds dino_d2's node (in
+    OpenVINO, float32, when only OpenVINO's library was built)."""
+    if fmt == "onnx" and msda_node.has_node(path):
+        if msda_node.onnxruntime_library() is None and msda_node.openvino_library() is not None:
+            return load_openvino(path)
     if fmt == "onnx":
-        session = onnxruntime_session(path)
-
-        def run_onnx(images: Tensor, image_sizes: Tensor):
-            feed = {"images": images.numpy(), "image_sizes": image_sizes.numpy()}
-            return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
-
-        return run_onnx
+        return load_onnxruntime(path)
     load_extension()
     if fmt == "pt2":
         module = torch.export.load(path).module()
@@ -170,10 +168,22 @@ def load_exported(path: str, fmt: str) -> Callable[[Tensor, Tensor], Sequence]:
     return run_torch
 
 
+def load_onnxruntime(path: str) -> Callable[[Tensor, Tensor], Sequence]:
+    """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running an ONNX export in
+    onnxruntime (:func:`~dino_d2.export.onnx.onnxruntime_session`)."""
+    session = onnxruntime_session(path)
+
+    def run_onnx(images: Tensor, image_sizes: Tensor):
+        feed = {"images": images.numpy(), "image_sizes": image_sizes.numpy()}
+        return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
+
+    return run_onnx
+
+
 def load_openvino(path: str, precision: str = "f32") -> Callable[[Tensor, Tensor], Sequence]:
     """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running an ONNX export
     in OpenVINO on the CPU (OpenVINO is not a dependency of dino_d2: ``pip install openvino``).
-    A graph exported with ``msda_backend="openvino"`` gets dino_d2's extension added first.
+    A graph exported with ``msda_backend="node"`` gets dino_d2's extension added first.
 
     Args:
         path: the ``model.onnx`` file.
@@ -186,8 +196,8 @@ def load_openvino(path: str, precision: str = "f32") -> Callable[[Tensor, Tensor
     except ImportError as e:
         raise ImportError("running an ONNX export in OpenVINO needs `pip install openvino`") from e
     core = openvino.Core()
-    if openvino_extension.needs_extension(path):
-        openvino_extension.add_extension(core)
+    if msda_node.has_node(path):
+        msda_node.add_to_openvino(core)
     config = {
         "INFERENCE_PRECISION_HINT": precision,
         # One inference at a time, as fast as it can go, on the threads torch computes with.
@@ -258,8 +268,7 @@ def export_model(
     """
     import time
 
-    if msda_backend not in MSDA_ONNX_BACKENDS:
-        raise ValueError(f"msda_backend must be one of {list(MSDA_ONNX_BACKENDS)}")
+    msda_backend = canonical_msda_backend(msda_backend)
     path, json_path = output_paths(output_dir, fmt)
     existing = [p for p in (path, json_path) if os.path.exists(p)]
     if existing and not overwrite:

@@ -10,10 +10,11 @@ its pure-PyTorch backends:
 * ``"gather"``: ``Floor`` / ``Where`` / ``Gather`` arithmetic and no ``GridSample`` at all, for
   runtimes that mishandle ``GridSample`` (TensorRT has compiled grid_sample-based deformable
   attention into silently wrong detections);
-* ``"openvino"``: one ``dino_d2::MultiScaleDeformableAttention`` node per attention (the compiled
-  op, translated as it is), which OpenVINO runs with dino_d2's extension and its CPU kernel
-  (:mod:`dino_d2.export.openvino_extension`). On the DINO-R50 encoder's shapes the kernel takes
-  about a fifth of the ``GridSample`` graph's time; no other runtime knows the node.
+* ``"node"``: one ``dino_d2::MultiScaleDeformableAttention`` node per attention (the compiled
+  op, translated as it is), which onnxruntime and OpenVINO run with dino_d2's libraries and its
+  CPU kernel (:mod:`dino_d2.export.msda_node`; ``"openvino"`` is this backend's former name). On
+  the DINO-R50 encoder's shapes the kernel takes about a fifth of the ``GridSample`` graph's
+  time; other runtimes do not know the node.
 
 The first two give the kernel's results up to float rounding; the third is the kernel. The traced
 graph is then optimized by onnxscript (the exporter's ``optimize=True``): constants folded (shape
@@ -21,7 +22,7 @@ arithmetic, the position embeddings' frequency tables), redundant casts and resh
 every batch norm that follows a convolution folded into its weights and bias, so runtimes get
 about a third of the nodes the translation writes (3,900 against 1,400 for the digits model) and
 no ``BatchNormalization``. The written graph is then checked: every node must be a standard ONNX
-operator (or, with ``"openvino"``, dino_d2's), and with ``"gather"`` none may be ``GridSample``.
+operator (or, with ``"node"``, dino_d2's), and with ``"gather"`` none may be ``GridSample``.
 
 The dynamo-based exporter (torch.export, then onnxscript's translation) is used rather than the
 TorchScript one: it keeps dynamic sizes symbolic (``dynamic_shapes``), which the level sizes of
@@ -37,19 +38,22 @@ import torch
 
 from dino_d2.layers import ms_deform_attn
 
-from . import openvino_extension
+from . import msda_node
 
 __all__ = [
     "MIN_OPSET",
     "MSDA_ONNX_BACKENDS",
+    "canonical_msda_backend",
     "check_onnx_graph",
     "export_onnx",
     "onnxruntime_session",
     "run_onnxruntime",
 ]
 
-# Backends of deformable attention that ONNX can hold (see the module docstring).
-MSDA_ONNX_BACKENDS = ("grid_sample", "gather", "openvino")
+# Backends of deformable attention that ONNX can hold (see the module docstring), and the former
+# name of one, still accepted.
+MSDA_ONNX_BACKENDS = ("grid_sample", "gather", "node")
+_FORMER_NAMES = {"openvino": "node"}
 # Oldest opset accepted: GridSample exists from 16; 17 is the oldest dino_d2 tests.
 MIN_OPSET = 17
 # Domains of the standard ONNX operators.
@@ -66,13 +70,29 @@ def _require(module: str) -> Any:
         ) from e
 
 
+def canonical_msda_backend(name: str) -> str:
+    """``name`` as one of :data:`MSDA_ONNX_BACKENDS`: ``"openvino"``, the node backend's name
+    when only OpenVINO could run it, becomes ``"node"``.
+
+    Raises:
+        ValueError: ``name`` is no backend.
+    """
+    name = _FORMER_NAMES.get(name, name)
+    if name not in MSDA_ONNX_BACKENDS:
+        raise ValueError(
+            f"msda_backend must be one of {list(MSDA_ONNX_BACKENDS)} (or the former "
+            f"{list(_FORMER_NAMES)}), got {name!r}"
+        )
+    return name
+
+
 def check_onnx_graph(model_proto: Any, msda_backend: str) -> None:
     """Checks that an exported graph only holds standard ONNX operators.
 
     Args:
         model_proto: an ``onnx.ModelProto``.
         msda_backend: the backend it was exported with; with ``"gather"`` a ``GridSample``
-            node is an error too, and only ``"openvino"`` allows dino_d2's own node.
+            node is an error too, and only ``"node"`` allows dino_d2's own node.
 
     Raises:
         ValueError: naming the offending operators (and their node names).
@@ -81,9 +101,10 @@ def check_onnx_graph(model_proto: Any, msda_backend: str) -> None:
     for function in model_proto.functions:
         nodes.extend(function.node)
     problems = []
+    msda_backend = canonical_msda_backend(msda_backend)
     allowed = set(_STANDARD_DOMAINS)
-    if msda_backend == "openvino":
-        allowed.add(openvino_extension.DOMAIN)
+    if msda_backend == "node":
+        allowed.add(msda_node.DOMAIN)
     custom = sorted({f"{n.domain}::{n.op_type}" for n in nodes if n.domain not in allowed})
     if custom:
         problems.append(f"non-standard operators {custom}")
@@ -116,8 +137,7 @@ def export_onnx(
         args: example positional inputs.
         f: path of the ``.onnx`` file to write (weights inside it, or beside it as external data
             above 2 GB), or None to only return the program.
-        msda_backend: ``"grid_sample"``, ``"gather"`` or ``"openvino"`` (see the module
-            docstring).
+        msda_backend: ``"grid_sample"``, ``"gather"`` or ``"node"`` (see the module docstring).
         opset_version: ONNX opset, at least :data:`MIN_OPSET`; None takes torch's default.
         dynamic_shapes: as for ``torch.export.export``, e.g. ``{"image": {0: Dim("N"), 2: ...}}``.
         input_names, output_names: names of the graph's inputs and outputs.
@@ -130,19 +150,16 @@ def export_onnx(
             fails :func:`check_onnx_graph`.
         ImportError: when onnx or onnxscript is missing.
     """
-    if msda_backend not in MSDA_ONNX_BACKENDS:
-        raise ValueError(
-            f"msda_backend must be one of {list(MSDA_ONNX_BACKENDS)}, got {msda_backend!r}"
-        )
+    msda_backend = canonical_msda_backend(msda_backend)
     if opset_version is not None and opset_version < MIN_OPSET:
         raise ValueError(f"opset_version must be at least {MIN_OPSET}, got {opset_version}")
     _require("onnx")
     _require("onnxscript")
     translations = None
-    if msda_backend == "openvino":
-        translation = _openvino_translation()  # loads dino_d2._C, which defines the op
+    if msda_backend == "node":
+        translation = _node_translation()  # loads dino_d2._C, which defines the op
         translations = {torch.ops.dino_d2.ms_deform_attn_forward.default: translation}
-    traced_backend = "compiled" if msda_backend == "openvino" else msda_backend
+    traced_backend = "compiled" if msda_backend == "node" else msda_backend
     with ms_deform_attn.msda_backend(traced_backend):
         program = torch.onnx.export(
             model,
@@ -162,18 +179,18 @@ def export_onnx(
     return program
 
 
-def _openvino_translation() -> Any:
+def _node_translation() -> Any:
     """The ONNX form of ``torch.ops.dino_d2.ms_deform_attn_forward``: dino_d2's own node, with the
-    op's five inputs, for OpenVINO with dino_d2's extension."""
+    op's five inputs, for onnxruntime and OpenVINO with dino_d2's libraries."""
     import onnxscript
 
     if not ms_deform_attn.load_extension():
         raise RuntimeError(
-            "msda_backend='openvino' traces the compiled deformable attention, and dino_d2._C "
+            "msda_backend='node' traces the compiled deformable attention, and dino_d2._C "
             "could not be loaded"
         )
     onnx = _require("onnx")
-    domain, op_type = openvino_extension.DOMAIN, openvino_extension.OP_TYPE
+    domain, op_type = msda_node.DOMAIN, msda_node.OP_TYPE
     # onnxscript writes a node from its operator's schema: the op's inputs, registered once.
     if not onnx.defs.has(op_type, domain):
         parameter = onnx.defs.OpSchema.FormalParameter
@@ -212,18 +229,24 @@ def onnxruntime_session(model: Any) -> Any:
     NCHWc layout for convolutions), one inference at a time (sequential execution) on as many
     threads as torch computes with (``torch.get_num_threads()``, so that an export and the
     eager model it is compared with get the same cores), and memory patterns reused between
-    runs of the same input sizes.
+    runs of the same input sizes. A graph that holds dino_d2's node gets dino_d2's custom op
+    library registered (:func:`dino_d2.export.msda_node.add_to_onnxruntime`).
 
     Args:
         model: a path to an ``.onnx`` file or an ``onnx.ModelProto``.
 
     Returns:
         The ``onnxruntime.InferenceSession``.
+
+    Raises:
+        ImportError: the graph holds dino_d2's node and the library is missing.
     """
     ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    if msda_node.has_node(model):
+        msda_node.add_to_onnxruntime(options)
     if not isinstance(model, str):
         model = model.SerializeToString()
-    options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = torch.get_num_threads()

@@ -1,6 +1,7 @@
 """The whole DINO inference exported: the graph equals DINO, every export proves itself at other
 sizes and batch sizes, and the runtime without PyTorch gives tools/demo.py's detections."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -121,35 +122,36 @@ def test_onnx_gather_export_is_proven_at_other_sizes(tiny_model, tmp_path):
         export_model(graph, sample, "onnx", str(tmp_path), preprocessing={}, verification=[])
 
 
-def test_onnx_openvino_export_runs_dino_d2_s_node_in_openvino(tiny_model, tmp_path):
+def test_onnx_node_export_runs_dino_d2_s_kernel_in_onnxruntime_and_openvino(tiny_model, tmp_path):
     openvino = pytest.importorskip("openvino", reason="the openvino extra is part of make test")
-    from dino_d2.export.exporter import load_openvino
-    from dino_d2.export.onnx import onnxruntime_session
-    from dino_d2.export.openvino_extension import add_extension, extension_path, needs_extension
+    from dino_d2.export import msda_node
+    from dino_d2.export.exporter import load_onnxruntime, load_openvino
 
-    assert extension_path() is not None, "setup.py builds the extension when openvino is installed"
-    # Verified in OpenVINO (onnxruntime cannot load the node): the kernel gives the model's
+    assert msda_node.onnxruntime_library() is not None, "make fetches onnxruntime's headers"
+    assert msda_node.openvino_library() is not None, "setup.py builds it when openvino is there"
+    # Verified in onnxruntime with dino_d2's custom op library: the kernel gives the model's
     # detections at every verification size and batch.
-    _, _, result = _proven_onnx_export(tiny_model, tmp_path, "openvino")
+    _, _, result = _proven_onnx_export(tiny_model, tmp_path, "node")
     model = onnx.load(result.path)
-    assert needs_extension(model)
+    assert msda_node.has_node(model)
     ops = [f"{node.domain}::{node.op_type}" for node in model.graph.node]
     # One node per deformable attention: the encoder layer and the decoder layer.
     assert ops.count("dino_d2::MultiScaleDeformableAttention") == 2
     assert "::GridSample" not in ops
-    with pytest.raises(Exception, match="MultiScaleDeformableAttention"):
-        onnxruntime_session(result.path)
-    # Saved as OpenVINO IR the model still holds the node, and load_openvino adds the extension.
+    # The same file in OpenVINO, and saved as OpenVINO IR (which still holds the node, and
+    # load_openvino adds the extension): the same detections as in onnxruntime.
     core = openvino.Core()
-    add_extension(core)
+    msda_node.add_to_openvino(core)
     xml = str(tmp_path / "ir" / "model.xml")
     openvino.save_model(core.read_model(result.path), xml, compress_to_fp16=False)
-    assert needs_extension(xml)
-    images, image_sizes = _images([(96, 128)], seed=5)
+    assert msda_node.has_node(xml)
+    images, image_sizes = _images([(96, 128), (70, 100)], seed=5)
+    from_ort = load_onnxruntime(result.path)(images, image_sizes)
     from_ir = load_openvino(xml)(images, image_sizes)
     from_onnx = load_openvino(result.path)(images, image_sizes)
-    for a, b in zip(from_ir, from_onnx):
-        torch.testing.assert_close(a, b)
+    for a, b, c in zip(from_ort, from_ir, from_onnx):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(b, c)
 
 
 class _BranchingBackbone(Backbone):
@@ -206,8 +208,8 @@ def digits_setup(tmp_path_factory, tiny_dino_config):
     return {"root": root, "config": config, "weights": weights, "images": images}
 
 
-def _export(setup, fmt, *extra):
-    out = setup["root"] / f"export_{fmt}"
+def _export(setup, fmt, *extra, name=None):
+    out = setup["root"] / (name or f"export_{fmt}")
     argv = [
         "--config-file",
         setup["config"],
@@ -236,6 +238,11 @@ def test_digits_export_from_the_command_line(digits_setup, fmt, capsys):
     assert info["class_names"] == [str(d) for d in range(10)]
     assert info["min_input_size"] == 65
     assert (out / name).is_file()
+
+
+def _table(detections):
+    """A detections.json list as the (boxes, scores, classes) tensors pair_detections takes."""
+    return tuple(torch.tensor([d[key] for d in detections]) for key in ("box", "score", "class_id"))
 
 
 def test_onnx_runtime_without_torch_gives_the_demo_detections(digits_setup):
@@ -289,28 +296,61 @@ def test_onnx_runtime_without_torch_gives_the_demo_detections(digits_setup):
     for mine, reference in zip(ours, theirs):
         assert (mine["height"], mine["width"]) == (reference["height"], reference["width"])
 
-        def table(image):
-            detections = image["detections"]
-            return tuple(
-                torch.tensor(values)
-                for values in (
-                    [d["box"] for d in detections],
-                    [d["score"] for d in detections],
-                    [d["class_id"] for d in detections],
-                )
-            )
-
         # Both tools write scores rounded to four decimals: two scores 1e-7 apart can be written
         # 1e-4 apart (and a little more in float32), so the tolerance is 1e-4 plus that rounding.
         tolerance = 2e-4
         scores, boxes, unpaired, theirs_unpaired = pair_detections(
-            table(mine), table(reference), tolerance, 0.02
+            _table(mine["detections"]), _table(reference["detections"]), tolerance, 0.02
         )
         assert len(mine["detections"]) == len(reference["detections"]) == 50
         # Every detection pairs, except ties at the top-50 cut, which either run may keep.
         cut = min(d["score"] for d in mine["detections"] + reference["detections"])
         assert not unpaired_beyond_cut(unpaired + theirs_unpaired, cut, tolerance)
         assert (runtime_out / mine["visualization"]).is_file()
+
+
+def _onnx_predict_module():
+    spec = importlib.util.spec_from_file_location("_tool_onnx_predict_node", ONNX_PREDICT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_onnx_predict_runs_a_node_export_with_dino_d2_s_library(digits_setup, tmp_path, capsys):
+    from dino_d2.export import msda_node
+
+    onnx_dir = digits_setup["root"] / "export_onnx"
+    if not (onnx_dir / "model.onnx").exists():
+        assert _export(digits_setup, "onnx")[0] == 0
+    code, node_dir = _export(digits_setup, "onnx", "--msda-backend", "node", name="export_node")
+    printed = capsys.readouterr().out
+    assert code == 0 and "PASS" in printed, printed
+    tool = _onnx_predict_module()
+    base = ["--input", *digits_setup["images"], "--score-threshold", "0"]
+    # Without the library onnxruntime cannot load the file: the tool says what to give it.
+    assert (
+        tool.main(["--model", str(node_dir / "model.onnx"), "--output", str(tmp_path / "x")] + base)
+        == 2
+    )
+    assert "--custom-op-library" in capsys.readouterr().err
+    library = msda_node.onnxruntime_library()
+    assert library is not None, "make fetches onnxruntime's headers"
+    runs = {
+        "grid_sample": ["--model", str(onnx_dir / "model.onnx")],
+        "node": ["--model", str(node_dir / "model.onnx"), "--custom-op-library", library],
+    }
+    detections = {}
+    for name, args in runs.items():
+        assert tool.main(args + ["--output", str(tmp_path / name)] + base) == 0
+        images = json.loads((tmp_path / name / "detections.json").read_text())["images"]
+        detections[name] = [image["detections"] for image in images]
+    # The two forms of the attention agree to float rounding (and the scores' four decimals),
+    # except ties at the top-50 cut, which either run may keep.
+    for mine, reference in zip(detections["node"], detections["grid_sample"]):
+        _, _, unpaired, theirs = pair_detections(_table(mine), _table(reference), 2e-4, 0.02)
+        cut = min(d["score"] for d in mine + reference)
+        assert len(mine) == len(reference) == 50
+        assert not unpaired_beyond_cut(unpaired + theirs, cut, 2e-4)
 
 
 def test_a_wrong_input_gets_a_message_that_states_the_expected_input(digits_setup):
@@ -387,11 +427,12 @@ def test_msda_backend_flag_and_its_deprecated_name():
         export_cli.parse_args(base + ["--msda-backend", "kernel"])
 
 
-def test_the_openvino_node_is_evaluated_in_openvino(capsys):
+def test_the_node_backend_keeps_its_former_name():
     base = ["--config-file", "c.py", "--output", "out"]
     assert export_cli.parse_args(base).runtime == "onnxruntime"
-    args = export_cli.parse_args(base + ["--msda-backend", "openvino"])
+    # "openvino" named the node when only OpenVINO ran it; both runtimes run it now.
+    for name in ("node", "openvino"):
+        args = export_cli.parse_args(base + ["--msda-backend", name])
+        assert (args.msda_backend, args.runtime) == ("node", "onnxruntime")
+    args = export_cli.parse_args(base + ["--msda-backend", "node", "--runtime", "openvino"])
     assert args.runtime == "openvino"
-    with pytest.raises(SystemExit):
-        export_cli.parse_args(base + ["--msda-backend", "openvino", "--runtime", "onnxruntime"])
-    assert "only OpenVINO runs" in capsys.readouterr().err

@@ -285,55 +285,64 @@ def test_onnx_op_alone_matches_the_kernel(impl):
         _assert_close(output, expected, 1e-6, f"onnxruntime ({impl}) op at batch {n}, {q} queries")
 
 
-def _run_openvino(model, inputs, tmp_path):
-    """Runs an ONNX ModelProto in OpenVINO (float32) with dino_d2's extension."""
+def _run_node(runtime, model, inputs, tmp_path):
+    """Runs an ONNX ModelProto holding dino_d2's node in onnxruntime or OpenVINO (float32), with
+    dino_d2's library for that runtime."""
+    from dino_d2.export import msda_node
+
+    if runtime == "onnxruntime":
+        assert msda_node.onnxruntime_library() is not None, "make fetches onnxruntime's headers"
+        return run_onnxruntime(model, list(inputs))
     openvino = pytest.importorskip("openvino", reason="the openvino extra is part of make test")
     import onnx
-
-    from dino_d2.export.openvino_extension import add_extension
 
     path = str(tmp_path / "model.onnx")
     onnx.save(model, path)
     core = openvino.Core()
-    add_extension(core)
+    msda_node.add_to_openvino(core)
     compiled = core.compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     outputs = compiled([x.numpy() for x in inputs])
     return [np.asarray(outputs[o]) for o in compiled.outputs]
 
 
-def test_openvino_node_runs_the_kernel_at_other_sizes(model, eager, tmp_path):
+RUNTIMES = ["onnxruntime", "openvino"]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_node_runs_the_kernel_at_other_sizes(model, eager, tmp_path, runtime):
     example = torch.randn(*EXPORT_SIZE, generator=torch.Generator().manual_seed(0))
-    program = export_onnx(
-        model, (example,), msda_backend="openvino", dynamic_shapes=_dynamic_shapes()
-    )
+    program = export_onnx(model, (example,), msda_backend="node", dynamic_shapes=_dynamic_shapes())
     ops = [f"{n.domain}::{n.op_type}" for n in program.model_proto.graph.node]
     assert ops.count("dino_d2::MultiScaleDeformableAttention") == 1
     assert "::GridSample" not in ops
-    check_onnx_graph(program.model_proto, "openvino")
+    check_onnx_graph(program.model_proto, "node")
     with pytest.raises(ValueError, match="non-standard operators.*MultiScaleDeformableAttention"):
         check_onnx_graph(program.model_proto, "grid_sample")
     for image, expected in eager:
-        # OpenVINO's convolutions round differently from PyTorch's, as onnxruntime's do.
-        (output,) = _run_openvino(program.model_proto, [image], tmp_path)
-        _assert_close(output, expected, 1e-4, f"OpenVINO node at {tuple(image.shape)}")
+        # The runtimes' convolutions round differently from PyTorch's.
+        (output,) = _run_node(runtime, program.model_proto, [image], tmp_path)
+        _assert_close(output, expected, 1e-4, f"{runtime} node at {tuple(image.shape)}")
 
 
-def test_openvino_op_alone_equals_the_kernel(tmp_path):
-    """The same kernel on the same inputs, locations off the maps included: equal outputs."""
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_node_alone_equals_the_kernel(tmp_path, runtime):
+    """The same kernel on the same inputs, locations off the maps included: equal outputs (also
+    with more blocks than one task of onnxruntime's thread pool takes)."""
     gen = torch.Generator().manual_seed(3)
     program = export_onnx(
         _Op().eval(),
         _op_inputs(gen, 2, 7),
-        msda_backend="openvino",
+        msda_backend="openvino",  # the node's former name
         dynamic_shapes=_op_dynamic_shapes(),
     )
-    for n, q in ((1, 5), (3, 40)):
+    for n, q in ((1, 5), (3, 40), (2, 700)):
         args = _op_inputs(gen, n, q)
-        (output,) = _run_openvino(program.model_proto, args, tmp_path)
-        _assert_close(output, _Op()(*args), 1e-7, f"OpenVINO op at batch {n}, {q} queries")
+        (output,) = _run_node(runtime, program.model_proto, args, tmp_path)
+        _assert_close(output, _Op()(*args), 1e-7, f"{runtime} node at batch {n}, {q} queries")
 
 
-def test_openvino_op_names_inconsistent_levels(tmp_path):
+def _node_graph():
+    """A graph of dino_d2's node alone, two levels of sizes given as inputs."""
     from onnx import TensorProto, helper
 
     node = helper.make_node(
@@ -361,18 +370,41 @@ def test_openvino_op_names_inconsistent_levels(tmp_path):
         ],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 5, 8])],
     )
-    model = helper.make_model(
+    return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("dino_d2", 1)]
     )
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_node_names_inconsistent_levels(tmp_path, runtime):
+    model = _node_graph()
     value = torch.randn(1, 39, 2, 4)
     locations, weights = torch.rand(1, 5, 2, 2, 3, 2), torch.rand(1, 5, 2, 2, 3)
     good = [value, torch.tensor([[6, 5], [3, 3]]), torch.tensor([0, 30]), locations, weights]
-    (output,) = _run_openvino(model, good, tmp_path)
+    (output,) = _run_node(runtime, model, good, tmp_path)
     spatial_shapes, level_start_index = level_index_tensors([(6, 5), (3, 3)], "cpu")
     expected = multi_scale_deformable_attn(
         value, spatial_shapes, level_start_index, locations, weights
     )
-    _assert_close(output, expected, 1e-7, "OpenVINO op with the level sizes as inputs")
+    _assert_close(output, expected, 1e-7, f"{runtime} node with the level sizes as inputs")
+    errors = RuntimeError if runtime == "openvino" else Exception  # onnxruntime's own types
     bad = good[:2] + [torch.tensor([0, 29])] + good[3:]
-    with pytest.raises(RuntimeError, match=r"level_start_index\[1\] must be 30, got 29"):
-        _run_openvino(model, bad, tmp_path)
+    with pytest.raises(errors, match=r"level_start_index\[1\] must be 30, got 29"):
+        _run_node(runtime, model, bad, tmp_path)
+    bad = good[:1] + [torch.tensor([[6, 5], [3, 2]])] + good[2:]
+    with pytest.raises(errors, match="value has S = 39 pixels but spatial_shapes sums to 36"):
+        _run_node(runtime, model, bad, tmp_path)
+
+
+def test_a_node_graph_without_the_library_names_what_to_do(tmp_path, monkeypatch):
+    from dino_d2.export import msda_node
+    from dino_d2.export.onnx import onnxruntime_session
+
+    monkeypatch.setattr(msda_node, "onnxruntime_library", lambda: None)
+    with pytest.raises(ImportError, match="_onnxruntime_msda.*headers were not found"):
+        onnxruntime_session(_node_graph())
+    broken = tmp_path / "broken.so"
+    broken.write_bytes(b"not a library")
+    monkeypatch.setattr(msda_node, "onnxruntime_library", lambda: str(broken))
+    with pytest.raises(ImportError, match="onnxruntime cannot load dino_d2's library.*broken.so"):
+        onnxruntime_session(_node_graph())

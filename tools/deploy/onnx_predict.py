@@ -180,14 +180,45 @@ class OnnxPredictor:
         model_path: the ``.onnx`` file.
         preprocessing: its pre-processing JSON (see :func:`load_preprocessing`).
         providers: onnxruntime execution providers; default the CPU.
+        custom_op_library: dino_d2's onnxruntime custom op library, which runs the
+            ``dino_d2::MultiScaleDeformableAttention`` nodes of an export made with
+            ``--msda-backend node``; default: a ``_onnxruntime_msda*.so`` beside the model, if any.
     """
 
-    def __init__(self, model_path: str, preprocessing: Dict, providers=None):
+    def __init__(
+        self,
+        model_path: str,
+        preprocessing: Dict,
+        providers=None,
+        custom_op_library: Optional[str] = None,
+    ):
         import onnxruntime
 
-        self.session = onnxruntime.InferenceSession(
-            model_path, providers=providers or ["CPUExecutionProvider"]
-        )
+        options = onnxruntime.SessionOptions()
+        if custom_op_library is None:
+            beside = glob.glob(
+                os.path.join(os.path.dirname(os.path.abspath(model_path)), "_onnxruntime_msda*.so")
+            )
+            custom_op_library = sorted(beside)[0] if beside else None
+        if custom_op_library is not None:
+            if not os.path.isfile(custom_op_library):
+                raise InputError(f"the custom op library {custom_op_library} does not exist")
+            try:
+                options.register_custom_ops_library(custom_op_library)
+            except Exception as e:  # onnxruntime's own exception types
+                raise InputError(f"onnxruntime cannot load {custom_op_library}: {e}") from e
+        try:
+            self.session = onnxruntime.InferenceSession(
+                model_path, options, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime's own exception types
+            if "dino_d2" not in str(e) or custom_op_library is not None:
+                raise
+            raise InputError(
+                f"{model_path} holds dino_d2's deformable-attention nodes (--msda-backend node): "
+                "give --custom-op-library with dino_d2's dino_d2/_onnxruntime_msda*.so, or put "
+                "that file beside the model"
+            ) from e
         inputs = self.session.get_inputs()
         if len(inputs) != 2:
             raise InputError(
@@ -449,13 +480,20 @@ def main(argv=None) -> int:
     parser.add_argument("--preprocessing", help="the model's JSON (default: MODEL with .json)")
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument(
+        "--custom-op-library",
+        help="dino_d2's onnxruntime library (dino_d2/_onnxruntime_msda*.so) for an export made "
+        "with --msda-backend node (default: such a file beside the model)",
+    )
     args = parser.parse_args(argv)
     try:
         if not os.path.isfile(args.model):
             raise InputError(f"the model {args.model} does not exist")
         paths = collect_images(args.input)
         preprocessing = load_preprocessing(args.model, args.preprocessing)
-        predictor = OnnxPredictor(args.model, preprocessing)
+        predictor = OnnxPredictor(
+            args.model, preprocessing, custom_op_library=args.custom_op_library
+        )
         predict_images(
             predictor,
             paths,
