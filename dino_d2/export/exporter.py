@@ -150,9 +150,11 @@ def load_exported(path: str, fmt: str) -> Callable[[Tensor, Tensor], Sequence]:
     """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running the export: an
     ONNX file in onnxruntime, with dino_d2's custom op library when it holds dino_d2's node (in
     OpenVINO, float32, when only OpenVINO's library was built)."""
-    if fmt == "onnx" and msda_node.has_node(path):
-        if msda_node.onnxruntime_library() is None and msda_node.openvino_library() is not None:
-            return load_openvino(path)
+    only_openvino = (
+        msda_node.onnxruntime_library() is None and msda_node.openvino_library() is not None
+    )
+    if fmt == "onnx" and only_openvino and msda_node.has_node(path):
+        return load_openvino(path)
     if fmt == "onnx":
         return load_onnxruntime(path)
     load_extension()

@@ -229,8 +229,8 @@ def onnxruntime_session(model: Any) -> Any:
     NCHWc layout for convolutions), one inference at a time (sequential execution) on as many
     threads as torch computes with (``torch.get_num_threads()``, so that an export and the
     eager model it is compared with get the same cores), and memory patterns reused between
-    runs of the same input sizes. A graph that holds dino_d2's node gets dino_d2's custom op
-    library registered (:func:`dino_d2.export.msda_node.add_to_onnxruntime`).
+    runs of the same input sizes. dino_d2's custom op library, which runs dino_d2's node, is
+    registered (:func:`dino_d2.export.msda_node.add_to_onnxruntime`).
 
     Args:
         model: a path to an ``.onnx`` file or an ``onnx.ModelProto``.
@@ -243,7 +243,9 @@ def onnxruntime_session(model: Any) -> Any:
     """
     ort = _require("onnxruntime")
     options = ort.SessionOptions()
-    if msda_node.has_node(model):
+    # Registered whenever it was built (a graph without the node does not use it), so that the
+    # graph is only read here when the library is missing and the error must say so.
+    if msda_node.onnxruntime_library() is not None or msda_node.has_node(model):
         msda_node.add_to_onnxruntime(options)
     if not isinstance(model, str):
         model = model.SerializeToString()

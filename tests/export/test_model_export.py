@@ -122,10 +122,12 @@ def test_onnx_gather_export_is_proven_at_other_sizes(tiny_model, tmp_path):
         export_model(graph, sample, "onnx", str(tmp_path), preprocessing={}, verification=[])
 
 
-def test_onnx_node_export_runs_dino_d2_s_kernel_in_onnxruntime_and_openvino(tiny_model, tmp_path):
+def test_onnx_node_export_runs_dino_d2_s_kernel_in_onnxruntime_and_openvino(
+    tiny_model, tmp_path, monkeypatch
+):
     openvino = pytest.importorskip("openvino", reason="the openvino extra is part of make test")
     from dino_d2.export import msda_node
-    from dino_d2.export.exporter import load_onnxruntime, load_openvino
+    from dino_d2.export.exporter import load_exported, load_onnxruntime, load_openvino
 
     assert msda_node.onnxruntime_library() is not None, "make fetches onnxruntime's headers"
     assert msda_node.openvino_library() is not None, "setup.py builds it when openvino is there"
@@ -152,6 +154,10 @@ def test_onnx_node_export_runs_dino_d2_s_kernel_in_onnxruntime_and_openvino(tiny
     for a, b, c in zip(from_ort, from_ir, from_onnx):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(b, c)
+    # Built without onnxruntime's headers, load_exported runs the file in OpenVINO.
+    monkeypatch.setattr(msda_node, "onnxruntime_library", lambda: None)
+    for a, b in zip(load_exported(result.path, "onnx")(images, image_sizes), from_onnx):
+        torch.testing.assert_close(a, b)
 
 
 class _BranchingBackbone(Backbone):
