@@ -1,3 +1,5 @@
+import importlib.util
+import os
 import pickle
 
 import pytest
@@ -78,3 +80,22 @@ def write_payload(path, marker, weights=None, zip_format=True):
 def write_payload_fixture():
     """The :func:`write_payload` writer, for tests in any folder."""
     return write_payload
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name):
+    """A script of tools/ as a module (``tools/deploy/onnx_predict.py``: "deploy/onnx_predict"),
+    loaded anew on each call."""
+    path = os.path.join(_REPO, "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_tool_{name.replace('/', '_')}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(name="load_tool", scope="session")
+def load_tool_fixture():
+    """The :func:`load_tool` loader, for tests in any folder."""
+    return load_tool

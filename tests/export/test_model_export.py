@@ -1,7 +1,6 @@
 """The whole DINO inference exported: the graph equals DINO, every export proves itself at other
 sizes and batch sizes, and the runtime without PyTorch gives tools/demo.py's detections."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -315,14 +314,9 @@ def test_onnx_runtime_without_torch_gives_the_demo_detections(digits_setup):
         assert (runtime_out / mine["visualization"]).is_file()
 
 
-def _onnx_predict_module():
-    spec = importlib.util.spec_from_file_location("_tool_onnx_predict_node", ONNX_PREDICT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_onnx_predict_runs_a_node_export_with_dino_d2_s_library(digits_setup, tmp_path, capsys):
+def test_onnx_predict_runs_a_node_export_with_dino_d2_s_library(
+    digits_setup, tmp_path, capsys, load_tool
+):
     from dino_d2.export import msda_node
 
     onnx_dir = digits_setup["root"] / "export_onnx"
@@ -331,7 +325,7 @@ def test_onnx_predict_runs_a_node_export_with_dino_d2_s_library(digits_setup, tm
     code, node_dir = _export(digits_setup, "onnx", "--msda-backend", "node", name="export_node")
     printed = capsys.readouterr().out
     assert code == 0 and "PASS" in printed, printed
-    tool = _onnx_predict_module()
+    tool = load_tool("deploy/onnx_predict")
     base = ["--input", *digits_setup["images"], "--score-threshold", "0"]
     # Without the library onnxruntime cannot load the file: the tool says what to give it.
     assert (

@@ -3,22 +3,15 @@ go on (or fails with --strict); a folder that holds them is kept; the package's 
 DEST only whole. The real download is what ``make`` runs, and the tests that load dino_d2's
 onnxruntime library (tests/export) fail without it."""
 
-import importlib.util
 import os
 import re
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 @pytest.fixture(scope="module")
-def tool():
-    path = os.path.join(REPO, "tools", "fetch_onnxruntime_headers.py")
-    spec = importlib.util.spec_from_file_location("_tool_fetch_onnxruntime_headers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("fetch_onnxruntime_headers")
 
 
 def test_a_folder_with_the_headers_is_kept(tool, tmp_path, capsys):

@@ -2,9 +2,7 @@
 inference), the RLE round-trips through pycocotools, and a graph with a ``mask_logits`` output
 has its masks drawn and written."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -13,16 +11,10 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_util
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 @pytest.fixture(scope="module")
-def tool():
-    path = os.path.join(REPO, "tools", "deploy", "onnx_predict.py")
-    spec = importlib.util.spec_from_file_location("_tool_onnx_predict_masks", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("deploy/onnx_predict")
 
 
 def _torch_paste(logits, stride, image_size, output_size):

@@ -6,7 +6,6 @@ training script runs as a user runs it, on the tiny digits set of test_lazyconfi
 the other tools are called through their ``main`` with a tiny saved config.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,15 +23,6 @@ from dino_d2.checkpoint import UntrustedFileError
 from dino_d2.cli import benchmark, demo
 from dino_d2.cli import export_model as export_cli
 from dino_d2.engine.predictor import Predictor
-
-
-def _tool(name):
-    """A script of tools/ as a module (``tools/deploy/onnx_predict.py``: "deploy/onnx_predict")."""
-    path = os.path.join(REPO, "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_tool_{name.replace('/', '_')}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +108,18 @@ def test_exporter(tiny, payload, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", ["payload.pth", "payload.pkl"])
-def test_converter(payload, tmp_path, capsys, name):
+def test_converter(payload, tmp_path, capsys, name, load_tool):
     path, marker, global_name = payload(name)
     output = str(tmp_path / "converted.pth")
-    assert _tool("convert_checkpoint").main(["--source", "idea", path, output]) == 1
+    assert load_tool("convert_checkpoint").main(["--source", "idea", path, output]) == 1
     _assert_refused(capsys.readouterr().err, path, global_name, marker)
     assert not os.path.exists(output)
 
 
-def test_verify_conversion_loader(payload, tmp_path):
+def test_verify_conversion_loader(payload, tmp_path, load_tool):
     """The tool's loading of --checkpoint (the authors' code is not needed to reach it)."""
     path, marker, global_name = payload("checkpoint0011_4scale.pth")
-    tool = _tool("verify_conversion")
+    tool = load_tool("verify_conversion")
     args = tool.parse_args(["--authors-repo", str(tmp_path), "--checkpoint", path])
     with pytest.raises(UntrustedFileError) as error:
         tool.prepare_authors(args, None, [], str(tmp_path))
@@ -195,14 +185,14 @@ def test_a_trained_checkpoint_resumes_without_the_opt_in(data, tmp_path):  # noq
     assert "--unsafe-load" not in output
 
 
-def _onnx_predict_run(tmp_path, info, capsys):
+def _onnx_predict_run(tmp_path, info, capsys, load_tool):
     model = tmp_path / "model.onnx"
     model.write_bytes(b"not read: model.json is checked first")
     (tmp_path / "model.json").write_text(json.dumps(info))
     image = tmp_path / "image.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     argv = ["--model", str(model), "--input", str(image), "--output", str(tmp_path / "out")]
-    code = _tool("deploy/onnx_predict").main(argv)
+    code = load_tool("deploy/onnx_predict").main(argv)
     return code, capsys.readouterr().err
 
 
@@ -225,15 +215,17 @@ GOOD_JSON = {
         ("class_names", [{"__class__": "os.system"}], "a list of strings"),
     ],
 )
-def test_onnx_predict_stops_at_a_hostile_model_json(tmp_path, capsys, key, value, expected):
+def test_onnx_predict_stops_at_a_hostile_model_json(
+    tmp_path, capsys, key, value, expected, load_tool
+):
     info = json.loads(json.dumps(GOOD_JSON))
     parent, _, name = key.rpartition(".")
     (info[parent] if parent else info)[name] = value
-    code, err = _onnx_predict_run(tmp_path, info, capsys)
+    code, err = _onnx_predict_run(tmp_path, info, capsys, load_tool)
     assert code == 2 and "Traceback" not in err
     assert f"{tmp_path / 'model.json'}: {key} is {value!r}; expected {expected}" in err, err
 
 
-def test_onnx_predict_stops_at_a_model_json_that_is_not_an_object(tmp_path, capsys):
-    code, err = _onnx_predict_run(tmp_path, ["input_format", "RGB"], capsys)
+def test_onnx_predict_stops_at_a_model_json_that_is_not_an_object(tmp_path, capsys, load_tool):
+    code, err = _onnx_predict_run(tmp_path, ["input_format", "RGB"], capsys, load_tool)
     assert code == 2 and "holds a JSON list; expected an object" in err, err

@@ -2,21 +2,12 @@
 itself needs an IDEA-Research/MaskDINO checkout and the Mask DINO project; see the report of
 the branch that added it for the measured differences.)"""
 
-import importlib.util
-import os
-
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
-def tool():
-    path = os.path.join(REPO, "tools", "verify_maskdino_conversion.py")
-    spec = importlib.util.spec_from_file_location("_tool_verify_maskdino", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(load_tool):
+    return load_tool("verify_maskdino_conversion")
 
 
 @pytest.mark.parametrize("side, value", [("--height", "250"), ("--width", "0")])
