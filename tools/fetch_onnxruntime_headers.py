@@ -19,7 +19,6 @@ GridSample exports, and OpenVINO the node ones). ``--strict`` exits with 1 inste
 import argparse
 import glob
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,30 +37,22 @@ def has_headers(folder: str) -> bool:
 
 
 def debian_mirror() -> str:
-    """The URI of the main Debian archive in this machine's apt sources (not security)."""
-    uris = []
-    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-        with open(path, encoding="utf-8") as f:
-            for stanza in f.read().split("\n\n"):
-                fields = dict(
-                    line.split(":", 1)
-                    for line in stanza.splitlines()
-                    if re.match(r"^\w[\w-]*:", line)
-                )
-                suites = fields.get("Suites", "").split()
-                if any("-" not in suite for suite in suites):
-                    uris.extend(fields.get("URIs", "").split())
-    for path in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
-                    if len(words) >= 3 and words[0] == "deb" and "-" not in words[2]:
-                        uris.append(words[1])
-    uris = [uri for uri in uris if "security" not in uri]
-    if not uris:
-        raise RuntimeError("no Debian archive found in /etc/apt/sources.list(.d)")
-    return uris[0]
+    """The URI of the main Debian archive among this machine's apt sources, as apt reports them
+    (``apt-get indextargets``): the first whose release is a plain codename (not ``-security``
+    or ``-updates``)."""
+    if shutil.which("apt-get") is None:
+        raise RuntimeError("apt-get is not on PATH (not a Debian-based machine)")
+    listed = subprocess.run(
+        ["apt-get", "indextargets", "--no-release-info", "--format", "$(REPO_URI) $(RELEASE)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    for line in listed.stdout.splitlines():
+        uri, _, release = line.partition(" ")
+        if release and "-" not in release:
+            return uri
+    raise RuntimeError(f"apt lists no Debian archive ({listed.stderr.strip()[-300:]})")
 
 
 def fetch(dest: str, mirror: str) -> None:

@@ -57,7 +57,7 @@ from dino_d2.export.exporter import (
     random_verification,
 )
 from dino_d2.export.graph import InferenceGraph
-from dino_d2.export.onnx import MSDA_ONNX_BACKENDS, canonical_msda_backend
+from dino_d2.export.onnx import MSDA_ONNX_BACKEND_NAMES, canonical_msda_backend
 from dino_d2.layers.fast_path import optimize_for_cpu_inference
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
 
@@ -194,11 +194,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument("--output", required=True, help="folder for the model and model.json")
     parser.add_argument("--sample-image", help="an image to trace with (default: random)")
-    # "openvino": the node's former name, from when only OpenVINO could run it.
-    backends = MSDA_ONNX_BACKENDS + ("openvino",)
     parser.add_argument(
         "--msda-backend",
-        choices=backends,
+        choices=MSDA_ONNX_BACKEND_NAMES,
         default="grid_sample",
         help="ONNX form of deformable attention: GridSample, gathers only, or dino_d2's own node "
         "(run by onnxruntime and OpenVINO with dino_d2's libraries, with its CPU kernel; "
@@ -207,7 +205,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     # The flag's old name, accepted for one release.
     parser.add_argument(
         "--msda-impl",
-        choices=backends,
+        choices=MSDA_ONNX_BACKEND_NAMES,
         dest="deprecated_msda_impl",
         help=argparse.SUPPRESS,
     )

@@ -185,7 +185,7 @@ def load_onnxruntime(path: str) -> Callable[[Tensor, Tensor], Sequence]:
 def load_openvino(path: str, precision: str = "f32") -> Callable[[Tensor, Tensor], Sequence]:
     """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running an ONNX export
     in OpenVINO on the CPU (OpenVINO is not a dependency of dino_d2: ``pip install openvino``).
-    A graph exported with ``msda_backend="node"`` gets dino_d2's extension added first.
+    dino_d2's extension, which runs the node of ``msda_backend="node"`` exports, is added first.
 
     Args:
         path: the ``model.onnx`` file.
@@ -198,7 +198,9 @@ def load_openvino(path: str, precision: str = "f32") -> Callable[[Tensor, Tensor
     except ImportError as e:
         raise ImportError("running an ONNX export in OpenVINO needs `pip install openvino`") from e
     core = openvino.Core()
-    if msda_node.has_node(path):
+    # Added whenever it was built (a graph without the node does not use it): the graph is only
+    # read when the library is missing, to say so.
+    if msda_node.openvino_library() is not None or msda_node.has_node(path):
         msda_node.add_to_openvino(core)
     config = {
         "INFERENCE_PRECISION_HINT": precision,

@@ -43,6 +43,7 @@ from . import msda_node
 __all__ = [
     "MIN_OPSET",
     "MSDA_ONNX_BACKENDS",
+    "MSDA_ONNX_BACKEND_NAMES",
     "canonical_msda_backend",
     "check_onnx_graph",
     "export_onnx",
@@ -54,6 +55,8 @@ __all__ = [
 # name of one, still accepted.
 MSDA_ONNX_BACKENDS = ("grid_sample", "gather", "node")
 _FORMER_NAMES = {"openvino": "node"}
+# Every name canonical_msda_backend accepts (a command line's choices).
+MSDA_ONNX_BACKEND_NAMES = MSDA_ONNX_BACKENDS + tuple(_FORMER_NAMES)
 # Oldest opset accepted: GridSample exists from 16; 17 is the oldest dino_d2 tests.
 MIN_OPSET = 17
 # Domains of the standard ONNX operators.
