@@ -76,8 +76,8 @@ benchmark: setup
 
 # On a machine with one CUDA GPU: compiles the CUDA kernels for that GPU (once; FORCE_CUDA=1 stops
 # with an error when no CUDA toolkit is found), then runs the GPU tests, the deformable-attention
-# benchmark, DINO-R50 inference in fp32 and bf16 and mixed-precision training steps, and prints
-# one JSON summary (tools/gpu_check.py; within 8 minutes).
+# benchmark, DINO-R50 inference and training steps in fp32, bf16 and fp16, and prints one JSON
+# summary (tools/gpu_check.py; within 10 minutes).
 gpu-check: $(VENV)/.stamp-dino_d2-cuda
 	$(PY) tools/gpu_check.py
 

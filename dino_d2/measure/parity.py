@@ -9,7 +9,8 @@ detections as an export's are compared (:mod:`dino_d2.export.verify`); ``tools/b
 reports it beside the timing.
 """
 
-from typing import Dict, List
+import contextlib
+from typing import Dict, Iterator, List
 
 import torch
 from torch import nn
@@ -47,6 +48,23 @@ def perturb_frozen_batchnorm(model: nn.Module, seed: int = 0) -> int:
     return changed
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Float32 products and convolutions in full precision on CUDA, for the span of the block.
+
+    cuDNN's convolutions round their inputs to TF32 (10-bit mantissa) by default on Ampere and
+    newer: a folded batch norm then moves scores by about 1e-3, ten times the parity's
+    tolerance, although the transform is exact. The previous settings are restored.
+    """
+    matmul = torch.backends.cuda.matmul
+    saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 def _tie_order(plain, fast, tolerance: float):
     """(N, k) order that puts the plain run's selected proposals in the fast run's order, or
     None when no image's selection moved (see :func:`selection_tie_order`)."""
@@ -81,7 +99,7 @@ def fast_path_parity(
         batch: Detectron2 inputs (dicts with ``image``).
     """
     fast = optimized_copy(model)
-    with torch.no_grad():
+    with torch.no_grad(), full_float32():
         with recorded_selections(fast) as fast_selections:
             outputs = fast(batch)
         with recorded_selections(model) as plain_selections:
