@@ -53,7 +53,11 @@ detections with the eager model's. The config, overrides and ``--weights`` must 
 export: without the export's checkpoint the eager model has other weights and the comparison
 fails. ``--weights`` is read without running code it may carry, and ``--pt2`` / ``--aoti`` (a
 program whose loading can run code) are only loaded with ``--unsafe-load``, for files you trust;
-``model.json`` is read as data, each value checked. ``--baseline-s SECONDS`` prints the speed-up against an earlier figure; with
+``model.json`` is read as data, each value checked. ``--alternate ROUNDS`` then times the eager model and each export again, each alone in a fresh
+process, alternating for ROUNDS rounds, and reports each export's latency against the eager
+model's of the same round: a 2-core VM's speed drifts by up to 20% between the blocks of one
+process, and runtimes timed side by side in one process slow each other with their thread
+pools. ``--baseline-s SECONDS`` prints the speed-up against an earlier figure; with
 ``--baseline-sgemm GMACS`` (the float32 GEMM rate of the machine that figure came from) also
 scaled to this machine's (the fastest library's, as in the limit).
 
@@ -76,6 +80,8 @@ import itertools
 import json
 import logging
 import os
+import statistics
+import subprocess
 import sys
 
 import psutil
@@ -93,6 +99,7 @@ from dino_d2.measure import (
     ExportInfoError,
     InferenceProcessError,
     dataset_batches,
+    export_batches,
     fast_path_parity,
     fastest_gemm,
     inference_limit,
@@ -103,6 +110,7 @@ from dino_d2.measure import (
     time_inference,
     time_training,
     time_export,
+    time_exported,
     time_training_idle_and_busy,
 )
 from dino_d2.model_zoo import UnsafeConfigError, load_config_file
@@ -192,6 +200,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--aoti", metavar="FILE", help="also time this AOTInductor package (needs --unsafe-load)"
     )
+    parser.add_argument(
+        "--alternate",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="also time the eager model and each export alone in fresh processes, alternated, "
+        "for ROUNDS rounds (a ratio per round)",
+    )
+    # A child of --alternate: this one runtime's latency alone, as one JSON line.
+    parser.add_argument("--only", metavar="RUNTIME", help=argparse.SUPPRESS)
     add_unsafe_load_argument(
         parser,
         "--weights, and allow --pt2 / --aoti (a torch.export program falls back to full "
@@ -237,6 +255,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     exported = [args.onnx, args.node_onnx, args.pt2, args.aoti]
     if args.train and any(exported):
         parser.error("--onnx, --node-onnx, --pt2 and --aoti time inference: drop --train")
+    if args.alternate < 0:
+        parser.error("--alternate must not be negative")
+    if args.alternate and not any(exported):
+        parser.error(
+            "--alternate times the eager model against exports: give --onnx, "
+            "--node-onnx, --pt2 or --aoti"
+        )
     if args.openvino and not (args.onnx or args.node_onnx):
         parser.error("--openvino runs the --onnx or --node-onnx file: give one of them")
     for flag, path in (("--pt2", args.pt2), ("--aoti", args.aoti)):
@@ -288,19 +313,29 @@ def _time_exports(args, model, batches) -> dict:
     return results
 
 
-def _inference(args, cfg, device) -> dict:
+def _eager_model(args, cfg, device):
+    """The config's model on ``device`` in eval mode, with ``--weights`` loaded."""
     model = instantiate(cfg.model).to(device).eval()
     if args.weights:
         AtomicCheckpointer(model, unsafe_load=args.unsafe_load).load(args.weights)
-    # The plain model is kept for the fast path's parity; the transformed copy is timed.
-    plain, model = model, optimized_copy(model)
+    return model
+
+
+def _inference_batches(args, cfg):
+    """The inputs of every iteration (warm-up and timed) and what they are."""
     num_batches = args.warmup + args.num_iter
     if args.dataset:
         batches = dataset_batches(cfg, num_batches, args.batch_size)
-        source = f"dataset {OmegaConf.select(cfg, 'dataloader.test.dataset.names')}"
-    else:
-        batches = random_batches(num_batches, args.batch_size, args.height, args.width)
-        source = f"random {args.height}x{args.width}"
+        return batches, f"dataset {OmegaConf.select(cfg, 'dataloader.test.dataset.names')}"
+    batches = random_batches(num_batches, args.batch_size, args.height, args.width)
+    return batches, f"random {args.height}x{args.width}"
+
+
+def _inference(args, cfg, device) -> dict:
+    # The plain model is kept for the fast path's parity; the transformed copy is timed.
+    plain = _eager_model(args, cfg, device)
+    model = optimized_copy(plain)
+    batches, source = _inference_batches(args, cfg)
     logger.info(f"Device: {device}; inputs: {source}; batch size {args.batch_size}")
     amp_dtype = getattr(torch, args.amp) if args.amp else None
     results = {"input": source, **time_inference(model, batches, args.warmup, amp_dtype=amp_dtype)}
@@ -336,6 +371,57 @@ def _inference(args, cfg, device) -> dict:
     if exports:
         results["exported"] = exports
     return results
+
+
+def _time_alone(args, cfg, device) -> dict:
+    """``--only``: the latency of one runtime (``eager``, the fast path, or an export's name)
+    alone in this process, on the images the parent times."""
+    batches, _ = _inference_batches(args, cfg)
+    if args.only == "eager":
+        model = optimized_copy(_eager_model(args, cfg, device))
+        amp_dtype = getattr(torch, args.amp) if args.amp else None
+        return time_inference(model, batches, args.warmup, amp_dtype=amp_dtype)
+    for name, path, load in _exported_runtimes(args):
+        if name == args.only:
+            return time_exported(load(path), export_batches(path, batches), args.warmup)
+    raise ValueError(f"--only {args.only}: not eager nor one of the exports given")
+
+
+# A child of --alternate: the benchmark's own main on the parent's arguments and --only.
+_CHILD = "import sys; from dino_d2.cli.benchmark import main; sys.exit(main(sys.argv[1:]))"
+
+
+class AlternationError(RuntimeError):
+    """A runtime's process of ``--alternate`` failed."""
+
+
+def _alternate(args, argv) -> dict:
+    """The eager model and each export alone in fresh processes, alternated ``args.alternate``
+    rounds; each export's latency against the eager model's of the same round."""
+    names = ["eager"] + [name for name, _, _ in _exported_runtimes(args)]
+    latencies = {name: [] for name in names}
+    for round_index in range(args.alternate):
+        for name in names:
+            logger.info(f"Alternation {round_index + 1}/{args.alternate}: {name} alone")
+            command = [sys.executable, "-c", _CHILD, "--only", name, *argv]
+            result = subprocess.run(command, capture_output=True, text=True)
+            lines = result.stdout.strip().splitlines()
+            if result.returncode != 0 or not lines:
+                raise AlternationError(
+                    f"--alternate: {name} alone exited with code {result.returncode}:\n"
+                    f"{result.stderr[-2000:]}"
+                )
+            latencies[name].append(json.loads(lines[-1])["latency_ms_median"])
+    eager = latencies["eager"]
+    runtimes = {}
+    for name in names[1:]:
+        ratios = [ms / eager_ms for ms, eager_ms in zip(latencies[name], eager)]
+        runtimes[name] = {
+            "latency_ms_median": latencies[name],
+            "ratio_per_round": ratios,
+            "ratio_median": statistics.median(ratios),
+        }
+    return {"rounds": args.alternate, "eager_latency_ms_median": eager, "runtimes": runtimes}
 
 
 def _training(args, cfg, device) -> dict:
@@ -432,6 +518,13 @@ def _print(results: dict) -> None:
                 f"  {name} ({exported['path']}): median {exported['latency_ms_median']:.1f} "
                 f"ms/image, {ratio:.2f}x eager; {exported['parity']}"
             )
+    if "alternated" in results:
+        alternated = results["alternated"]
+        eager = ", ".join(f"{ms:.1f}" for ms in alternated["eager_latency_ms_median"])
+        print(f"  alone in fresh processes, {alternated['rounds']} round(s): eager {eager} ms")
+        for name, runtime in alternated["runtimes"].items():
+            rounds = ", ".join(f"{r:.2f}" for r in runtime["ratio_per_round"])
+            print(f"    {name}: median {runtime['ratio_median']:.2f}x eager (per round {rounds})")
     if "speedup" in results:
         line = f"  against {results['baseline_s']:.3f} s: {results['speedup']:.2f}x faster"
         if "speedup_scaled" in results:
@@ -455,6 +548,7 @@ def _print(results: dict) -> None:
 
 def main(argv=None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _check_args(parser, args)
     logging.basicConfig(
@@ -469,9 +563,20 @@ def main(argv=None) -> int:
             cfg.train.amp.enabled = True
             cfg.train.amp.precision = args.amp
         device = resolve_device(OmegaConf.select(cfg, "train.device", default=None))
+        if args.only:
+            print(json.dumps(_time_alone(args, cfg, device)))
+            return 0
         measure = _training if args.train else _inference
         timings = measure(args, cfg, device)
-    except (UntrustedFileError, UnsafeConfigError, ExportInfoError, InferenceProcessError) as error:
+        if args.alternate:
+            timings["alternated"] = _alternate(args, argv)
+    except (
+        UntrustedFileError,
+        UnsafeConfigError,
+        ExportInfoError,
+        InferenceProcessError,
+        AlternationError,
+    ) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     results = {

@@ -18,7 +18,7 @@ from ..export.verify import compare_detections, detections_of_outputs, eager_det
 from .inputs import padded_batch
 from .timing import time_exported
 
-__all__ = ["ExportInfoError", "export_inputs", "time_export"]
+__all__ = ["ExportInfoError", "export_batches", "export_inputs", "time_export"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,26 @@ def export_inputs(path: str) -> Tuple[torch.dtype, int]:
     return _EXPORT_DTYPES[dtype], min_size
 
 
+def export_batches(
+    path: str, batches: Sequence[List[Dict]]
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` (lists of Detectron2 inputs) as the export at ``path`` takes them: padded
+    ``(images, image_sizes)`` of the dtype its ``model.json`` names.
+
+    Raises:
+        ValueError: the batches are smaller than the export's smallest input size.
+    """
+    dtype, min_size = export_inputs(path)
+    padded = [padded_batch(batch, dtype) for batch in batches]
+    if min(padded[0][0].shape[-2:]) < min_size:
+        raise ValueError(
+            f"{path} takes images of at least {min_size} pixels a side (model.json's "
+            f"min_input_size), got {tuple(padded[0][0].shape[-2:])}: give larger "
+            "--height / --width"
+        )
+    return padded
+
+
 def time_export(
     path: str,
     load: Callable[[str], Callable],
@@ -86,14 +106,7 @@ def time_export(
     Raises:
         ValueError: the batches are smaller than the export's smallest input size.
     """
-    dtype, min_size = export_inputs(path)
-    padded = [padded_batch(batch, dtype) for batch in batches]
-    if min(padded[0][0].shape[-2:]) < min_size:
-        raise ValueError(
-            f"{path} takes images of at least {min_size} pixels a side (model.json's "
-            f"min_input_size), got {tuple(padded[0][0].shape[-2:])}: give larger "
-            "--height / --width"
-        )
+    padded = export_batches(path, batches)
     run = load(path)
     timings = time_exported(run, padded, warmup)
     pairs = []

@@ -128,12 +128,26 @@ def test_exported_model_timed_and_compared_with_eager(tiny_dino_config, tmp_path
         "--baseline-s", "10", "--baseline-sgemm", "1", "--unsafe-load",
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1"}
-    result = _run_tool(*common, "--weights", weights, "train.device=cpu", env=env)
+    alternate = ["--alternate", "2", "--weights", weights]
+    result = _run_tool(*common, *alternate, "train.device=cpu", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
     pt2 = results["exported"]["pt2"]
     assert pt2["parity_passed"] and pt2["max_score_diff"] <= 1e-4, pt2["parity"]
     assert 0 < pt2["latency_ms_min"] <= pt2["latency_ms_median"]
+    # --alternate: eager, then the export, each alone in a fresh process, twice; a ratio a round.
+    alternated = results["alternated"]
+    assert alternated["rounds"] == 2 and set(alternated["runtimes"]) == {"pt2"}
+    eager, pt2 = alternated["eager_latency_ms_median"], alternated["runtimes"]["pt2"]
+    assert len(eager) == len(pt2["latency_ms_median"]) == 2 and min(eager) > 0
+    ratios = [ms / e for ms, e in zip(pt2["latency_ms_median"], eager)]
+    assert pt2["ratio_per_round"] == pytest.approx(ratios)
+    assert pt2["ratio_median"] == pytest.approx(sum(ratios) / 2)
+    log = result.stderr
+    order = [
+        log.index(f"Alternation {r}/2: {name} alone") for r in (1, 2) for name in ("eager", "pt2")
+    ]
+    assert order == sorted(order)
     assert results["speedup"] == pytest.approx(10 / (results["latency_ms_median"] / 1000))
     scaled = results["speedup"] / results["gemm_gmacs_per_s_float32"]
     assert results["speedup_scaled"] == pytest.approx(scaled)
@@ -208,6 +222,8 @@ def test_training_steps_idle_and_busy(tiny_config):
         (["--busy", "1"], "add --train"),
         (["--train", "--num-boxes", "0"], "--num-boxes"),
         (["--pt2", "model.pt2"], "can run code"),
+        (["--alternate", "2"], "--alternate times the eager model against exports"),
+        (["--alternate", "-1"], "--alternate must not be negative"),
     ],
 )
 def test_bad_arguments(args, message):
