@@ -36,6 +36,7 @@ from dino_d2.layers.ms_deform_attn import load_extension
 from . import msda_node
 from .graph import InferenceGraph
 from .onnx import canonical_msda_backend, export_onnx, onnxruntime_session
+from .ties import recorded_selections, selection_near_ties
 from .verify import (
     DetectionComparison,
     compare_detections,
@@ -316,8 +317,29 @@ def export_model(
     comparison = compare_detections(
         pairs, score_tolerance=score_tolerance, box_tolerance=box_tolerance
     )
+    if not comparison.passed and verification:
+        comparison.notes.extend(_selection_ties_note(graph.model, verification[0], score_tolerance))
     seconds["verify"] = time.perf_counter() - start
     return ExportResult(path, json_path, comparison, seconds)
+
+
+def _selection_ties_note(model: nn.Module, batch: Tuple[Tensor, Tensor], tolerance: float):
+    """A note for a failed verification when the eager model's query selection of ``batch``
+    holds near-tied proposals (see :func:`~dino_d2.export.ties.selection_near_ties`)."""
+    if getattr(getattr(model, "transformer", None), "query_selection", None) is None:
+        return []
+    with recorded_selections(model) as selections:
+        eager_detections(model, *batch)
+    ties = selection_near_ties(selections, tolerance)
+    if not ties:
+        return []
+    total = sum(s.enc_logits.shape[0] * s.enc_logits.shape[1] for s in selections)
+    return [
+        f"{ties} of the {total} proposals that the encoder selected for the first batch score "
+        f"within {tolerance:g} of the next one (weights random or barely trained?): another "
+        "runtime may rank them in another order, and the detections of their queries change "
+        "with it. Verify the export of a trained checkpoint"
+    ]
 
 
 def random_verification(

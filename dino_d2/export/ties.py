@@ -32,6 +32,7 @@ __all__ = [
     "forced_selection",
     "pair_detections",
     "recorded_selections",
+    "selection_near_ties",
     "selection_tie_order",
     "unpaired_beyond_cut",
 ]
@@ -107,6 +108,26 @@ def unpaired_beyond_cut(
     """The unpaired detections that are not ties at the top-k cut: those scoring more than
     ``tolerance`` above ``cut``, the lowest kept score of either run."""
     return [d for d in unpaired if d[0] > cut + tolerance]
+
+
+def selection_near_ties(selections: Sequence, tolerance: float) -> int:
+    """How many selected proposals score within ``tolerance`` of the next one in rank.
+
+    Such proposals may come out of the top-k in another order in another runtime, and each
+    learned content query goes with its rank: the swapped queries' detections then differ. With
+    random or barely trained weights most of the selection ties (a randomly built DINO-R50 had
+    617 of its 900 proposals within 1e-4 of the next one).
+
+    Args:
+        selections: :class:`SelectedQueries` (``enc_logits`` (N, k, K)), as
+            :func:`recorded_selections` records them.
+        tolerance: the score (best class logit) difference counted as a tie.
+    """
+    count = 0
+    for selection in selections:
+        ranked = selection.enc_logits.detach().float().amax(-1).sort(-1, descending=True).values
+        count += int((ranked[..., :-1] - ranked[..., 1:] <= tolerance).sum())
+    return count
 
 
 def selection_tie_order(

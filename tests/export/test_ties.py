@@ -1,5 +1,7 @@
 """Tie handling of DINO's two top-k selections (dino_d2.export.ties)."""
 
+from types import SimpleNamespace
+
 import torch
 
 from detectron2.config import instantiate
@@ -8,6 +10,7 @@ from dino_d2.export.ties import (
     cut_ties,
     forced_selection,
     recorded_selections,
+    selection_near_ties,
     selection_tie_order,
     unpaired_beyond_cut,
 )
@@ -63,3 +66,27 @@ def test_a_forced_selection_reorders_the_model_s_queries(tiny_dino_config):
     assert torch.equal(forced.enc_boxes[0, 2:], plain.enc_boxes[0, 2:])
     # The learned content queries stay: the two swapped queries give other class logits.
     assert not torch.allclose(forced.pred_logits[-1, 0, :2], plain.pred_logits[-1, 0, [1, 0]])
+
+
+def test_near_ties_in_a_selection_are_counted(tiny_dino_config):
+    """Adjacent ranks within the tolerance count, over images and calls; classes' best logit
+    ranks. The tiny model's own selection, with its encoder class head zeroed, is all ties."""
+    logits = torch.tensor([[[3.0, 0.0], [0.0, 2.99995], [2.0, 1.0], [1.99999, 0.0]]])
+    assert selection_near_ties([SimpleNamespace(enc_logits=logits)], 1e-4) == 2
+    assert selection_near_ties([SimpleNamespace(enc_logits=logits)], 1e-6) == 0
+    two = SimpleNamespace(enc_logits=torch.cat([logits, logits[:, [2, 0, 3, 1]]]))
+    assert selection_near_ties([two, SimpleNamespace(enc_logits=logits)], 1e-4) == 6
+
+    torch.manual_seed(0)
+    model = instantiate(tiny_dino_config().model).eval()
+    with torch.no_grad(), recorded_selections(model) as selections:
+        model([{"image": torch.rand(3, 64, 96) * 255}])
+    k = selections[0].enc_logits.shape[1]
+    untied = selection_near_ties(selections, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.out_features == model.num_classes:
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    with torch.no_grad(), recorded_selections(model) as selections:
+        model([{"image": torch.rand(3, 64, 96) * 255}])
+    assert untied < k - 1 and selection_near_ties(selections, 0.0) == k - 1
