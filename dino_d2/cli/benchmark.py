@@ -53,11 +53,15 @@ detections with the eager model's. The config, overrides and ``--weights`` must 
 export: without the export's checkpoint the eager model has other weights and the comparison
 fails. ``--weights`` is read without running code it may carry, and ``--pt2`` / ``--aoti`` (a
 program whose loading can run code) are only loaded with ``--unsafe-load``, for files you trust;
-``model.json`` is read as data, each value checked. ``--alternate ROUNDS`` then times the eager model and each export again, each alone in a fresh
+``model.json`` is read as data, each value checked.
+
+``--alternate ROUNDS`` then times the eager model and each export again, each alone in a fresh
 process, alternating for ROUNDS rounds, and reports each export's latency against the eager
 model's of the same round: a 2-core VM's speed drifts by up to 20% between the blocks of one
 process, and runtimes timed side by side in one process slow each other with their thread
-pools. ``--baseline-s SECONDS`` prints the speed-up against an earlier figure; with
+pools.
+
+``--baseline-s SECONDS`` prints the speed-up against an earlier figure; with
 ``--baseline-sgemm GMACS`` (the float32 GEMM rate of the machine that figure came from) also
 scaled to this machine's (the fastest library's, as in the limit).
 
@@ -374,8 +378,8 @@ def _inference(args, cfg, device) -> dict:
 
 
 def _time_alone(args, cfg, device) -> dict:
-    """``--only``: the latency of one runtime (``eager``, the fast path, or an export's name)
-    alone in this process, on the images the parent times."""
+    """``--only``: the latency of one runtime alone in this process, on the images the parent
+    times: ``eager`` (the config's model on the fast path) or an export's name."""
     batches, _ = _inference_batches(args, cfg)
     if args.only == "eager":
         model = optimized_copy(_eager_model(args, cfg, device))
