@@ -35,8 +35,13 @@ from dino_d2.layers.ms_deform_attn import load_extension
 
 from . import msda_node
 from .graph import InferenceGraph
-from .onnx import canonical_msda_backend, export_onnx, onnxruntime_session
-from .ties import recorded_selections, selection_near_ties
+from .onnx import canonical_msda_backend, export_onnx, onnxruntime_session, selection_probe
+from .ties import (
+    forced_selection,
+    recorded_selections,
+    selection_index_order,
+    selection_near_ties,
+)
 from .verify import (
     DetectionComparison,
     compare_detections,
@@ -151,10 +156,7 @@ def load_exported(path: str, fmt: str) -> Callable[[Tensor, Tensor], Sequence]:
     """A callable ``(images, image_sizes) -> (boxes, scores, classes)`` running the export: an
     ONNX file in onnxruntime, with dino_d2's custom op library when it holds dino_d2's node (in
     OpenVINO, float32, when only OpenVINO's library was built)."""
-    only_openvino = (
-        msda_node.onnxruntime_library() is None and msda_node.openvino_library() is not None
-    )
-    if fmt == "onnx" and only_openvino and msda_node.has_node(path):
+    if fmt == "onnx" and not _runs_in_onnxruntime(path, fmt):
         return load_openvino(path)
     if fmt == "onnx":
         return load_onnxruntime(path)
@@ -305,22 +307,86 @@ def export_model(
 
     start = time.perf_counter()
     run = load_exported(path, fmt)
-    pairs = []
-    for images, image_sizes in verification:
-        reference = eager_detections(graph.model, images, image_sizes)
-        exported = detections_of_outputs(run(images, image_sizes), image_sizes)
-        label = "batch of " + ", ".join(f"{h}x{w}" for h, w in image_sizes.tolist())
-        pairs.extend(
-            (ref, out, f"{label}, image {i}")
-            for i, (ref, out) in enumerate(zip(reference, exported))
+    exported = [detections_of_outputs(run(*batch), batch[1]) for batch in verification]
+    references = [eager_detections(graph.model, *batch) for batch in verification]
+    tolerances = {"score_tolerance": score_tolerance, "box_tolerance": box_tolerance}
+    comparison = compare_detections(_labelled(verification, references, exported), **tolerances)
+    if not comparison.passed and verification and _runs_in_onnxruntime(path, fmt):
+        # Tied proposals that the export selected in another order: eager again in its order.
+        reordered = _in_export_selection_order(
+            graph.model, path, verification, references, score_tolerance
         )
-    comparison = compare_detections(
-        pairs, score_tolerance=score_tolerance, box_tolerance=box_tolerance
-    )
+        if reordered is not None:
+            references, moved = reordered
+            comparison = compare_detections(
+                _labelled(verification, references, exported), **tolerances
+            )
+            comparison.notes.append(
+                f"{moved} proposals of the encoder's query selection tie in score with another "
+                "and the export ranked them in another order; the eager model was re-run in the "
+                "export's order"
+            )
     if not comparison.passed and verification:
         comparison.notes.extend(_selection_ties_note(graph.model, verification[0], score_tolerance))
     seconds["verify"] = time.perf_counter() - start
     return ExportResult(path, json_path, comparison, seconds)
+
+
+def _labelled(verification, references, exported):
+    """``(reference, candidate, label)`` per image of the verification batches."""
+    pairs = []
+    for (_, image_sizes), reference, candidate in zip(verification, references, exported):
+        label = "batch of " + ", ".join(f"{h}x{w}" for h, w in image_sizes.tolist())
+        pairs.extend(
+            (ref, out, f"{label}, image {i}")
+            for i, (ref, out) in enumerate(zip(reference, candidate))
+        )
+    return pairs
+
+
+def _runs_in_onnxruntime(path: str, fmt: str) -> bool:
+    """Whether :func:`load_exported` runs the export in onnxruntime: an ONNX file, unless it holds
+    dino_d2's node and only OpenVINO's library for it was built."""
+    only_openvino = (
+        msda_node.onnxruntime_library() is None and msda_node.openvino_library() is not None
+    )
+    return fmt == "onnx" and not (only_openvino and msda_node.has_node(path))
+
+
+def _in_export_selection_order(
+    model: nn.Module, path: str, verification, references, tolerance: float
+):
+    """The eager detections of the verification batches with the query selection in the ONNX
+    export's order, and how many proposals moved; None when none moved.
+
+    A batch whose selections differ otherwise than by tied proposals in another order
+    (:func:`~dino_d2.export.ties.selection_index_order`: another proposal kept at the k-th
+    place, or a real difference) keeps its detections of ``references``.
+    """
+    if getattr(getattr(model, "transformer", None), "query_selection", None) is None:
+        return None
+    probe = selection_probe(path)
+    if probe is None:
+        return None
+    reordered, moved = [], 0
+    for (images, image_sizes), reference in zip(verification, references):
+        with recorded_selections(model) as selections:
+            eager_detections(model, images, image_sizes)
+        ours, theirs = selections[0], probe(images, image_sizes)
+        orders = None
+        if theirs.shape == ours.indices.shape:
+            orders = [
+                selection_index_order(indices, logits.amax(-1), their_indices, tolerance)
+                for indices, logits, their_indices in zip(ours.indices, ours.enc_logits, theirs)
+            ]
+        if orders is None or any(order is None for order in orders):
+            reordered.append(reference)
+            continue
+        order = torch.stack(orders)
+        moved += int((order != torch.arange(order.shape[1])).sum())
+        with forced_selection(model, order):
+            reordered.append(eager_detections(model, images, image_sizes))
+    return (reordered, moved) if moved else None
 
 
 def _selection_ties_note(model: nn.Module, batch: Tuple[Tensor, Tensor], tolerance: float):

@@ -259,6 +259,36 @@ def onnxruntime_session(model: Any) -> Any:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+def selection_probe(path: str) -> Optional[Any]:
+    """The export at ``path`` in onnxruntime, giving the token indices that its query selection
+    kept instead of detections, or None when the graph has no top-k.
+
+    The selection is the graph's first ``TopK`` (inference's top-k over queries x classes comes
+    after it); its indices become an extra output of an in-memory copy of the graph, so that a
+    verification can see the order in which the export ranked tied proposals
+    (:mod:`dino_d2.export.ties`).
+
+    Returns:
+        ``probe(images, image_sizes) -> (N, k) int64`` token indices, or None.
+    """
+    onnx = _require("onnx")
+    model = onnx.load(path)
+    topk = next((node for node in model.graph.node if node.op_type == "TopK"), None)
+    if topk is None:
+        return None
+    indices = topk.output[1]
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(indices, onnx.TensorProto.INT64, None)
+    )
+    session = onnxruntime_session(model)
+
+    def probe(images: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        feed = {"images": images.numpy(), "image_sizes": image_sizes.numpy()}
+        return torch.from_numpy(session.run([indices], feed)[0])
+
+    return probe
+
+
 def run_onnxruntime(
     model: Any, inputs: Sequence[Union[torch.Tensor, np.ndarray]]
 ) -> List[np.ndarray]:

@@ -32,6 +32,7 @@ __all__ = [
     "forced_selection",
     "pair_detections",
     "recorded_selections",
+    "selection_index_order",
     "selection_near_ties",
     "selection_tie_order",
     "unpaired_beyond_cut",
@@ -108,6 +109,32 @@ def unpaired_beyond_cut(
     """The unpaired detections that are not ties at the top-k cut: those scoring more than
     ``tolerance`` above ``cut``, the lowest kept score of either run."""
     return [d for d in unpaired if d[0] > cut + tolerance]
+
+
+def selection_index_order(
+    indices: Tensor, scores: Tensor, their_indices: Tensor, tolerance: float
+) -> Optional[Tensor]:
+    """The order that puts our selected tokens in theirs, when both runs selected the same tokens
+    and only tied ones moved: :func:`selection_tie_order` for a run whose selected token indices
+    are known (an export's, read by :func:`dino_d2.export.onnx.selection_probe`).
+
+    Args:
+        indices: (k,) our selected tokens.
+        scores: (k,) their scores (best class logit) in our run.
+        their_indices: (k,) the other run's selected tokens.
+
+    Returns:
+        (k,) int64, position j taking our proposal ``order[j]``; the identity when nothing
+        moved; None when the runs selected other tokens or a moved token does not tie with the
+        one it displaced.
+    """
+    position = {token: j for j, token in enumerate(indices.tolist())}
+    if len(position) != len(indices) or set(their_indices.tolist()) != set(position):
+        return None
+    order = torch.tensor([position[token] for token in their_indices.tolist()])
+    if bool(((scores[order] - scores).abs() > tolerance).any()):
+        return None
+    return order
 
 
 def selection_near_ties(selections: Sequence, tolerance: float) -> int:

@@ -19,9 +19,16 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import Backbone
 
 from dino_d2.cli import export_model as export_cli
+from dino_d2.export import exporter
 from dino_d2.export.exporter import ExportError, export_model, random_verification
 from dino_d2.export.graph import InferenceGraph
-from dino_d2.export.ties import pair_detections, unpaired_beyond_cut
+from dino_d2.export.onnx import selection_probe
+from dino_d2.export.ties import (
+    forced_selection,
+    pair_detections,
+    recorded_selections,
+    unpaired_beyond_cut,
+)
 from dino_d2.export.verify import eager_detections
 
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is part of make test")
@@ -104,6 +111,50 @@ def _proven_onnx_export(tiny_model, tmp_path, msda_backend):
     assert result.verification.passed, result.verification.summary()
     assert result.verification.num_detections == 6 * 10
     return graph, sample, result
+
+
+def test_tied_proposals_that_the_export_ranks_otherwise_are_put_in_its_order(
+    tiny_model, tmp_path, monkeypatch
+):
+    """The probe reads the export's selected tokens. An export that ranks two tied proposals
+    the other way round (emulated: the probe answers with two tokens swapped, and the eager
+    model with that order gives the export's detections) is verified against eager re-run in
+    its order; proposals that do not tie, or another token kept, are left to fail."""
+    graph, sample, result = _proven_onnx_export(tiny_model, tmp_path, "gather")
+    with recorded_selections(tiny_model) as selections:
+        eager_detections(tiny_model, *sample)
+    ours = selections[0]
+    assert torch.equal(selection_probe(result.path)(*sample), ours.indices)
+
+    swapped = ours.indices.clone()
+    swapped[:, [0, 1]] = swapped[:, [1, 0]]
+    monkeypatch.setattr(exporter, "selection_probe", lambda path: lambda *batch: swapped)
+    scores = ours.enc_logits.amax(-1)
+    gap = float((scores[:, 0] - scores[:, 1]).abs().max())
+    assert gap > 1e-4
+    assert (
+        exporter._in_export_selection_order(tiny_model, result.path, [sample], [None], 1e-4) is None
+    )
+    # Counted as tied (a tolerance above their gap): eager again, in the export's order.
+    references, moved = exporter._in_export_selection_order(
+        tiny_model, result.path, [sample], [None], 2 * gap
+    )
+    order = torch.arange(ours.indices.shape[1]).repeat(len(swapped), 1)
+    order[:, [0, 1]] = order[:, [1, 0]]
+    with forced_selection(tiny_model, order):
+        theirs = eager_detections(tiny_model, *sample)
+    assert moved == 2 * len(swapped)
+    _assert_same(theirs, references[0], score_tolerance=0, box_tolerance=0)
+    with pytest.raises(AssertionError):
+        _assert_same(eager_detections(tiny_model, *sample), references[0])
+
+    another = ours.indices.clone()
+    another[:, 0] = -1  # a token that eager did not select
+    monkeypatch.setattr(exporter, "selection_probe", lambda path: lambda *batch: another)
+    assert (
+        exporter._in_export_selection_order(tiny_model, result.path, [sample], [None], 2 * gap)
+        is None
+    )
 
 
 def test_onnx_gather_export_is_proven_at_other_sizes(tiny_model, tmp_path):

@@ -10,6 +10,7 @@ from dino_d2.export.ties import (
     cut_ties,
     forced_selection,
     recorded_selections,
+    selection_index_order,
     selection_near_ties,
     selection_tie_order,
     unpaired_beyond_cut,
@@ -90,3 +91,17 @@ def test_near_ties_in_a_selection_are_counted(tiny_dino_config):
     with torch.no_grad(), recorded_selections(model) as selections:
         model([{"image": torch.rand(3, 64, 96) * 255}])
     assert untied < k - 1 and selection_near_ties(selections, 0.0) == k - 1
+
+
+def test_selected_tokens_put_in_another_run_s_order_only_where_they_tie():
+    indices = torch.tensor([7, 3, 9, 4])
+    scores = torch.tensor([3.0, 2.99995, 2.0, 1.0])
+    same = selection_index_order(indices, scores, indices, 1e-4)
+    assert torch.equal(same, torch.arange(4))
+    order = selection_index_order(indices, scores, torch.tensor([3, 7, 9, 4]), 1e-4)
+    assert torch.equal(order, torch.tensor([1, 0, 2, 3]))
+    assert torch.equal(indices[order], torch.tensor([3, 7, 9, 4]))
+    # 9 and 4 do not tie; a token we did not select; a selection shorter than ours.
+    assert selection_index_order(indices, scores, torch.tensor([7, 3, 4, 9]), 1e-4) is None
+    assert selection_index_order(indices, scores, torch.tensor([7, 3, 9, 5]), 1e-4) is None
+    assert selection_index_order(indices, scores, torch.tensor([7, 3, 9]), 1e-4) is None
