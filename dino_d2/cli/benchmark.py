@@ -84,8 +84,6 @@ import itertools
 import json
 import logging
 import os
-import statistics
-import subprocess
 import sys
 
 import psutil
@@ -100,8 +98,10 @@ from dino_d2.engine import build_training, resolve_device
 from dino_d2.export.exporter import load_exported, load_onnxruntime, load_openvino
 from dino_d2.layers.fast_path import optimized_copy
 from dino_d2.measure import (
+    AlternationError,
     ExportInfoError,
     InferenceProcessError,
+    alternate,
     dataset_batches,
     export_batches,
     fast_path_parity,
@@ -395,37 +395,12 @@ def _time_alone(args, cfg, device) -> dict:
 _CHILD = "import sys; from dino_d2.cli.benchmark import main; sys.exit(main(sys.argv[1:]))"
 
 
-class AlternationError(RuntimeError):
-    """A runtime's process of ``--alternate`` failed."""
-
-
 def _alternate(args, argv) -> dict:
-    """The eager model and each export alone in fresh processes, alternated ``args.alternate``
-    rounds; each export's latency against the eager model's of the same round."""
+    """The eager model and each export alone in fresh processes (this benchmark with
+    ``--only``), alternated ``args.alternate`` rounds."""
     names = ["eager"] + [name for name, _, _ in _exported_runtimes(args)]
-    latencies = {name: [] for name in names}
-    for round_index in range(args.alternate):
-        for name in names:
-            logger.info(f"Alternation {round_index + 1}/{args.alternate}: {name} alone")
-            command = [sys.executable, "-c", _CHILD, "--only", name, *argv]
-            result = subprocess.run(command, capture_output=True, text=True)
-            lines = result.stdout.strip().splitlines()
-            if result.returncode != 0 or not lines:
-                raise AlternationError(
-                    f"--alternate: {name} alone exited with code {result.returncode}:\n"
-                    f"{result.stderr[-2000:]}"
-                )
-            latencies[name].append(json.loads(lines[-1])["latency_ms_median"])
-    eager = latencies["eager"]
-    runtimes = {}
-    for name in names[1:]:
-        ratios = [ms / eager_ms for ms, eager_ms in zip(latencies[name], eager)]
-        runtimes[name] = {
-            "latency_ms_median": latencies[name],
-            "ratio_per_round": ratios,
-            "ratio_median": statistics.median(ratios),
-        }
-    return {"rounds": args.alternate, "eager_latency_ms_median": eager, "runtimes": runtimes}
+    commands = {name: [sys.executable, "-c", _CHILD, "--only", name, *argv] for name in names}
+    return alternate(commands, args.alternate)
 
 
 def _training(args, cfg, device) -> dict:
@@ -524,7 +499,7 @@ def _print(results: dict) -> None:
             )
     if "alternated" in results:
         alternated = results["alternated"]
-        eager = ", ".join(f"{ms:.1f}" for ms in alternated["eager_latency_ms_median"])
+        eager = ", ".join(f"{ms:.1f}" for ms in alternated["reference_latency_ms_median"])
         print(f"  alone in fresh processes, {alternated['rounds']} round(s): eager {eager} ms")
         for name, runtime in alternated["runtimes"].items():
             rounds = ", ".join(f"{r:.2f}" for r in runtime["ratio_per_round"])

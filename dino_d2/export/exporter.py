@@ -308,13 +308,13 @@ def export_model(
     start = time.perf_counter()
     run = load_exported(path, fmt)
     exported = [detections_of_outputs(run(*batch), batch[1]) for batch in verification]
-    references = [eager_detections(graph.model, *batch) for batch in verification]
+    references, selections = _eager_references(graph.model, verification)
     tolerances = {"score_tolerance": score_tolerance, "box_tolerance": box_tolerance}
     comparison = compare_detections(_labelled(verification, references, exported), **tolerances)
-    if not comparison.passed and verification and _runs_in_onnxruntime(path, fmt):
+    if not comparison.passed and selections and _runs_in_onnxruntime(path, fmt):
         # Tied proposals that the export selected in another order: eager again in its order.
         reordered = _in_export_selection_order(
-            graph.model, path, verification, references, score_tolerance
+            graph.model, path, verification, references, selections, score_tolerance
         )
         if reordered is not None:
             references, moved = reordered
@@ -326,8 +326,8 @@ def export_model(
                 "and the export ranked them in another order; the eager model was re-run in the "
                 "export's order"
             )
-    if not comparison.passed and verification:
-        comparison.notes.extend(_selection_ties_note(graph.model, verification[0], score_tolerance))
+    if not comparison.passed and selections:
+        comparison.notes.extend(_selection_ties_note(selections[0], score_tolerance))
     seconds["verify"] = time.perf_counter() - start
     return ExportResult(path, json_path, comparison, seconds)
 
@@ -353,26 +353,37 @@ def _runs_in_onnxruntime(path: str, fmt: str) -> bool:
     return fmt == "onnx" and not (only_openvino and msda_node.has_node(path))
 
 
+def _eager_references(model: nn.Module, verification):
+    """The eager detections of each verification batch and, for a model with a query selection
+    (``model.transformer.query_selection``), what it selected for each batch (else None)."""
+    if getattr(getattr(model, "transformer", None), "query_selection", None) is None:
+        return [eager_detections(model, *batch) for batch in verification], None
+    references, selections = [], []
+    for batch in verification:
+        with recorded_selections(model) as recorded:
+            references.append(eager_detections(model, *batch))
+        selections.append(recorded[0])
+    return references, selections
+
+
 def _in_export_selection_order(
-    model: nn.Module, path: str, verification, references, tolerance: float
+    model: nn.Module, path: str, verification, references, selections, tolerance: float
 ):
     """The eager detections of the verification batches with the query selection in the ONNX
     export's order, and how many proposals moved; None when none moved.
 
-    A batch whose selections differ otherwise than by tied proposals in another order
+    ``selections`` are what the eager run of ``references`` selected, a
+    :class:`~dino_d2.export.ties.SelectedQueries` per batch. A batch whose selections differ
+    otherwise than by tied proposals in another order
     (:func:`~dino_d2.export.ties.selection_index_order`: another proposal kept at the k-th
     place, or a real difference) keeps its detections of ``references``.
     """
-    if getattr(getattr(model, "transformer", None), "query_selection", None) is None:
-        return None
     probe = selection_probe(path)
     if probe is None:
         return None
     reordered, moved = [], 0
-    for (images, image_sizes), reference in zip(verification, references):
-        with recorded_selections(model) as selections:
-            eager_detections(model, images, image_sizes)
-        ours, theirs = selections[0], probe(images, image_sizes)
+    for (images, image_sizes), reference, ours in zip(verification, references, selections):
+        theirs = probe(images, image_sizes)
         orders = None
         if theirs.shape == ours.indices.shape:
             orders = [
@@ -383,23 +394,24 @@ def _in_export_selection_order(
             reordered.append(reference)
             continue
         order = torch.stack(orders)
-        moved += int((order != torch.arange(order.shape[1])).sum())
+        batch_moved = int((order != torch.arange(order.shape[1])).sum())
+        if not batch_moved:
+            reordered.append(reference)
+            continue
+        moved += batch_moved
         with forced_selection(model, order):
             reordered.append(eager_detections(model, images, image_sizes))
     return (reordered, moved) if moved else None
 
 
-def _selection_ties_note(model: nn.Module, batch: Tuple[Tensor, Tensor], tolerance: float):
-    """A note for a failed verification when the eager model's query selection of ``batch``
-    holds near-tied proposals (see :func:`~dino_d2.export.ties.selection_near_ties`)."""
-    if getattr(getattr(model, "transformer", None), "query_selection", None) is None:
-        return []
-    with recorded_selections(model) as selections:
-        eager_detections(model, *batch)
-    ties = selection_near_ties(selections, tolerance)
+def _selection_ties_note(selection, tolerance: float) -> List[str]:
+    """A note for a failed verification when the eager model's query selection of the first
+    batch (a :class:`~dino_d2.export.ties.SelectedQueries`) holds near-tied proposals (see
+    :func:`~dino_d2.export.ties.selection_near_ties`)."""
+    ties = selection_near_ties([selection], tolerance)
     if not ties:
         return []
-    total = sum(s.enc_logits.shape[0] * s.enc_logits.shape[1] for s in selections)
+    total = selection.enc_logits.shape[0] * selection.enc_logits.shape[1]
     return [
         f"{ties} of the {total} proposals that the encoder selected for the first batch score "
         f"within {tolerance:g} of the next one (weights random or barely trained?): another "

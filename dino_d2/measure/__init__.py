@@ -16,7 +16,10 @@ The functions behind ``tools/benchmark.py``, ``tools/analyze_model.py`` and
   :mod:`~dino_d2.measure.precision_parity`: bfloat16 against float32;
 * :mod:`~dino_d2.measure.memory`: peak resident and CUDA memory, and
   :mod:`~dino_d2.measure.inference_memory`: the peak resident memory of a fresh inference
-  process (imports, build, load, one image), beside that of its imports alone.
+  process (imports, build, load, one image), beside that of its imports alone;
+* :mod:`~dino_d2.measure.processes`: a measurement taken in a fresh process, and
+  :mod:`~dino_d2.measure.alternation`: runtimes timed alone in fresh processes, alternated
+  round by round, each against the reference of its round.
 
 The names are imported on first access (PEP 562), so that running one of these modules as a
 fresh process (``python -m dino_d2.measure.inference_memory``) imports only what it needs.
@@ -48,6 +51,10 @@ __all__ = [
     "cuda_peak_mb",
     "InferenceProcessError",
     "inference_process_memory",
+    "MeasuredProcessError",
+    "run_measured_process",
+    "AlternationError",
+    "alternate",
 ]
 
 __getattr__ = lazy_exports(
@@ -76,5 +83,9 @@ __getattr__ = lazy_exports(
         "time_training_idle_and_busy": ".training",
         "InferenceProcessError": ".inference_memory",
         "inference_process_memory": ".inference_memory",
+        "MeasuredProcessError": ".processes",
+        "run_measured_process": ".processes",
+        "AlternationError": ".alternation",
+        "alternate": ".alternation",
     },
 )

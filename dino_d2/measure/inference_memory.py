@@ -21,19 +21,16 @@ so that what the caller already holds does not count.
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from typing import Dict, Optional, Sequence
 
 from .memory import peak_rss_mb
+from .processes import MeasuredProcessError, run_measured_process
 
 __all__ = ["InferenceProcessError", "inference_process_memory", "main"]
 
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-class InferenceProcessError(RuntimeError):
+class InferenceProcessError(MeasuredProcessError):
     """The measured inference process failed; the message holds the end of its stderr."""
 
 
@@ -74,16 +71,7 @@ def inference_process_memory(
     if unsafe_load:
         command.append("--unsafe-load")
     command += ["--", *opts]
-    # The child imports the same dino_d2 as this process, wherever the current folder is.
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_PARENT, env.get("PYTHONPATH")]))
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise InferenceProcessError(
-            f"the inference process {' '.join(command)} exited with {result.returncode}:\n"
-            f"{result.stderr[-3000:]}"
-        )
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_measured_process(command, InferenceProcessError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -132,13 +132,10 @@ def test_tied_proposals_that_the_export_ranks_otherwise_are_put_in_its_order(
     scores = ours.enc_logits.amax(-1)
     gap = float((scores[:, 0] - scores[:, 1]).abs().max())
     assert gap > 1e-4
-    assert (
-        exporter._in_export_selection_order(tiny_model, result.path, [sample], [None], 1e-4) is None
-    )
+    args = [sample], [None], [ours]  # verification, references, eager selections
+    assert exporter._in_export_selection_order(tiny_model, result.path, *args, 1e-4) is None
     # Counted as tied (a tolerance above their gap): eager again, in the export's order.
-    references, moved = exporter._in_export_selection_order(
-        tiny_model, result.path, [sample], [None], 2 * gap
-    )
+    references, moved = exporter._in_export_selection_order(tiny_model, result.path, *args, 2 * gap)
     order = torch.arange(ours.indices.shape[1]).repeat(len(swapped), 1)
     order[:, [0, 1]] = order[:, [1, 0]]
     with forced_selection(tiny_model, order):
@@ -151,10 +148,53 @@ def test_tied_proposals_that_the_export_ranks_otherwise_are_put_in_its_order(
     another = ours.indices.clone()
     another[:, 0] = -1  # a token that eager did not select
     monkeypatch.setattr(exporter, "selection_probe", lambda path: lambda *batch: another)
-    assert (
-        exporter._in_export_selection_order(tiny_model, result.path, [sample], [None], 2 * gap)
-        is None
-    )
+    assert exporter._in_export_selection_order(tiny_model, result.path, *args, 2 * gap) is None
+
+
+def test_a_failed_verification_counts_the_eager_selection_s_ties(tiny_model, tmp_path, monkeypatch):
+    """An export whose boxes differ fails its verification; the note counts the near-tied
+    proposals of what the verification's own eager run selected for the first batch, and the
+    eager model runs once a batch."""
+    graph = InferenceGraph(tiny_model)
+    verification = random_verification(graph, 96, 160)
+    unshifted = exporter.detections_of_outputs
+
+    def shift(outputs, image_sizes):
+        return [(boxes + 5.0, *rest) for boxes, *rest in unshifted(outputs, image_sizes)]
+
+    monkeypatch.setattr(exporter, "detections_of_outputs", shift)
+    eager_runs = []
+
+    def counted(*args):
+        eager_runs.append(args)
+        return eager_detections(*args)
+
+    monkeypatch.setattr(exporter, "eager_detections", counted)
+    with recorded_selections(tiny_model) as selections:
+        eager_detections(tiny_model, *verification[0])
+    ours = selections[0]
+    total = ours.enc_logits.shape[0] * ours.enc_logits.shape[1]
+    for tolerance, ties in [(1e3, total - ours.enc_logits.shape[0]), (0.0, None)]:
+        result = export_model(
+            graph,
+            _images([(96, 128), (80, 100)]),
+            "onnx",
+            str(tmp_path),
+            preprocessing={},
+            verification=verification,
+            msda_backend="gather",
+            overwrite=True,
+            score_tolerance=tolerance,
+        )
+        comparison = result.verification
+        assert not comparison.passed
+        # One eager run a batch: the selection the probe compares and the ties counted are
+        # those of the references' own runs, and nothing moved to run again for.
+        assert len(eager_runs) == len(verification)
+        eager_runs.clear()
+        notes = [note for note in comparison.notes if "the encoder selected" in note]
+        expected = [f"{ties} of the {total} proposals"] if ties else []
+        assert [note.split(" that ")[0] for note in notes] == expected, comparison.notes
 
 
 def test_onnx_gather_export_is_proven_at_other_sizes(tiny_model, tmp_path):
