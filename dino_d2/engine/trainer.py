@@ -43,6 +43,7 @@ __all__ = [
     "describe_precision",
 ]
 
+
 def describe_precision(device, amp_dtype: Optional[torch.dtype], grad_scaler=None) -> str:
     """One log line naming the precision training runs in on ``device`` and why."""
     device = torch.device(device)
