@@ -98,9 +98,8 @@ from dino_d2.engine import build_training, resolve_device
 from dino_d2.export.exporter import load_exported, load_onnxruntime, load_openvino
 from dino_d2.layers.fast_path import optimized_copy
 from dino_d2.measure import (
-    AlternationError,
     ExportInfoError,
-    InferenceProcessError,
+    MeasuredProcessError,
     alternate,
     dataset_batches,
     export_batches,
@@ -553,8 +552,7 @@ def main(argv=None) -> int:
         UntrustedFileError,
         UnsafeConfigError,
         ExportInfoError,
-        InferenceProcessError,
-        AlternationError,
+        MeasuredProcessError,  # the inference-memory or an --alternate process failed
     ) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
