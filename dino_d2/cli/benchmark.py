@@ -487,7 +487,10 @@ def _print(results: dict) -> None:
             )
             for name, limit in results["limits"].items():
                 rates = ", ".join(f"{lib} {rate:.1f}" for lib, rate in limit["rates"].items())
-                print(f"    {name}: GEMM GMAC/s {rates} -> limit {limit['limit_s']:.3f} s")
+                emulated = "" if limit["native"] else " (emulated: no native instructions here)"
+                print(
+                    f"    {name}: GEMM GMAC/s {rates} -> limit {limit['limit_s']:.3f} s{emulated}"
+                )
         if "fast_path_parity" in results:
             print(f"  fast path against the plain model: {results['fast_path_parity']}")
         for name, exported in results.get("exported", {}).items():

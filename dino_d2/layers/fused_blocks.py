@@ -38,13 +38,18 @@ def _onednn_convolutions() -> bool:
 
 def _fused(x: Tensor) -> bool:
     """Whether the fused convolutions run on ``x``: CPU inference with oneDNN, in float32 or
-    under CPU autocast to bfloat16."""
+    under CPU autocast to bfloat16 where oneDNN computes bfloat16 convolutions (it refuses them
+    on a CPU without AVX-512: there the blocks run Detectron2's ops, which autocast handles)."""
     if x.device.type != "cpu" or not use_derived_weights() or not _onednn_convolutions():
         return False
     dtype = autocast_dtype(x)
     if dtype is None:
         return x.dtype == torch.float32
-    return dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+    return (
+        dtype == torch.bfloat16
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def conv_relu(conv: FrozenBNConv2d, x: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:

@@ -44,6 +44,7 @@ __all__ = [
     "gemm_libraries",
     "gemm_rate",
     "inference_limit",
+    "is_native",
     "model_limits",
 ]
 
@@ -69,12 +70,34 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def gemm_libraries(device) -> Sequence[str]:
-    """Names of the :data:`GEMM_LIBRARIES` that run on ``device`` (``blas``: torch.mm, always;
-    ``onednn``: on the CPU when PyTorch has oneDNN)."""
-    if torch.device(device).type == "cpu" and _onednn_available():
-        return ("blas", "onednn")
-    return ("blas",)
+def gemm_libraries(device, dtype: torch.dtype = torch.float32) -> Sequence[str]:
+    """Names of the :data:`GEMM_LIBRARIES` that compute ``dtype`` on ``device`` (``blas``:
+    torch.mm, always; ``onednn``: on the CPU when PyTorch has oneDNN and oneDNN computes
+    ``dtype`` on this CPU: bfloat16 needs AVX-512 at least, see
+    :func:`dino_d2.layers.fast_path.onednn_bfloat16_available`)."""
+    if torch.device(device).type != "cpu" or not _onednn_available():
+        return ("blas",)
+    if dtype == torch.bfloat16:
+        from dino_d2.layers.fast_path import onednn_bfloat16_available
+
+        if not onednn_bfloat16_available():
+            return ("blas",)
+    elif dtype != torch.float32:
+        return ("blas",)
+    return ("blas", "onednn")
+
+
+def is_native(dtype: torch.dtype, device="cpu") -> bool:
+    """Whether ``device`` computes ``dtype`` products in hardware: float32 everywhere, bfloat16
+    where :func:`dino_d2.engine.precision.bfloat16_is_native` says so, float16 on CUDA. A rate in
+    a precision that is not native is that of its emulation."""
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        from dino_d2.engine.precision import bfloat16_is_native
+
+        return bfloat16_is_native(device)
+    return torch.device(device).type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -135,14 +158,20 @@ def fastest_gemm(
     """Every library's rate for ``dtype`` on ``device`` and the larger one.
 
     Returns:
-        ``{"rates": {library: GMAC/s, ...}, "library": the fastest, "gmacs_per_s": its rate}``.
+        ``{"rates": {library: GMAC/s, ...}, "library": the fastest, "gmacs_per_s": its rate,
+        "native": whether the rate is the hardware's, not an emulation's (:func:`is_native`)}``.
     """
     rates = {
         name: gemm_rate(name, dtype, device, size=size, repeats=repeats).gmacs_per_s
-        for name in gemm_libraries(device)
+        for name in gemm_libraries(device, dtype)
     }
     best = max(rates, key=rates.get)
-    return {"rates": rates, "library": best, "gmacs_per_s": rates[best]}
+    return {
+        "rates": rates,
+        "library": best,
+        "gmacs_per_s": rates[best],
+        "native": is_native(dtype, device),
+    }
 
 
 @dataclass(frozen=True)
@@ -156,6 +185,9 @@ class PrecisionLimit:
         gmacs_per_s: its rate.
         rates: every library's rate (GMAC/s).
         limit_s: ``gmacs / gmacs_per_s``, seconds.
+        native: whether the device computes this precision in hardware (:func:`is_native`);
+            False: the rate and limit are those of an emulation (bfloat16 on a CPU without
+            AVX512-BF16 or AMX), slower than float32.
     """
 
     dtype: str
@@ -164,6 +196,7 @@ class PrecisionLimit:
     gmacs_per_s: float
     rates: Dict[str, float]
     limit_s: float
+    native: bool = True
 
 
 def model_limits(
@@ -197,6 +230,7 @@ def model_limits(
             best["gmacs_per_s"],
             best["rates"],
             gmacs / best["gmacs_per_s"],
+            is_native(dtype, device),
         )
     return limits
 
@@ -220,7 +254,7 @@ def inference_limit(
     Returns:
         ``gmacs``, ``precision``, ``gemm_library`` and ``gemm_gmacs_per_s`` (the fastest GEMM in
         that precision), ``limit_s``, ``latency_to_limit`` (the ratio), and ``limits``: per
-        precision, ``{"library", "gmacs_per_s", "rates", "limit_s"}``.
+        precision, ``{"library", "gmacs_per_s", "rates", "limit_s", "native"}``.
     """
     from .flops import count_macs
 

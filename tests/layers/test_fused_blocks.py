@@ -82,6 +82,23 @@ def test_fused_blocks_under_bf16_autocast_match_autocast_on_the_plain_blocks():
         assert (out[name].float() - feature.float()).abs().max() <= 0.05 * scale, name
 
 
+def test_without_onednn_bfloat16_the_blocks_run_the_plain_ops_under_bf16_autocast(monkeypatch):
+    """A CPU without AVX-512, where oneDNN refuses bfloat16 convolutions (emulated here), runs
+    the blocks' own ops under bfloat16 autocast, with the plain blocks' results."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    plain = _resnet(18)
+    fast = copy.deepcopy(plain)
+    optimize_for_cpu_inference(fast)
+    x = torch.rand(1, 3, 64, 96) * 255
+    expected, _ = _ops(plain, x)
+    out, ops = _ops(fast, x)
+    assert "mkldnn::_convolution_pointwise" not in ops and "aten::relu_" in ops
+    for name, feature in expected.items():
+        assert out[name].dtype == feature.dtype, name
+        scale = feature.float().abs().max()
+        assert (out[name].float() - feature.float()).abs().max() <= 0.05 * scale, name
+
+
 def test_fused_blocks_run_the_plain_ops_under_autograd():
     plain = _resnet(18)
     fast = copy.deepcopy(plain)

@@ -15,6 +15,32 @@ def test_every_library_multiplies_correctly_in_its_dtype():
     for name in limits.gemm_libraries("cpu"):
         product = limits.GEMM_LIBRARIES[name](a, b)
         torch.testing.assert_close(product, a @ b.T, rtol=1e-5, atol=1e-5)
+    # bfloat16 in every library that this CPU computes it in (oneDNN needs AVX-512 for it).
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    for name in limits.gemm_libraries("cpu", torch.bfloat16):
+        product = limits.GEMM_LIBRARIES[name](a16, b16).float()
+        torch.testing.assert_close(product, a16.float() @ b16.float().T, rtol=2e-2, atol=2e-2)
+
+
+def test_onednn_is_measured_only_in_the_precisions_it_computes_here(monkeypatch):
+    """A CPU without AVX-512 has no oneDNN bfloat16 (its inner product refuses it): the
+    bfloat16 rate is the BLAS's alone there, flagged as emulated."""
+    from dino_d2.layers import fast_path
+
+    monkeypatch.setattr(limits, "_onednn_available", lambda: True)
+    for available in (True, False):
+        monkeypatch.setattr(fast_path, "onednn_bfloat16_available", lambda: available)
+        expected = ("blas", "onednn") if available else ("blas",)
+        assert limits.gemm_libraries("cpu", torch.bfloat16) == expected
+        assert limits.gemm_libraries("cpu", torch.float32) == ("blas", "onednn")
+    assert limits.gemm_libraries("cuda", torch.bfloat16) == ("blas",)
+    assert limits.gemm_libraries("cpu", torch.float16) == ("blas",)
+    from dino_d2.engine import precision
+
+    for native in (True, False):
+        monkeypatch.setattr(precision, "bfloat16_is_native", lambda device=None: native)
+        assert limits.is_native(torch.bfloat16, "cpu") is native
+        assert limits.is_native(torch.float32, "cpu")
 
 
 def test_rates_are_measured_in_the_asked_dtype_and_positive(monkeypatch):
@@ -33,7 +59,8 @@ def test_rates_are_measured_in_the_asked_dtype_and_positive(monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         seen.clear()
         best = limits.fastest_gemm(dtype, size=16, repeats=2)
-        assert set(best["rates"]) == set(limits.gemm_libraries("cpu"))
+        assert set(best["rates"]) == set(limits.gemm_libraries("cpu", dtype))
+        assert best["native"] == limits.is_native(dtype, "cpu")
         assert all(rate > 0 for rate in best["rates"].values())
         # One untimed and two timed products per library, all in dtype.
         assert len(seen) == 3 * len(best["rates"])
@@ -49,11 +76,13 @@ def test_the_larger_rate_sets_the_limit(monkeypatch):
         return limits.GemmRate(library, name, rates[library, name])
 
     monkeypatch.setattr(limits, "gemm_rate", fake_rate)
-    monkeypatch.setattr(limits, "gemm_libraries", lambda device: ("blas", "onednn"))
+    monkeypatch.setattr(limits, "gemm_libraries", lambda device, dtype: ("blas", "onednn"))
     result = limits.model_limits(600.0)
     assert result["float32"].library == "onednn" and result["float32"].limit_s == 5.0
     assert result["bfloat16"].library == "blas" and result["bfloat16"].limit_s == 2.0
     assert result["bfloat16"].rates == {"blas": 300.0, "onednn": 250.0}
+    assert result["float32"].native
+    assert result["bfloat16"].native == limits.is_native(torch.bfloat16, "cpu")
 
 
 def test_bad_arguments_are_named():
