@@ -37,10 +37,11 @@ from . import msda_node
 from .graph import InferenceGraph
 from .onnx import canonical_msda_backend, export_onnx, onnxruntime_session, selection_probe
 from .ties import (
-    forced_selection,
+    ForcedTokensError,
+    forced_tokens,
     recorded_selections,
-    selection_index_order,
     selection_near_ties,
+    selection_tie_places,
 )
 from .verify import (
     DetectionComparison,
@@ -56,10 +57,12 @@ __all__ = [
     "ExportResult",
     "dynamic_shapes",
     "export_model",
+    "export_selection_probe",
     "load_exported",
     "load_onnxruntime",
     "load_openvino",
     "output_paths",
+    "program_selection_probe",
 ]
 
 FORMATS = ("onnx", "pt2", "aoti")
@@ -171,6 +174,71 @@ def load_exported(path: str, fmt: str) -> Callable[[Tensor, Tensor], Sequence]:
             return module(images, image_sizes)
 
     return run_torch
+
+
+class _SelectionReached(Exception):
+    """Ends a probing run of an ExportedProgram at its query selection."""
+
+    def __init__(self, indices: Tensor):
+        super().__init__("the query selection was reached")
+        self.indices = indices
+
+
+def program_selection_probe(path: str) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+    """The ExportedProgram (``.pt2``) at ``path`` run up to its query selection, giving the token
+    indices that it kept, or None when the program has no top-k.
+
+    The pt2 counterpart of :func:`dino_d2.export.onnx.selection_probe`: the selection is the
+    program's first ``aten.topk`` (inference's top-k over queries x classes comes after it),
+    and the program is interpreted node by node up to it (``torch.fx.Interpreter``), so the
+    decoder does not run.
+
+    Returns:
+        ``probe(images, image_sizes) -> (N, k) int64`` token indices, or None.
+    """
+    load_extension()
+    module = torch.export.load(path).module()
+    topk = next(
+        (
+            node
+            for node in module.graph.nodes
+            if node.op == "call_function" and node.target is torch.ops.aten.topk.default
+        ),
+        None,
+    )
+    if topk is None:
+        return None
+
+    class UpToSelection(torch.fx.Interpreter):
+        extra_traceback = False  # an exception passes through unchanged
+
+        def run_node(self, node):
+            result = super().run_node(node)
+            if node is topk:
+                raise _SelectionReached(result[1])
+            return result
+
+    def probe(images: Tensor, image_sizes: Tensor) -> Tensor:
+        with torch.no_grad():
+            try:
+                UpToSelection(module).run(images, image_sizes)
+            except _SelectionReached as reached:
+                return reached.indices
+        raise RuntimeError(f"{path}: the program ran to its end without reaching its top-k")
+
+    return probe
+
+
+def export_selection_probe(path: str, fmt: str) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+    """The probe of the export's query selection (token indices in its order) for an ONNX file
+    run in onnxruntime or an ExportedProgram; None for a compiled AOTInductor package (or an ONNX
+    file run in OpenVINO), whose intermediate results cannot be read, and for an export without a
+    top-k."""
+    if fmt == "pt2":
+        return program_selection_probe(path)
+    if _runs_in_onnxruntime(path, fmt):
+        return selection_probe(path)
+    return None
 
 
 def load_onnxruntime(path: str) -> Callable[[Tensor, Tensor], Sequence]:
@@ -311,20 +379,22 @@ def export_model(
     references, selections = _eager_references(graph.model, verification)
     tolerances = {"score_tolerance": score_tolerance, "box_tolerance": box_tolerance}
     comparison = compare_detections(_labelled(verification, references, exported), **tolerances)
-    if not comparison.passed and selections and _runs_in_onnxruntime(path, fmt):
-        # Tied proposals that the export selected in another order: eager again in its order.
+    probe = export_selection_probe(path, fmt) if not comparison.passed and selections else None
+    if probe is not None:
+        # Tied proposals that the export ranked otherwise or kept at the cut: eager again with its
+        # selection.
         reordered = _in_export_selection_order(
-            graph.model, path, verification, references, selections, score_tolerance
+            graph.model, probe, verification, references, selections, score_tolerance
         )
         if reordered is not None:
-            references, moved = reordered
+            references, places = reordered
             comparison = compare_detections(
                 _labelled(verification, references, exported), **tolerances
             )
             comparison.notes.append(
-                f"{moved} proposals of the encoder's query selection tie in score with another "
-                "and the export ranked them in another order; the eager model was re-run in the "
-                "export's order"
+                f"at {places} places of the encoder's query selection the export kept another "
+                "proposal that ties in score (another order, or another proposal tied at the "
+                "k-th score); the eager model was re-run with the export's selection"
             )
     if not comparison.passed and selections:
         comparison.notes.extend(_selection_ties_note(selections[0], score_tolerance))
@@ -367,41 +437,47 @@ def _eager_references(model: nn.Module, verification):
 
 
 def _in_export_selection_order(
-    model: nn.Module, path: str, verification, references, selections, tolerance: float
+    model: nn.Module, probe, verification, references, selections, tolerance: float
 ):
-    """The eager detections of the verification batches with the query selection in the ONNX
-    export's order, and how many proposals moved; None when none moved.
+    """The eager detections of the verification batches with the export's query selection
+    (read by ``probe``, see :func:`export_selection_probe`), and at how many places it holds
+    other tokens; None when no batch changed.
 
     ``selections`` are what the eager run of ``references`` selected, a
-    :class:`~dino_d2.export.ties.SelectedQueries` per batch. A batch whose selections differ
-    otherwise than by tied proposals in another order
-    (:func:`~dino_d2.export.ties.selection_index_order`: another proposal kept at the k-th
-    place, or a real difference) keeps its detections of ``references``.
+    :class:`~dino_d2.modeling.transformer.query_selection.SelectedQueries` per batch. A batch
+    whose export selected the same tokens in the same order, or that differs at a place that
+    is not a tie in the eager scores (:func:`~dino_d2.export.ties.selection_tie_places`), keeps
+    its detections of ``references``; the others are eager run with the export's tokens
+    (:func:`~dino_d2.export.ties.forced_tokens`): tied proposals in another order, or another
+    of the proposals tied at the k-th score.
     """
-    probe = selection_probe(path)
-    if probe is None:
+    if not callable(getattr(model.transformer.query_selection, "rank", None)):
         return None
-    reordered, moved = [], 0
+    reordered, changed = [], 0
     for (images, image_sizes), reference, ours in zip(verification, references, selections):
         theirs = probe(images, image_sizes)
-        orders = None
-        if theirs.shape == ours.indices.shape:
-            orders = [
-                selection_index_order(indices, logits.amax(-1), their_indices, tolerance)
-                for indices, logits, their_indices in zip(ours.indices, ours.enc_logits, theirs)
-            ]
-        if orders is None or any(order is None for order in orders):
+        if theirs.shape != ours.indices.shape or torch.equal(theirs, ours.indices):
             reordered.append(reference)
             continue
-        order = torch.stack(orders)
-        batch_moved = int((order != torch.arange(order.shape[1])).sum())
-        if not batch_moved:
+        try:
+            with forced_tokens(model, theirs) as scored:
+                detections = eager_detections(model, images, image_sizes)
+        except ForcedTokensError:  # tokens that the eager run does not have: not a tie
             reordered.append(reference)
             continue
-        moved += batch_moved
-        with forced_selection(model, order):
-            reordered.append(eager_detections(model, images, image_sizes))
-    return (reordered, moved) if moved else None
+        places = selection_tie_places(
+            ours.enc_logits.amax(-1),
+            scored[0],
+            ours.indices,
+            theirs,
+            tolerance,
+        )
+        if places is None:
+            reordered.append(reference)
+            continue
+        reordered.append(detections)
+        changed += places
+    return (reordered, changed) if changed else None
 
 
 def _selection_ties_note(selection, tolerance: float) -> List[str]:

@@ -15,6 +15,9 @@ either way, and at the k-th place keep either one. Neither is a difference of th
   the two selections hold different proposals, and :func:`forced_selection` re-runs a model with
   its selection reordered (and, at the cut, other proposals put in) through a forward hook on its
   query selection. :func:`recorded_selections` records what a run selected.
+* An export's selection is known by its token indices alone (its probe): :func:`forced_tokens`
+  runs our model with those tokens, and :func:`selection_tie_places` accepts the result when
+  every place where the tokens differ is a tie in our own scores.
 
 It lives beside :mod:`.verify` because it serves comparisons: the fast path's parity
 (:mod:`dino_d2.measure.parity`), the export verification and ``tools/verify_conversion.py``.
@@ -28,12 +31,14 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "ForcedTokensError",
     "cut_ties",
     "forced_selection",
+    "forced_tokens",
     "pair_detections",
     "recorded_selections",
-    "selection_index_order",
     "selection_near_ties",
+    "selection_tie_places",
     "selection_tie_order",
     "unpaired_beyond_cut",
 ]
@@ -111,30 +116,30 @@ def unpaired_beyond_cut(
     return [d for d in unpaired if d[0] > cut + tolerance]
 
 
-def selection_index_order(
-    indices: Tensor, scores: Tensor, their_indices: Tensor, tolerance: float
-) -> Optional[Tensor]:
-    """The order that puts our selected tokens in theirs, when both runs selected the same tokens
-    and only tied ones moved: :func:`selection_tie_order` for a run whose selected token indices
-    are known (an export's, read by :func:`dino_d2.export.onnx.selection_probe`).
+def selection_tie_places(
+    scores: Tensor, their_scores: Tensor, indices: Tensor, their_indices: Tensor, tolerance: float
+) -> Optional[int]:
+    """How many places of the query selection hold another token in the other run, when each of
+    them is a tie; None when one is not.
+
+    A place ties when the other run's token there, scored in our run, scores within
+    ``tolerance`` of ours (or equal, -inf for padding): tied proposals in another order, or
+    another of the proposals tied at the k-th score. The other run's selection, scored by ours,
+    is then a top-k of our scores up to ``tolerance``.
 
     Args:
-        indices: (k,) our selected tokens.
-        scores: (k,) their scores (best class logit) in our run.
-        their_indices: (k,) the other run's selected tokens.
-
-    Returns:
-        (k,) int64, position j taking our proposal ``order[j]``; the identity when nothing
-        moved; None when the runs selected other tokens or a moved token does not tie with the
-        one it displaced.
+        scores: (..., k) our selected tokens' scores (best class logit), in our order.
+        their_scores: (..., k) the other run's selected tokens' scores in our run (what
+            :func:`forced_tokens` yields).
+        indices, their_indices: (..., k) the tokens each run selected.
+        tolerance: the score difference counted as a tie.
     """
-    position = {token: j for j, token in enumerate(indices.tolist())}
-    if len(position) != len(indices) or set(their_indices.tolist()) != set(position):
+    differ = indices != their_indices.to(indices.device)
+    their_scores = their_scores.to(scores.device, scores.dtype)
+    tied = (their_scores == scores) | ((their_scores - scores).abs() <= tolerance)
+    if bool((differ & ~tied).any()):
         return None
-    order = torch.tensor([position[token] for token in their_indices.tolist()])
-    if bool(((scores[order] - scores).abs() > tolerance).any()):
-        return None
-    return order
+    return int(differ.sum())
 
 
 def selection_near_ties(selections: Sequence, tolerance: float) -> int:
@@ -226,6 +231,61 @@ def recorded_selections(model: nn.Module) -> Iterator[List]:
         yield selections
     finally:
         handle.remove()
+
+
+class ForcedTokensError(ValueError):
+    """Tokens that :func:`forced_tokens` cannot put in the run's selection."""
+
+
+@contextlib.contextmanager
+def forced_tokens(model: nn.Module, indices: Tensor) -> Iterator[List[Tensor]]:
+    """Within the block, ``model``'s query selection keeps the tokens ``indices`` (N, k), in
+    that order, instead of its own top-k: our model run with another run's selection (an
+    export's, read by its probe), everything else computed as usual. The yielded list receives,
+    for each run, the (N, k) scores that the selection ranked those tokens by (best class logit,
+    -inf where excluded: padding).
+
+    Args:
+        model: a DINO whose ``transformer.query_selection`` ranks through a ``rank(scores)``
+            method (:class:`~dino_d2.modeling.MixedQuerySelection`).
+        indices: (N, k) int64 token positions; N must be the batch size of the run.
+
+    Raises:
+        TypeError: a query selection without ``rank``.
+        ForcedTokensError: (in the run) ``indices`` of another batch size, or outside the
+            run's tokens.
+    """
+    selection = model.transformer.query_selection
+    if not callable(getattr(selection, "rank", None)):
+        raise TypeError(
+            f"{type(selection).__name__} has no rank(scores) method to put another selection in"
+        )
+
+    def rank(scores: Tensor) -> Tensor:
+        if scores.shape[0] != indices.shape[0]:
+            raise ForcedTokensError(
+                f"forced_tokens: indices for {indices.shape[0]} images, the batch has "
+                f"{scores.shape[0]}"
+            )
+        if indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < scores.shape[1]:
+            raise ForcedTokensError(
+                f"forced_tokens: token indices must lie in [0, {scores.shape[1]}), got "
+                f"[{int(indices.min())}, {int(indices.max())}]"
+            )
+        index = indices.to(scores.device)
+        scored.append(scores.gather(1, index))
+        return index
+
+    scored = []
+    previous = selection.__dict__.get("rank")
+    selection.rank = rank
+    try:
+        yield scored
+    finally:
+        if previous is None:
+            del selection.rank
+        else:
+            selection.rank = previous
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from dino_d2.export.graph import InferenceGraph
 from dino_d2.export.onnx import selection_probe
 from dino_d2.export.ties import (
     forced_selection,
+    forced_tokens,
     pair_detections,
     recorded_selections,
     unpaired_beyond_cut,
@@ -94,23 +95,28 @@ def test_the_graph_gives_dino_s_detections(tiny_model):
         torch.testing.assert_close(float_graph(images.float(), image_sizes)[1], scores)
 
 
-def _proven_onnx_export(tiny_model, tmp_path, msda_backend):
-    """The tiny model exported to ONNX and verified at other sizes (6 images, 10 detections
+def _proven_export(tiny_model, tmp_path, fmt, **options):
+    """The tiny model exported to ``fmt`` and verified at other sizes (6 images, 10 detections
     each); returns the graph, the sample batch and the written model."""
     graph = InferenceGraph(tiny_model)
     sample = _images([(96, 128), (80, 100)])
     result = export_model(
         graph,
         sample,
-        "onnx",
+        fmt,
         str(tmp_path),
         preprocessing={"input_format": "RGB"},
         verification=random_verification(graph, 96, 160),
-        msda_backend=msda_backend,
+        **options,
     )
     assert result.verification.passed, result.verification.summary()
     assert result.verification.num_detections == 6 * 10
     return graph, sample, result
+
+
+def _probe_answering(indices):
+    """A stand-in for an export's selection probe that answers ``indices`` for any batch."""
+    return lambda images, image_sizes: indices
 
 
 def test_tied_proposals_that_the_export_ranks_otherwise_are_put_in_its_order(
@@ -118,9 +124,10 @@ def test_tied_proposals_that_the_export_ranks_otherwise_are_put_in_its_order(
 ):
     """The probe reads the export's selected tokens. An export that ranks two tied proposals
     the other way round (emulated: the probe answers with two tokens swapped, and the eager
-    model with that order gives the export's detections) is verified against eager re-run in
-    its order; proposals that do not tie, or another token kept, are left to fail."""
-    graph, sample, result = _proven_onnx_export(tiny_model, tmp_path, "gather")
+    model with that order gives the export's detections), or keeps another proposal tied at the
+    k-th score, is verified against eager re-run with its selection; proposals that do not tie
+    within the tolerance, or a token that the run does not have, are left to fail."""
+    graph, sample, result = _proven_export(tiny_model, tmp_path, "onnx", msda_backend="gather")
     with recorded_selections(tiny_model) as selections:
         eager_detections(tiny_model, *sample)
     ours = selections[0]
@@ -128,14 +135,14 @@ def test_tied_proposals_that_the_export_ranks_otherwise_are_put_in_its_order(
 
     swapped = ours.indices.clone()
     swapped[:, [0, 1]] = swapped[:, [1, 0]]
-    monkeypatch.setattr(exporter, "selection_probe", lambda path: lambda *batch: swapped)
+    probe = _probe_answering(swapped)
     scores = ours.enc_logits.amax(-1)
     gap = float((scores[:, 0] - scores[:, 1]).abs().max())
     assert gap > 1e-4
     args = [sample], [None], [ours]  # verification, references, eager selections
-    assert exporter._in_export_selection_order(tiny_model, result.path, *args, 1e-4) is None
+    assert exporter._in_export_selection_order(tiny_model, probe, *args, 1e-4) is None
     # Counted as tied (a tolerance above their gap): eager again, in the export's order.
-    references, moved = exporter._in_export_selection_order(tiny_model, result.path, *args, 2 * gap)
+    references, moved = exporter._in_export_selection_order(tiny_model, probe, *args, 2 * gap)
     order = torch.arange(ours.indices.shape[1]).repeat(len(swapped), 1)
     order[:, [0, 1]] = order[:, [1, 0]]
     with forced_selection(tiny_model, order):
@@ -146,9 +153,48 @@ def test_tied_proposals_that_the_export_ranks_otherwise_are_put_in_its_order(
         _assert_same(eager_detections(tiny_model, *sample), references[0])
 
     another = ours.indices.clone()
-    another[:, 0] = -1  # a token that eager did not select
-    monkeypatch.setattr(exporter, "selection_probe", lambda path: lambda *batch: another)
-    assert exporter._in_export_selection_order(tiny_model, result.path, *args, 2 * gap) is None
+    another[:, 0] = -1  # a token that the run does not have
+    probe = _probe_answering(another)
+    assert exporter._in_export_selection_order(tiny_model, probe, *args, 2 * gap) is None
+
+    # At the k-th place, the best proposal that eager left out (scores as ranked: -inf on
+    # padding, read through the selection's rank).
+    selection = tiny_model.transformer.query_selection
+    ranked = []
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            selection, "rank", lambda s: ranked.append(s) or type(selection).rank(selection, s)
+        )
+        eager_detections(tiny_model, *sample)
+    left_out = ranked[0].scatter(1, ours.indices, float("-inf")).argmax(1)
+    cut = ours.indices.clone()
+    cut[:, -1] = left_out
+    cut_gap = float((ranked[0].gather(1, left_out[:, None])[:, 0] - scores[:, -1]).abs().max())
+    assert 0 < cut_gap < float("inf")
+    probe = _probe_answering(cut)
+    assert exporter._in_export_selection_order(tiny_model, probe, *args, cut_gap / 2) is None
+    references, places = exporter._in_export_selection_order(tiny_model, probe, *args, 2 * cut_gap)
+    assert places == len(cut)
+    with forced_tokens(tiny_model, cut), recorded_selections(tiny_model) as substituted:
+        theirs = eager_detections(tiny_model, *sample)
+    assert torch.equal(substituted[0].indices, cut)
+    _assert_same(theirs, references[0], score_tolerance=0, box_tolerance=0)
+    with pytest.raises(AssertionError):
+        _assert_same(eager_detections(tiny_model, *sample), references[0])
+    assert "rank" not in vars(selection)  # forced_tokens leaves the model as it was
+
+
+def test_a_pt2_export_is_proven_and_its_query_selection_can_be_read(tiny_model, tmp_path):
+    """The ExportedProgram passes its verification, and its probe (the program interpreted up to
+    its first top-k) gives the tokens that eager selected, in eager's order; the verification
+    takes it, as it takes the ONNX probe for onnxruntime."""
+    _, sample, result = _proven_export(tiny_model, tmp_path, "pt2")
+    probe = exporter.export_selection_probe(result.path, "pt2")
+    for images, image_sizes in [sample, _images([(70, 150), (96, 96), (90, 120)], seed=1)]:
+        with recorded_selections(tiny_model) as selections:
+            eager_detections(tiny_model, images, image_sizes)
+        assert torch.equal(probe(images, image_sizes), selections[0].indices)
+    assert exporter.export_selection_probe(str(tmp_path / "model_aoti.pt2"), "aoti") is None
 
 
 def test_a_failed_verification_counts_the_eager_selection_s_ties(tiny_model, tmp_path, monkeypatch):
@@ -198,7 +244,7 @@ def test_a_failed_verification_counts_the_eager_selection_s_ties(tiny_model, tmp
 
 
 def test_onnx_gather_export_is_proven_at_other_sizes(tiny_model, tmp_path):
-    graph, sample, result = _proven_onnx_export(tiny_model, tmp_path, "gather")
+    graph, sample, result = _proven_export(tiny_model, tmp_path, "onnx", msda_backend="gather")
     model = onnx.load(result.path)
     ops = {node.op_type for node in model.graph.node}
     assert "GridSample" not in ops and "Gather" in ops
@@ -223,7 +269,7 @@ def test_onnx_node_export_runs_dino_d2_s_kernel_in_onnxruntime_and_openvino(
     assert msda_node.openvino_library() is not None, "setup.py builds it when openvino is there"
     # Verified in onnxruntime with dino_d2's custom op library: the kernel gives the model's
     # detections at every verification size and batch.
-    _, _, result = _proven_onnx_export(tiny_model, tmp_path, "node")
+    _, _, result = _proven_export(tiny_model, tmp_path, "onnx", msda_backend="node")
     model = onnx.load(result.path)
     assert msda_node.has_node(model)
     ops = [f"{node.domain}::{node.op_type}" for node in model.graph.node]

@@ -2,16 +2,19 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from detectron2.config import instantiate
 
 from dino_d2.export.ties import (
+    ForcedTokensError,
     cut_ties,
     forced_selection,
+    forced_tokens,
     recorded_selections,
-    selection_index_order,
     selection_near_ties,
+    selection_tie_places,
     selection_tie_order,
     unpaired_beyond_cut,
 )
@@ -93,15 +96,48 @@ def test_near_ties_in_a_selection_are_counted(tiny_dino_config):
     assert untied < k - 1 and selection_near_ties(selections, 0.0) == k - 1
 
 
-def test_selected_tokens_put_in_another_run_s_order_only_where_they_tie():
-    indices = torch.tensor([7, 3, 9, 4])
-    scores = torch.tensor([3.0, 2.99995, 2.0, 1.0])
-    same = selection_index_order(indices, scores, indices, 1e-4)
-    assert torch.equal(same, torch.arange(4))
-    order = selection_index_order(indices, scores, torch.tensor([3, 7, 9, 4]), 1e-4)
-    assert torch.equal(order, torch.tensor([1, 0, 2, 3]))
-    assert torch.equal(indices[order], torch.tensor([3, 7, 9, 4]))
-    # 9 and 4 do not tie; a token we did not select; a selection shorter than ours.
-    assert selection_index_order(indices, scores, torch.tensor([7, 3, 4, 9]), 1e-4) is None
-    assert selection_index_order(indices, scores, torch.tensor([7, 3, 9, 5]), 1e-4) is None
-    assert selection_index_order(indices, scores, torch.tensor([7, 3, 9]), 1e-4) is None
+def test_another_run_s_tokens_are_accepted_only_where_they_tie():
+    """A place holding another token counts when that token, in our scores, ties with ours
+    there: a swap of tied tokens, or another token tied at the k-th score; -inf (padding) ties
+    with -inf only."""
+    indices = torch.tensor([[7, 3, 9, 4]])
+    scores = torch.tensor([[3.0, 2.99995, 2.0, 1.0]])
+    assert selection_tie_places(scores, scores, indices, indices, 1e-4) == 0
+    swapped = torch.tensor([[3, 7, 9, 4]])
+    assert selection_tie_places(scores, scores[:, [1, 0, 2, 3]], indices, swapped, 1e-4) == 2
+    assert selection_tie_places(scores, scores[:, [1, 0, 2, 3]], indices, swapped, 1e-6) is None
+    # 9 and 4 do not tie.
+    untied = torch.tensor([[7, 3, 4, 9]])
+    assert selection_tie_places(scores, scores[:, [0, 1, 3, 2]], indices, untied, 1e-4) is None
+    # Token 5 in the last place, scoring 0.99999 in our run: a tie at the cut; 0.9 is not.
+    cut = torch.tensor([[7, 3, 9, 5]])
+    theirs = torch.tensor([[3.0, 2.99995, 2.0, 0.99999]])
+    assert selection_tie_places(scores, theirs, indices, cut, 1e-4) == 1
+    assert selection_tie_places(scores, theirs - 0.1, indices, cut, 1e-4) is None
+    padded = torch.tensor([[3.0, 2.0, float("-inf"), float("-inf")]])
+    assert selection_tie_places(padded, padded, indices, untied, 1e-4) == 2
+    assert selection_tie_places(padded, padded[:, [0, 2, 1, 3]], indices, untied, 1e-4) is None
+
+
+def test_forced_tokens_run_the_model_with_another_selection(tiny_dino_config):
+    """The model selects the given tokens in the given order, reports the scores it ranks them
+    by, and is left as it was; tokens it does not have, or for another batch size, are refused."""
+    torch.manual_seed(0)
+    model = instantiate(tiny_dino_config().model).eval()
+    batch = [{"image": torch.rand(3, 64, 96) * 255}]
+    with torch.no_grad(), recorded_selections(model) as selections:
+        model(batch)
+        ours = selections[0]
+        tokens = ours.indices.flip(1)
+        with forced_tokens(model, tokens) as scored:
+            model(batch)
+        model(batch)
+    plain, forced, after = selections
+    assert torch.equal(forced.indices, tokens)
+    assert torch.equal(forced.enc_boxes, plain.enc_boxes.flip(1))
+    assert torch.equal(scored[0], plain.enc_logits.amax(-1).flip(1))
+    assert torch.equal(after.indices, plain.indices)
+    assert "rank" not in vars(model.transformer.query_selection)
+    for wrong in (torch.cat([tokens, tokens]), tokens.clamp(max=-1), tokens + 10**6):
+        with pytest.raises(ForcedTokensError), forced_tokens(model, wrong), torch.no_grad():
+            model(batch)

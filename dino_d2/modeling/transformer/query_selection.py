@@ -152,17 +152,7 @@ class MixedQuerySelection(nn.Module):
         coords = self.bbox_embed(output_memory) + proposals
 
         excluded = ~valid if self.exclude_invalid else padding_mask
-        scores = logits.max(-1)[0].masked_fill(excluded, float("-inf"))
-        # sym_min and an unconditional cyclic index keep an exported graph free of a branch on
-        # the number of tokens (the index is the identity when there are enough tokens).
-        num_tokens = scores.shape[1]
-        if isinstance(num_tokens, torch.SymInt):
-            k = torch.sym_min(self.num_queries, num_tokens)
-        else:  # an int, or a 0-d tensor under torch.jit.trace (fvcore's FLOP count)
-            k = min(self.num_queries, int(num_tokens))
-        topk = torch.topk(scores, k, dim=1)[1]
-        positions = torch.arange(self.num_queries, device=topk.device)
-        topk = topk[:, positions % torch.full_like(positions[:1], k)]
+        topk = self.rank(logits.max(-1)[0].masked_fill(excluded, float("-inf")))
         enc_logits = torch.gather(logits, 1, topk[..., None].expand(-1, -1, logits.shape[-1]))
         selected = torch.gather(coords, 1, topk[..., None].expand(-1, -1, 4))
         content = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)
@@ -175,3 +165,19 @@ class MixedQuerySelection(nn.Module):
             indices=topk,
             enc_states=states,
         )
+
+    def rank(self, scores: Tensor) -> Tensor:
+        """The selected tokens, best first: (N, k) int64 positions of the ``num_queries`` largest
+        of ``scores`` (N, S) (each token's best class logit, -inf where excluded), repeated
+        cyclically when there are fewer than k tokens. A comparison of two runs can put another
+        run's choice here (:func:`dino_d2.export.ties.forced_tokens`)."""
+        # sym_min and an unconditional cyclic index keep an exported graph free of a branch on
+        # the number of tokens (the index is the identity when there are enough tokens).
+        num_tokens = scores.shape[1]
+        if isinstance(num_tokens, torch.SymInt):
+            k = torch.sym_min(self.num_queries, num_tokens)
+        else:  # an int, or a 0-d tensor under torch.jit.trace (fvcore's FLOP count)
+            k = min(self.num_queries, int(num_tokens))
+        topk = torch.topk(scores, k, dim=1)[1]
+        positions = torch.arange(self.num_queries, device=topk.device)
+        return topk[:, positions % torch.full_like(positions[:1], k)]
